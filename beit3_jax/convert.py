@@ -1,0 +1,413 @@
+"""Weights both ways between beit3_jax and PyTorch (torchscale `BEiT3`, unilm `beit3`).
+
+One mapping table serves both directions. A Flax parameter path such as
+`encoder/layers_3/self_attn/q_proj/A/kernel` is renamed to the torch key
+`encoder.layers.3.self_attn.q_proj.A.weight` (`layers_i` -> `layers.i`, `/` -> `.`, and the
+leaf names kernel/scale/embedding -> weight), and `_LAYOUT_RULES` says how the array changes:
+
+| Flax leaf                                  | Flax shape    | torch shape   |
+|--------------------------------------------|---------------|---------------|
+| `.../{q,k,v}_proj/{A,B}/kernel`            | (D, H, d)     | (H*d, D)      |
+| `.../out_proj/{A,B}/kernel`                | (H, d, D)     | (D, H*d)      |
+| other `.../kernel` (fc1, fc2, heads)       | (in, out)     | (out, in)     |
+| `vision_embed/proj/kernel`                 | (P, P, C, D)  | (D, C, P, P)  |
+| `.../bias`                                 | any           | flattened     |
+| everything else (norms, tables, tokens)    | same          | same          |
+
+The unilm layout puts the backbone under `beit3.` (task and pretraining heads, added by later
+modules, stay at the top level). Reading accepts either layout and a checkpoint wrapped in a
+`model` or `module` key. Every missing, unexpected or mis-shaped key is reported by name in one
+`ConversionError`; keys are skipped only when the caller names them (`skip=`), and are then
+listed in the returned report.
+
+CLI (reads and writes .safetensors and .pth; the Flax side is a params checkpoint directory,
+see `beit3_jax.params_io`)::
+
+    python -m beit3_jax.convert to-flax beit3_base_patch16_224.pth out/base --variant base
+    python -m beit3_jax.convert to-torch out/base beit3_base.pth --layout unilm
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import math
+import os
+import re
+import sys
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+# (regex on the Flax path, layout kind). First match wins.
+_LAYOUT_RULES: tuple[tuple[str, str], ...] = (
+    (r'(^|/)out_proj(/[A-Z])?/kernel$', 'linear_in2'),
+    (r'(^|/)vision_embed/proj/kernel$', 'conv'),
+    (r'/kernel$', 'linear_in1'),
+    (r'/bias$', 'flat'),
+    (r'.*', 'same'),
+)
+
+UNILM_PREFIX = 'beit3.'
+LAYOUTS = ('torchscale', 'unilm')
+
+
+class ConversionError(ValueError):
+  """A state dict that does not fit the model: lists every bad key."""
+
+
+@dataclasses.dataclass
+class Report:
+  """What a conversion did: the number of tensors converted and the keys deliberately skipped."""
+  converted: int = 0
+  skipped: list[str] = dataclasses.field(default_factory=list)
+
+
+def _layout_kind(flax_path: str) -> str:
+  for pattern, kind in _LAYOUT_RULES:
+    if re.search(pattern, flax_path):
+      return kind
+  raise AssertionError(flax_path)
+
+
+def torch_key(flax_path: str) -> str:
+  """The torchscale key of a '/'-joined Flax parameter path."""
+  key = re.sub(r'(^|/)layers_(\d+)(?=/)', r'\1layers/\2', flax_path).replace('/', '.')
+  return re.sub(r'\.(kernel|scale|embedding)$', '.weight', key)
+
+
+def _torch_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+  if kind in ('linear_in1', 'linear_in2'):
+    n_in = 1 if kind == 'linear_in1' else 2
+    return (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
+  if kind == 'conv':
+    return (shape[3], shape[2], shape[0], shape[1])
+  if kind == 'flat':
+    return (math.prod(shape),)
+  return tuple(shape)
+
+
+def _to_torch(kind: str, x: np.ndarray) -> np.ndarray:
+  if kind in ('linear_in1', 'linear_in2'):
+    n_in = 1 if kind == 'linear_in1' else 2
+    return np.ascontiguousarray(x.reshape(math.prod(x.shape[:n_in]), -1).T)
+  if kind == 'conv':
+    return np.ascontiguousarray(x.transpose(3, 2, 0, 1))
+  if kind == 'flat':
+    return x.reshape(-1)
+  return x
+
+
+def _to_flax(kind: str, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+  if kind in ('linear_in1', 'linear_in2'):
+    return np.ascontiguousarray(w.T).reshape(shape)
+  if kind == 'conv':
+    return np.ascontiguousarray(w.transpose(2, 3, 1, 0))
+  return w.reshape(shape)
+
+
+def _flatten(tree) -> dict[str, Any]:
+  flat = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    flat['/'.join(str(getattr(p, 'key', p)) for p in path)] = leaf
+  return flat
+
+
+def _unflatten(flat: Mapping[str, Any]) -> dict:
+  tree: dict = {}
+  for path, leaf in flat.items():
+    node = tree
+    *parents, name = path.split('/')
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[name] = leaf
+  return tree
+
+
+def expected_torch_shapes(config, *, layout: str = 'torchscale') -> dict[str, tuple[int, ...]]:
+  """torch key -> shape of every backbone tensor of a model config."""
+  from beit3_jax.models import abstract_params
+  prefix = _prefix(layout)
+  flat = _flatten(abstract_params(config, boxed=False))
+  return {prefix + torch_key(p): _torch_shape(_layout_kind(p), tuple(x.shape))
+          for p, x in flat.items()}
+
+
+def _prefix(layout: str) -> str:
+  if layout not in LAYOUTS:
+    raise ValueError(f'layout={layout!r}; expected one of {LAYOUTS}.')
+  return UNILM_PREFIX if layout == 'unilm' else ''
+
+
+def _as_numpy(value) -> np.ndarray:
+  if hasattr(value, 'detach'):  # a torch tensor
+    value = value.detach().cpu()
+    if str(value.dtype) == 'torch.bfloat16':
+      value = value.float()
+    return value.numpy()
+  return np.asarray(value)
+
+
+def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+  """The tensors of a checkpoint: unwraps a `model` / `module` key (unilm checkpoints)."""
+  for wrapper in ('model', 'module'):
+    inner = checkpoint.get(wrapper) if isinstance(checkpoint, Mapping) else None
+    if isinstance(inner, Mapping):
+      return dict(inner)
+  return dict(checkpoint)
+
+
+def describe_state_dict(state_dict: Mapping[str, Any]) -> str:
+  """A one-line guess of the model a backbone state dict belongs to (for error messages)."""
+  sd = {k[len(UNILM_PREFIX):] if k.startswith(UNILM_PREFIX) else k: v
+        for k, v in state_dict.items()}
+  facts = []
+  if 'text_embed.weight' in sd:
+    vocab, width = np.shape(sd['text_embed.weight'])
+    facts += [f'embed_dim={width}', f'vocab_size={vocab}']
+  layers = {int(m.group(1)) for k in sd for m in [re.match(r'encoder\.layers\.(\d+)\.', k)] if m}
+  if layers:
+    facts.append(f'depth={max(layers) + 1}')
+  if 'encoder.layers.0.ffn.A.fc1.weight' in sd:
+    facts.append(f'mlp_dim={np.shape(sd["encoder.layers.0.ffn.A.fc1.weight"])[0]}')
+  if 'vision_embed.proj.weight' in sd and 'encoder.embed_positions.A.weight' in sd:
+    patch = np.shape(sd['vision_embed.proj.weight'])[-1]
+    grid = math.isqrt(max(np.shape(sd['encoder.embed_positions.A.weight'])[0] - 3, 0))
+    facts += [f'patch_size={patch}', f'img_size={grid * patch}']
+  if 'encoder.embed_positions.B.weight' in sd:
+    facts.append(f'max_text_positions={np.shape(sd["encoder.embed_positions.B.weight"])[0]}')
+  facts.append(f'normalize_output={"encoder.layer_norm.A.weight" in sd}')
+  return ', '.join(facts)
+
+
+def _describe_config(config) -> str:
+  return (f'variant={config.variant}, embed_dim={config.embed_dim}, depth={config.depth}, '
+          f'mlp_dim={config.mlp_dim}, vocab_size={config.vocab_size}, '
+          f'patch_size={config.patch_size}, img_size={config.img_size}, '
+          f'max_text_positions={config.max_text_positions}, '
+          f'normalize_output={config.normalize_output}')
+
+
+def _mismatch_error(what: str, missing, unexpected, misshaped, config, state_dict=None):
+  lines = [f'{what} does not fit the model config ({_describe_config(config)}):']
+  if missing:
+    lines.append(f'  missing ({len(missing)}): ' + ', '.join(missing))
+  if unexpected:
+    lines.append(f'  unexpected ({len(unexpected)}): ' + ', '.join(unexpected))
+  if misshaped:
+    lines.append(f'  wrong shape ({len(misshaped)}): ' + ', '.join(
+        f'{k} {got} (expected {want})' for k, got, want in misshaped))
+  if state_dict is not None:
+    lines.append(f'  the checkpoint looks like: {describe_state_dict(state_dict)}')
+  return ConversionError('\n'.join(lines))
+
+
+def torch_to_flax(state_dict: Mapping[str, Any], config, *, skip: Sequence[str] = (),
+                  report: Report | None = None) -> dict:
+  """Backbone params (plain float32 numpy arrays, Flax layout) from a torch state dict.
+
+  Args:
+    state_dict: torchscale or unilm (`beit3.`-prefixed) keys -> tensors or arrays, optionally
+      wrapped in a `model`/`module` key.
+    config: the model config (`beit3_jax.models.get_config`).
+    skip: regexes of keys to leave out on purpose (e.g. heads this model does not have); the
+      skipped keys are appended to `report.skipped`.
+    report: filled with what was converted and skipped.
+
+  Raises:
+    ConversionError: listing every missing, unexpected and mis-shaped key.
+  """
+  from beit3_jax.models import abstract_params
+  sd = unwrap_state_dict(state_dict)
+  report = report if report is not None else Report()
+  if any(k.startswith(UNILM_PREFIX) for k in sd):
+    sd = {k[len(UNILM_PREFIX):] if k.startswith(UNILM_PREFIX) else '\0' + k: v
+          for k, v in sd.items()}  # '\0' marks keys outside the backbone (reported as such)
+  flat = _flatten(abstract_params(config, boxed=False))
+  out, missing, misshaped, used = {}, [], [], set()
+  for path, leaf in flat.items():
+    kind = _layout_kind(path)
+    key = torch_key(path)
+    if key not in sd:
+      missing.append(key)
+      continue
+    used.add(key)
+    w = _as_numpy(sd[key])
+    want = _torch_shape(kind, tuple(leaf.shape))
+    if tuple(w.shape) != want:
+      misshaped.append((key, tuple(w.shape), want))
+      continue
+    out[path] = _to_flax(kind, w, tuple(leaf.shape)).astype(np.float32)
+  unexpected = []
+  for k in sd:
+    if k in used:
+      continue
+    original = k.lstrip('\0')
+    if any(re.search(s, original) for s in skip):
+      report.skipped.append(original)
+    else:
+      unexpected.append(original)
+  if missing or unexpected or misshaped:
+    raise _mismatch_error('The state dict', missing, unexpected, misshaped, config, sd)
+  report.converted = len(out)
+  return _unflatten(out)
+
+
+def flax_to_torch(params, config, *, layout: str = 'torchscale') -> dict[str, np.ndarray]:
+  """torch state dict (numpy arrays, torch shapes) of backbone params.
+
+  Args:
+    params: the backbone's params (plain or boxed, on any device).
+    config: its model config.
+    layout: 'torchscale' (keys of torchscale's `BEiT3`) or 'unilm' (prefixed `beit3.`).
+
+  Raises:
+    ConversionError: the params tree does not match the config (every bad path listed).
+  """
+  from beit3_jax.models import abstract_params
+  prefix = _prefix(layout)
+  flat = _flatten(jax.device_get(nn.meta.unbox(params)))
+  want = _flatten(abstract_params(config, boxed=False))
+  missing = sorted(set(want) - set(flat))
+  unexpected = sorted(set(flat) - set(want))
+  misshaped = [(p, tuple(np.shape(flat[p])), tuple(want[p].shape)) for p in want
+               if p in flat and tuple(np.shape(flat[p])) != tuple(want[p].shape)]
+  if missing or unexpected or misshaped:
+    raise _mismatch_error('The params tree', missing, unexpected, misshaped, config)
+  return {prefix + torch_key(p): np.array(_to_torch(_layout_kind(p), np.asarray(x)))
+          for p, x in flat.items()}
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def load_state_dict(path: str) -> dict[str, np.ndarray]:
+  """Tensors of a .safetensors or .pth/.pt/.bin file as numpy arrays (unwrapped, see above).
+
+  .pth files are read with `torch.load(weights_only=True)`: no arbitrary objects are unpickled.
+  """
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'No checkpoint at {path}.')
+  if path.endswith('.safetensors'):
+    from safetensors.numpy import load_file
+    return load_file(path)
+  if path.endswith(('.pth', '.pt', '.bin')):
+    torch = _import_torch()
+    checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    return {k: _as_numpy(v) for k, v in unwrap_state_dict(checkpoint).items()
+            if hasattr(v, 'shape')}
+  raise ValueError(f'{path}: expected a .safetensors or .pth/.pt/.bin file.')
+
+
+def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str, *, wrap_model: bool = False,
+                    overwrite: bool = False) -> None:
+  """Writes tensors to .safetensors or .pth (`wrap_model`: as {'model': ...}, like unilm)."""
+  if os.path.exists(path) and not overwrite:
+    raise FileExistsError(f'{path} exists; pass overwrite=True (--overwrite) to replace it.')
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  arrays = {k: np.ascontiguousarray(v) for k, v in state_dict.items()}
+  if path.endswith('.safetensors'):
+    from safetensors.numpy import save_file
+    save_file(arrays, path)
+  elif path.endswith(('.pth', '.pt', '.bin')):
+    torch = _import_torch()
+    tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
+    torch.save({'model': tensors} if wrap_model else tensors, path)
+  else:
+    raise ValueError(f'{path}: expected a .safetensors or .pth/.pt/.bin file name.')
+
+
+def _import_torch():
+  try:
+    import torch
+  except ImportError as e:
+    raise ImportError('Reading or writing .pth files needs torch: pip install "beit3_jax[torch]"'
+                      ' (or use .safetensors).') from e
+  return torch
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _parse_overrides(items: Sequence[str]) -> dict:
+  out = {}
+  for item in items:
+    if '=' not in item:
+      raise SystemExit(f'--set expects FIELD=VALUE, got {item!r}.')
+    k, v = item.split('=', 1)
+    try:
+      out[k] = ast.literal_eval(v)
+    except (ValueError, SyntaxError):
+      out[k] = v
+  return out
+
+
+def _model_config(args, fallback_dir: str | None = None):
+  from beit3_jax import params_io
+  from beit3_jax.models import get_config
+  overrides = _parse_overrides(args.set)
+  if args.variant and args.config:
+    raise SystemExit('Give --variant or --config, not both.')
+  if args.variant:
+    return get_config(args.variant, **overrides)
+  source = args.config or fallback_dir
+  if source is None:
+    raise SystemExit('Say which model this is: --variant base|large|giant|small, or --config '
+                     '(a config file or a training workdir).')
+  config = params_io.load_model_config(source)
+  if overrides:
+    config = get_config(config.variant, **{**config.to_dict(), **overrides})
+  return config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog='python -m beit3_jax.convert', description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest='command', required=True)
+  for name, help_ in (('to-flax', 'torch .pth/.safetensors -> Flax params checkpoint dir'),
+                      ('to-torch', 'Flax params checkpoint dir -> torch .pth/.safetensors')):
+    p = sub.add_parser(name, help=help_)
+    p.add_argument('input')
+    p.add_argument('output')
+    p.add_argument('--variant', help='model variant (base, large, giant, small)')
+    p.add_argument('--config', help='a config file (its .model is used if present) or a '
+                   'directory holding config.json (training workdir or params checkpoint)')
+    p.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
+                   help='override a model config field, e.g. --set img_size=384')
+    p.add_argument('--overwrite', action='store_true', help='replace an existing output')
+    if name == 'to-flax':
+      p.add_argument('--skip', action='append', default=[], metavar='REGEX',
+                     help='leave out matching keys on purpose (they are listed)')
+    else:
+      p.add_argument('--layout', choices=LAYOUTS, default='torchscale',
+                     help="'unilm' prefixes the backbone with beit3. and wraps it in 'model'")
+  args = parser.parse_args(argv)
+
+  from beit3_jax import params_io
+  from beit3_jax.models import count_params
+  if args.command == 'to-flax':
+    config = _model_config(args)
+    print(f'Reading {args.input} as {config.variant}: {_describe_config(config)}')
+    report = Report()
+    params = torch_to_flax(load_state_dict(args.input), config, skip=args.skip, report=report)
+    print(f'Converted {report.converted} tensors, {count_params(params):,} parameters.')
+    if report.skipped:
+      print(f'Skipped on request ({len(report.skipped)}): {", ".join(report.skipped)}')
+    params_io.save_params(args.output, params, config, overwrite=args.overwrite)
+    print(f'Wrote the Flax params checkpoint to {os.path.abspath(args.output)}')
+  else:
+    config = _model_config(args, fallback_dir=args.input)
+    params = params_io.load_params(args.input, config)
+    print(f'Read {args.input} as {config.variant}: {_describe_config(config)}; '
+          f'{count_params(params):,} parameters.')
+    sd = flax_to_torch(params, config, layout=args.layout)
+    save_state_dict(sd, args.output, wrap_model=args.layout == 'unilm', overwrite=args.overwrite)
+    print(f'Wrote {len(sd)} tensors ({args.layout} layout) to {os.path.abspath(args.output)}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

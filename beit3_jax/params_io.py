@@ -1,0 +1,101 @@
+"""The Flax params checkpoint: what `python -m beit3_jax.convert to-flax` writes.
+
+A directory (local or gs://) holding
+
+    config.json    the model config (`beit3_jax.models.get_config(...).to_dict()`)
+    params/        an Orbax StandardCheckpointer tree of float32 arrays, the Flax param layout
+
+Training workdirs keep their whole run config in `config.json` with the model config under
+`model`; `load_model_config` reads either.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from typing import Any
+
+import jax
+import numpy as np
+from etils import epath
+
+CONFIG_FILE = 'config.json'
+PARAMS_DIR = 'params'
+
+
+def save_params(directory, params, config, *, overwrite: bool = False) -> epath.Path:
+  """Writes `params` and `config` as a params checkpoint directory; returns its path.
+
+  Raises FileExistsError if the directory exists and is not empty, unless `overwrite`.
+  """
+  import orbax.checkpoint as ocp
+  path = epath.Path(directory).absolute() if '://' not in str(directory) else epath.Path(directory)
+  if path.exists() and any(path.iterdir()):
+    if not overwrite:
+      raise FileExistsError(f'{path} exists and is not empty; pass overwrite=True (--overwrite) '
+                            'to replace it.')
+    path.rmtree()
+  path.mkdir(parents=True, exist_ok=True)
+  (path / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
+  params = jax.tree.map(np.asarray, jax.device_get(params))
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(path / PARAMS_DIR, params)
+  return path
+
+
+def load_params(directory, config=None, shardings: Any = None):
+  """Params of a params checkpoint directory, checked against `config` (default: its own).
+
+  Args:
+    directory: a directory written by `save_params`.
+    config: the model config the params must fit; default: the directory's config.json.
+    shardings: optional tree of `jax.sharding.Sharding` to restore the params already laid out.
+  """
+  import orbax.checkpoint as ocp
+  from beit3_jax.models import abstract_params
+  path = epath.Path(directory)
+  if '://' not in str(directory):
+    path = path.absolute()
+  if not (path / PARAMS_DIR).exists():
+    raise FileNotFoundError(f'{path} is not a params checkpoint: it has no {PARAMS_DIR}/ '
+                            '(write one with python -m beit3_jax.convert to-flax).')
+  config = config if config is not None else load_model_config(path)
+  abstract = abstract_params(config, boxed=False)
+  if shardings is not None:
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, shardings)
+  with ocp.StandardCheckpointer() as checkpointer:
+    try:
+      return checkpointer.restore(path / PARAMS_DIR, abstract)
+    except (ValueError, KeyError) as e:
+      raise ValueError(f'The params in {path} do not fit the model config '
+                       f'(variant={config.variant}): {e}') from e
+
+
+def load_model_config(source):
+  """The model config of a config file (.py with get_config()), or of a directory's config.json.
+
+  A run config with a `model` field gives that field; otherwise the file must be a model config.
+  """
+  from beit3_jax.models.config import config_from_dict
+  path = epath.Path(source)
+  if str(source).endswith('.py'):
+    if not path.exists():
+      raise FileNotFoundError(f'No config file at {source}.')
+    spec = importlib.util.spec_from_file_location('_beit3_config', str(path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config()
+    d = cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg)
+  else:
+    config_file = path / CONFIG_FILE
+    if not config_file.exists():
+      raise FileNotFoundError(f'{source}: no {CONFIG_FILE} (expected a training workdir or a '
+                              'params checkpoint directory, or a .py config file).')
+    d = json.loads(config_file.read_text())
+  if 'model' in d and isinstance(d['model'], dict):
+    d = d['model']
+  try:
+    return config_from_dict(d)
+  except (KeyError, ValueError) as e:
+    raise ValueError(f'{source}: not a valid model config: {e}') from e

@@ -1,0 +1,35 @@
+"""Test setup: 8 simulated CPU devices, quiet TF, and no network for TFDS.
+
+This runs before any test module imports jax.
+"""
+
+import os
+
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('JAX_NUM_CPU_DEVICES', '8')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+os.environ.setdefault('TFDS_DATA_DIR', '/nonexistent-tfds')
+
+import sys  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))  # for the torchscale_ref helper
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from beit3_jax import models  # noqa: E402
+
+
+def tiny_config(**overrides):
+  """A 2-layer model small enough for a test to compile and run in about a second."""
+  fields = dict(embed_dim=48, depth=2, num_heads=4, mlp_dim=96, img_size=32, patch_size=8,
+                vocab_size=101, max_text_positions=24)
+  fields.update(overrides)
+  return models.get_config('base', **fields)
+
+
+@pytest.fixture(scope='session')
+def eight_devices():
+  assert jax.device_count() == 8, 'tests/conftest.py must run before jax starts'
+  return jax.devices()
