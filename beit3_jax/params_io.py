@@ -66,10 +66,19 @@ def load_params(directory, config=None, shardings: Any = None):
                             abstract, shardings)
   with ocp.StandardCheckpointer() as checkpointer:
     try:
-      return checkpointer.restore(path / PARAMS_DIR, abstract)
+      params = checkpointer.restore(path / PARAMS_DIR, abstract)
     except (ValueError, KeyError) as e:
       raise ValueError(f'The params in {path} do not fit the model config '
                        f'(variant={config.variant}): {e}') from e
+  # Orbax restores saved numpy arrays at their stored shapes whatever the target says.
+  misshaped = [f'{jax.tree_util.keystr(k)} {tuple(np.shape(x))} (expected {tuple(a.shape)})'
+               for (k, x), a in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                                    jax.tree.leaves(abstract))
+               if tuple(np.shape(x)) != tuple(a.shape)]
+  if misshaped:
+    raise ValueError(f'The params in {path} do not fit the model config '
+                     f'(variant={config.variant}): wrong shape: ' + ', '.join(misshaped))
+  return params
 
 
 def load_model_config(source):

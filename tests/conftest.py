@@ -29,6 +29,15 @@ def tiny_config(**overrides):
   return models.get_config('base', **fields)
 
 
+def apply(cfg, params, *, rngs=None, **kwargs):
+  """`BEiT3(cfg).apply` under jit (eager Flax is slow on CPU); bool/None kwargs are static."""
+  static = {k: v for k, v in kwargs.items() if isinstance(v, bool)}
+  arrays = {k: v for k, v in kwargs.items() if k not in static and v is not None}
+  model = models.BEiT3(cfg)
+  fn = jax.jit(lambda p, a, r: model.apply({'params': p}, **a, **static, rngs=r))
+  return fn(params, arrays, rngs)
+
+
 @pytest.fixture(scope='session')
 def eight_devices():
   assert jax.device_count() == 8, 'tests/conftest.py must run before jax starts'

@@ -158,8 +158,7 @@ def init_params(config, rng: jax.Array, *, boxed: bool = False):
   `beit3_jax.sharding.init_sharded`.
   """
   model = BEiT3(config)
-  variables = model.init(rng, **example_inputs(config))
-  params = variables['params']
+  params = jax.jit(lambda r: model.init(r, **example_inputs(config))['params'])(rng)
   return params if boxed else nn.meta.unbox(params)
 
 

@@ -1,0 +1,442 @@
+"""Speed of the BEiT-3 backbone: a forward and a full training step, JAX vs torchscale, on CPU.
+
+What it measures (defaults = the workload of shared/notes/cpu_speed.md and the "Reference
+speed" of shared/notes/torchscale_reference.md):
+
+  BEiT-3 `--variant base` (beit3_jax.models.get_config), `--batch 4` pairs of one 224x224 image
+  (1 CLS + 196 patches = 197 tokens) and `--text_len 64` text tokens (S = 261, 1044 tokens a
+  step), fp32, a Linear(D, vocab_size=64010) head with softmax cross-entropy on the text
+  positions, AdamW (lr 1e-4, weight decay 1e-4, the optax.adamw defaults otherwise; torch's
+  AdamW gets the same hyper-parameters).
+
+  mode 'forward': the loss (backbone + head + cross-entropy) without gradients: a jitted
+    `model.apply` (JAX) / `torch.no_grad()` in eval mode (torch).
+  mode 'train':   one full step: loss, gradients and the AdamW update. JAX: one jitted function
+    (`jax.value_and_grad` + `optax` update) with the train state donated. torch: eager
+    zero_grad / forward / backward / `optimizer.step()` in train mode.
+
+  Both frameworks start from the same weights: the torchscale model (unilm's init) is built
+  first and converted with `beit3_jax.convert.torch_to_flax`; the head is copied. The forward
+  losses of the two are printed side by side as a check. Without torch (`--no_torch`, or
+  torchscale not importable) JAX uses `beit3_jax.models.init_params`.
+
+  Every mode runs `--warmup` untimed calls (the first is reported as "first s"), then `--steps`
+  timed calls: median and min are reported. "compile s" is JAX's trace (`jit.lower`) + XLA
+  compile (`.compile()`), done ahead of time, so no call below includes compilation; torch runs
+  eagerly (no compile). Everything is synchronised with `block_until_ready` (JAX); torch on
+  CPU is synchronous.
+
+Analytic FLOP count (matmuls only; biases, norms, softmax, GELU and AdamW are not counted):
+
+  per token, each layer routes the token through ONE expert of each Multiway module, so the
+  matmul parameters a token uses are N = depth * (4 D^2 + 2 D F)   (q, k, v, out; fc1, fc2);
+  the patch embedding and the embedding tables are left out (< 0.5 % at base).
+  With B pairs, S = 1 + N_p + T_text tokens a pair, T = B * S tokens a step:
+
+    forward = 2 N T  +  4 depth B S^2 D  +  2 D V B T_text     (linears, QK^T and AV, head)
+    train   = 3 x forward = 6 N T + 12 depth B S^2 D + 6 D V B T_text
+
+  Base at the defaults: 532 + 30 + 75 = 638 GFLOP a train step, 213 GFLOP a forward
+  ("about 637 GFLOP" in the notes). GFLOP/s = that count / median seconds.
+
+Also printed: parameter counts, devices, whether GLIBC_TUNABLES is set, XLA's
+`compiled.memory_analysis()` of the JAX train step (argument / output / alias / temp bytes)
+and the process's peak RSS (`resource.getrusage`, monotone: the value after the JAX phase is
+the JAX peak, the final one is the max over both frameworks).
+
+Run (from the repository root):
+
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 .venv/bin/python benchmarks/backbone_speed.py
+    .venv/bin/python benchmarks/backbone_speed.py --variant small --steps 3 --warmup 1  # quick
+
+Set `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` for the best JAX CPU speed: XLA:CPU mmaps its
+temporaries afresh every step, and with transparent huge pages the page faults drop tenfold
+(-19 to -21 % per JAX train step in the notes; no effect on torch). It must be set before the
+process starts; the script prints whether it is.
+
+What to expect on our 2-core CPU machines (AMD Zen 5), base, batch 4, fp32. The notes:
+torchscale ~4.2 s a train step and ~1.25 s a forward, peak RSS 5.65 GiB. Measured with this
+script on 2026-11-28 (jax 0.10.2, torch 2.13.0, see benchmarks/README.md for the full table):
+
+    JAX   train  ~2.5 s (median; ~250 GFLOP/s)  forward ~0.87 s   compile ~3.9 s
+    torch train  ~4.0 s (median; ~160 GFLOP/s)  forward ~1.26 s
+    (with GLIBC_TUNABLES=glibc.malloc.hugetlb=1; without it the JAX train step took ~3.0 s)
+
+These machines are noisy (a matmul probe ranged 70-220 GFLOP/s): compare only figures from one
+run of this script, which measures both frameworks back to back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The torchscale reference helper lives with the tests (it imports torchscale without timm's
+# data package, which fails on the CPU torch); reuse it rather than copy it.
+sys.path.insert(0, os.path.join(REPO, 'tests'))
+
+GIB = 1024 ** 3
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--variant', default='base', help='base, large, giant or small (default base)')
+  p.add_argument('--batch', type=int, default=4, help='image + text pairs a step (default 4)')
+  p.add_argument('--text_len', type=int, default=64, help='text tokens a pair (default 64)')
+  p.add_argument('--steps', type=int, default=5, help='timed calls a mode (default 5)')
+  p.add_argument('--warmup', type=int, default=2, help='untimed calls first (default 2)')
+  p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
+                 help='JAX compute dtype (the config dtype; params stay fp32). torch: fp32.')
+  p.add_argument('--lr', type=float, default=1e-4)
+  p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--no_torch', action='store_true', help='skip the torchscale measurements')
+  p.add_argument('--no_jax', action='store_true', help='skip the JAX measurements')
+  return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def peak_rss_gib() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # KiB on Linux
+
+
+def load_average() -> str:
+  try:
+    return ' '.join(f'{x:.2f}' for x in os.getloadavg())
+  except OSError:
+    return 'unknown'
+
+
+def cpu_name() -> str:
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or 'unknown CPU'
+
+
+def analytic_gflop(cfg, batch: int, text_len: int) -> dict[str, float]:
+  """Matmul GFLOP of one forward and one train step (formula in the module docstring)."""
+  d, f, depth, vocab = cfg.embed_dim, cfg.mlp_dim, cfg.depth, cfg.vocab_size
+  s = 1 + (cfg.img_size // cfg.patch_size) ** 2 + text_len
+  tokens = batch * s
+  n_lin = depth * (4 * d * d + 2 * d * f)
+  linears = 2 * n_lin * tokens
+  attention = 4 * depth * batch * s * s * d
+  head = 2 * d * vocab * batch * text_len
+  fwd = linears + attention + head
+  return {'forward': fwd / 1e9, 'train': 3 * fwd / 1e9,
+          'train_linears': 3 * linears / 1e9, 'train_attention': 3 * attention / 1e9,
+          'train_head': 3 * head / 1e9}
+
+
+def run_timed(call, warmup: int, steps: int):
+  """(first call s, [timed call s], process CPU s / wall s over the timed calls).
+
+  `call` must block until its result is ready. cpu/wall near os.cpu_count() means this process
+  had the cores to itself; well below it, something else ran (or the work was serial).
+  """
+  first = None
+  for i in range(warmup):
+    t = time.perf_counter()
+    call()
+    if i == 0:
+      first = time.perf_counter() - t
+  times = []
+  cpu0 = _cpu_seconds()
+  for _ in range(steps):
+    t = time.perf_counter()
+    call()
+    times.append(time.perf_counter() - t)
+  cpu_per_wall = (_cpu_seconds() - cpu0) / sum(times) if times else None
+  return first, times, cpu_per_wall
+
+
+def _cpu_seconds() -> float:
+  ru = resource.getrusage(resource.RUSAGE_SELF)
+  return ru.ru_utime + ru.ru_stime
+
+
+def make_batch(cfg, batch: int, text_len: int, seed: int) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  return {
+      'images': rng.standard_normal((batch, cfg.img_size, cfg.img_size, cfg.in_chans),
+                                    dtype=np.float32),  # NHWC
+      'text_ids': rng.integers(0, cfg.vocab_size, (batch, text_len)).astype(np.int32),
+      'labels': rng.integers(0, cfg.vocab_size, (batch, text_len)).astype(np.int32),
+  }
+
+
+# ----------------------------------------------------------------------------- torch
+
+
+def build_torch(cfg, seed: int):
+  """(torchscale BEiT3, head Linear(D, V)) or None with the reason when torch is unusable."""
+  try:
+    import torch
+    import torchscale_ref
+    torchscale_ref.import_torchscale()
+  except Exception as e:  # noqa: BLE001 - any import failure just skips torch
+    return None, f'{type(e).__name__}: {e}'
+  torch.set_num_threads(os.cpu_count())
+  model = torchscale_ref.build_reference(cfg, seed=seed, init='unilm')
+  torch.manual_seed(seed + 1)
+  head = torch.nn.Linear(cfg.embed_dim, cfg.vocab_size)
+  return (model, head), None
+
+
+def bench_torch(cfg, model, head, batch_np, args, rows, losses):
+  import torch
+  import torch.nn.functional as F
+  imgs = torch.from_numpy(np.ascontiguousarray(batch_np['images'].transpose(0, 3, 1, 2)))
+  ids = torch.from_numpy(batch_np['text_ids'].astype(np.int64))
+  labels = torch.from_numpy(batch_np['labels'].astype(np.int64)).reshape(-1)
+  t_len = args.text_len
+
+  def loss_fn():
+    out = model(textual_tokens=ids, visual_tokens=imgs)['encoder_out']
+    logits = head(out[:, -t_len:])
+    return F.cross_entropy(logits.reshape(-1, cfg.vocab_size), labels)
+
+  model.eval()
+  head.eval()
+
+  def forward():
+    with torch.no_grad():
+      losses['torch'] = float(loss_fn())
+
+  first, times, cpw = run_timed(forward, args.warmup, args.steps)
+  rows.append(('torch', 'forward', None, first, times, cpw))
+
+  model.train()
+  head.train()
+  opt = torch.optim.AdamW(list(model.parameters()) + list(head.parameters()), lr=args.lr,
+                          betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4)
+
+  def train():
+    opt.zero_grad(set_to_none=True)
+    loss = loss_fn()
+    loss.backward()
+    opt.step()
+
+  first, times, cpw = run_timed(train, args.warmup, args.steps)
+  rows.append(('torch', 'train', None, first, times, cpw))
+  del opt
+
+
+# ----------------------------------------------------------------------------- JAX
+
+
+def bench_jax(cfg, backbone_np, head_np, batch_np, args, rows, losses, info):
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from beit3_jax import models
+
+  model = models.BEiT3(cfg)
+  dtype = jnp.bfloat16 if args.dtype == 'bfloat16' else jnp.float32
+  t_len = args.text_len
+  if backbone_np is None:
+    backbone = models.init_params(cfg, jax.random.key(args.seed))
+  else:
+    backbone = jax.tree.map(jnp.asarray, backbone_np)
+  if head_np is None:
+    k = jax.random.key(args.seed + 1)
+    head_np = {'kernel': 0.02 * jax.random.normal(k, (cfg.embed_dim, cfg.vocab_size)),
+               'bias': jnp.zeros((cfg.vocab_size,))}
+  params = {'backbone': backbone, 'head': jax.tree.map(jnp.asarray, head_np)}
+  batch = jax.tree.map(jnp.asarray, batch_np)
+  info['jax_params'] = models.count_params(params['backbone'])
+
+  def loss_fn(p, b):
+    out = model.apply({'params': p['backbone']}, text_ids=b['text_ids'],
+                      images=b['images'])['encoder_out']
+    text = out[:, -t_len:, :].astype(dtype)
+    logits = text @ p['head']['kernel'].astype(dtype) + p['head']['bias'].astype(dtype)
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), b['labels']).mean()
+
+  # (a) forward only.
+  t0 = time.perf_counter()
+  lowered = jax.jit(loss_fn).lower(params, batch)
+  t1 = time.perf_counter()
+  fwd = lowered.compile()
+  t2 = time.perf_counter()
+  info['jax_forward_trace_s'] = t1 - t0
+
+  def forward():
+    losses['jax'] = float(jax.block_until_ready(fwd(params, batch)))
+
+  first, times, cpw = run_timed(forward, args.warmup, args.steps)
+  rows.append(('jax', 'forward', t2 - t0, first, times, cpw))
+  del fwd, lowered
+
+  # (b) full train step, state donated.
+  tx = optax.adamw(args.lr)
+
+  def train_step(state, b):
+    p, opt_state = state
+    loss, grads = jax.value_and_grad(loss_fn)(p, b)
+    updates, opt_state = tx.update(grads, opt_state, p)
+    return (optax.apply_updates(p, updates), opt_state), loss
+
+  state = (params, tx.init(params))
+  del params, backbone
+  t0 = time.perf_counter()
+  lowered = jax.jit(train_step, donate_argnums=0).lower(state, batch)
+  t1 = time.perf_counter()
+  step = lowered.compile()
+  t2 = time.perf_counter()
+  info['jax_train_trace_s'] = t1 - t0
+  try:
+    info['jax_train_memory'] = step.memory_analysis()
+  except Exception as e:  # noqa: BLE001 - not every backend implements it
+    info['jax_train_memory'] = f'unavailable ({type(e).__name__})'
+  holder = [state]
+  del state
+
+  def train():
+    holder[0], loss = step(holder[0], batch)
+    jax.block_until_ready((holder[0], loss))
+
+  first, times, cpw = run_timed(train, args.warmup, args.steps)
+  rows.append(('jax', 'train', t2 - t0, first, times, cpw))
+  del holder, step, lowered
+  gc.collect()
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def fmt(x, spec='.3f'):
+  return '-' if x is None else format(x, spec)
+
+
+def print_table(rows, gflop, tokens):
+  header = ('framework', 'mode', 'compile s', 'first s', 'median s', 'min s', 'tokens/s',
+            'GFLOP', 'GFLOP/s', 'cpu/wall')
+  lines = []
+  for fw, mode, compile_s, first, times, cpw in rows:
+    med = statistics.median(times) if times else None
+    lo = min(times) if times else None
+    lines.append((fw, mode, fmt(compile_s, '.2f'), fmt(first), fmt(med), fmt(lo),
+                  fmt(tokens / med if med else None, '.0f'), f'{gflop[mode]:.1f}',
+                  fmt(gflop[mode] / med if med else None, '.0f'), fmt(cpw, '.2f')))
+  widths = [max(len(str(r[i])) for r in [header] + lines) for i in range(len(header))]
+  out = [' | '.join(str(h).ljust(w) for h, w in zip(header, widths))]
+  out.append('-+-'.join('-' * w for w in widths))
+  out += [' | '.join(str(c).ljust(w) for c, w in zip(r, widths)) for r in lines]
+  print('\n'.join(out))
+  print()
+  by = {(r[0], r[1]): statistics.median(r[4]) for r in rows if r[4]}
+  for mode in ('forward', 'train'):
+    if ('jax', mode) in by and ('torch', mode) in by:
+      print(f'{mode}: jax / torch median time = {by["jax", mode] / by["torch", mode]:.2f}x')
+
+
+def print_memory(mem):
+  if isinstance(mem, str) or mem is None:
+    print(f'XLA memory_analysis (jax train step): {mem}')
+    return
+  fields = ('argument_size_in_bytes', 'output_size_in_bytes', 'alias_size_in_bytes',
+            'temp_size_in_bytes', 'generated_code_size_in_bytes')
+  parts = [f'{f.replace("_size_in_bytes", "")} {getattr(mem, f) / GIB:.2f} GiB'
+           for f in fields if getattr(mem, f, None) is not None]
+  print('XLA memory_analysis (jax train step): ' + ', '.join(parts))
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  if args.warmup < 1:
+    raise SystemExit('--warmup must be >= 1 (the first call is reported apart).')
+  import jax
+
+  from beit3_jax import convert, models
+
+  cfg = models.get_config(args.variant, dtype=args.dtype)
+  cfg32 = models.get_config(args.variant)  # torch side and the weight conversion: fp32
+  batch_np = make_batch(cfg, args.batch, args.text_len, args.seed)
+  s = 1 + models.num_patches(cfg) + args.text_len
+  tokens = args.batch * s
+  gflop = analytic_gflop(cfg, args.batch, args.text_len)
+  head_params = cfg.embed_dim * cfg.vocab_size + cfg.vocab_size
+
+  print(f'BEiT-3 {args.variant}: D={cfg.embed_dim} depth={cfg.depth} heads={cfg.num_heads} '
+        f'F={cfg.mlp_dim} V={cfg.vocab_size}; JAX dtype {args.dtype}, torch float32')
+  print(f'batch {args.batch} x ({s - args.text_len} image + {args.text_len} text) = '
+        f'{tokens} tokens/step (S={s}); warmup {args.warmup}, steps {args.steps}')
+  print(f'jax {jax.__version__} devices {jax.devices()}; CPU: {cpu_name()}, '
+        f'os.cpu_count()={os.cpu_count()}')
+  print(f'GLIBC_TUNABLES={os.environ.get("GLIBC_TUNABLES", "<unset>")}'
+        + ('' if 'hugetlb=1' in os.environ.get('GLIBC_TUNABLES', '')
+           else '  (set glibc.malloc.hugetlb=1 for the best JAX CPU speed)')
+        + f'; XLA_FLAGS={os.environ.get("XLA_FLAGS", "<unset>")}')
+  print(f'load average at start: {load_average()} (another busy process on these 2 cores '
+        'skews every figure)')
+  print(f'analytic GFLOP: train {gflop["train"]:.1f} (linears {gflop["train_linears"]:.1f}, '
+        f'attention {gflop["train_attention"]:.1f}, head {gflop["train_head"]:.1f}), '
+        f'forward {gflop["forward"]:.1f}')
+
+  rows, losses, info = [], {}, {}
+  torch_parts, why = (None, 'skipped (--no_torch)') if args.no_torch else build_torch(
+      cfg32, args.seed)
+  backbone_np = head_np = None
+  if torch_parts is not None:
+    import torch
+    model, head = torch_parts
+    print(f'torch {torch.__version__}, {torch.get_num_threads()} threads; '
+          f'torchscale params {sum(p.numel() for p in model.parameters()):,}')
+    sd = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    backbone_np = convert.torch_to_flax(sd, cfg32)
+    head_np = {'kernel': head.weight.detach().numpy().T.copy(),
+               'bias': head.bias.detach().numpy().copy()}
+    del sd
+  else:
+    print(f'torch: {why}')
+  sys.stdout.flush()
+
+  rss_after_jax = None
+  if not args.no_jax:
+    bench_jax(cfg, backbone_np, head_np, batch_np, args, rows, losses, info)
+    rss_after_jax = peak_rss_gib()
+    print(f'JAX: backbone params {info["jax_params"]:,} + head {head_params:,} = '
+          f'{info["jax_params"] + head_params:,} trained; trace s: forward '
+          f'{info["jax_forward_trace_s"]:.2f}, train {info["jax_train_trace_s"]:.2f} '
+          f'(included in compile s); peak RSS so far {rss_after_jax:.2f} GiB')
+    sys.stdout.flush()
+  del backbone_np, head_np
+  gc.collect()
+  if torch_parts is not None:
+    bench_torch(cfg32, *torch_parts, batch_np, args, rows, losses)
+
+  print()
+  print_table(rows, gflop, tokens)
+  if losses:
+    print('forward loss on the initial weights: '
+          + ', '.join(f'{k} {v:.6f}' for k, v in losses.items()))
+  if 'jax_train_memory' in info:
+    print_memory(info['jax_train_memory'])
+  if rss_after_jax is not None:
+    print(f'peak RSS after the JAX phase: {rss_after_jax:.2f} GiB')
+  print(f'peak RSS of the process (max over all phases): {peak_rss_gib():.2f} GiB')
+  print(f'load average at the end: {load_average()}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
