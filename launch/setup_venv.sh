@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Creates (or reuses) the virtual environment .venv in the repository root and installs
+# beit3_jax into it, editable, with the extras named as arguments.
+#
+#   bash launch/setup_venv.sh            # the package: jax (CPU), flax, optax, orbax, tfds, ...
+#   bash launch/setup_venv.sh test       # + pytest, torch 2.13.0 (CPU) and torchscale 0.3.0
+#   bash launch/setup_venv.sh tpu        # + jax[tpu], on a TPU VM (run on every host)
+#   bash launch/setup_venv.sh torch tpu  # several extras at once
+#
+# Environment: PYTHON (default python3, >= 3.10), VENV (default <repo>/.venv).
+# Only package registries are used; nothing else is downloaded.
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${VENV:-$repo/.venv}"
+python="${PYTHON:-python3}"
+
+extras=""
+for extra in "$@"; do
+  case "$extra" in
+    test|torch|tpu) extras="${extras:+$extras,}$extra" ;;
+    *) echo "setup_venv.sh: unknown extra '$extra' (known: test, torch, tpu)" >&2; exit 2 ;;
+  esac
+done
+
+if [ ! -x "$venv/bin/python" ]; then
+  echo "Creating $venv with $("$python" --version 2>&1)"
+  "$python" -m venv "$venv"
+fi
+target="$repo"
+[ -n "$extras" ] && target="$repo[$extras]"
+echo "Installing beit3_jax${extras:+[$extras]} into $venv"
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$target"
+echo "Ready: $venv/bin/python"
