@@ -223,35 +223,34 @@ def torch_to_flax(state_dict: Mapping[str, Any], config, *, skip: Sequence[str] 
   from beit3_jax.models import abstract_params
   sd = unwrap_state_dict(state_dict)
   report = report if report is not None else Report()
-  if any(k.startswith(UNILM_PREFIX) for k in sd):
-    sd = {k[len(UNILM_PREFIX):] if k.startswith(UNILM_PREFIX) else '\0' + k: v
-          for k, v in sd.items()}  # '\0' marks keys outside the backbone (reported as such)
+  prefix = UNILM_PREFIX if any(k.startswith(UNILM_PREFIX) for k in sd) else ''
+  # With the unilm layout, keys outside `beit3.` (heads) are not backbone keys.
+  backbone = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
   flat = _flatten(abstract_params(config, boxed=False))
-  out, missing, misshaped, used = {}, [], [], set()
+  out, missing, misshaped = {}, [], []
   for path, leaf in flat.items():
     kind = _layout_kind(path)
     key = torch_key(path)
-    if key not in sd:
-      missing.append(key)
+    if key not in backbone:
+      missing.append(prefix + key)
       continue
-    used.add(key)
-    w = _as_numpy(sd[key])
+    w = _as_numpy(backbone[key])
     want = _torch_shape(kind, tuple(leaf.shape))
     if tuple(w.shape) != want:
-      misshaped.append((key, tuple(w.shape), want))
+      misshaped.append((prefix + key, tuple(w.shape), want))
       continue
     out[path] = _to_flax(kind, w, tuple(leaf.shape)).astype(np.float32)
+  used = {prefix + torch_key(p) for p in flat}
   unexpected = []
   for k in sd:
     if k in used:
       continue
-    original = k.lstrip('\0')
-    if any(re.search(s, original) for s in skip):
-      report.skipped.append(original)
+    if any(re.search(s, k) for s in skip):
+      report.skipped.append(k)
     else:
-      unexpected.append(original)
+      unexpected.append(k)
   if missing or unexpected or misshaped:
-    raise _mismatch_error('The state dict', missing, unexpected, misshaped, config, sd)
+    raise _mismatch_error('The state dict', missing, unexpected, misshaped, config, backbone)
   report.converted = len(out)
   return _unflatten(out)
 

@@ -66,8 +66,7 @@ class BEiT3(nn.Module):
     if self.is_initializing() and (images is None or text_ids is None):
       raise ValueError('Initialise BEiT3 with both images and text_ids so that every parameter '
                        'is created (see beit3_jax.models.init_params).')
-    batch = check_inputs(cfg, text_ids, text_padding_mask, images, image_mask, attn_mask)
-    del batch
+    check_inputs(cfg, text_ids, text_padding_mask, images, image_mask, attn_mask)
 
     parts = []
     if images is not None:
