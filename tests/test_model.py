@@ -76,6 +76,17 @@ def test_split_positions_and_output_shapes(tiny):
   assert out['encoder_out'].dtype == jnp.float32
 
 
+def test_routing_compiles_at_most_three_variants(tiny):
+  cfg, params = tiny
+  model = models.BEiT3(cfg)
+  forward = jax.jit(lambda p, a: model.apply({'params': p}, **a)['encoder_out'])
+  x = inputs(cfg)
+  for _ in range(2):
+    for kwargs in (dict(images=x['images']), dict(text_ids=x['text_ids']), x):
+      forward(params, kwargs)
+  assert forward._cache_size() == 3
+
+
 def test_bfloat16_forward_close_to_float32(tiny):
   cfg, params = tiny
   x = inputs(cfg)
