@@ -51,16 +51,29 @@ Run (from the repository root):
 
 Set `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` for the best JAX CPU speed: XLA:CPU mmaps its
 temporaries afresh every step, and with transparent huge pages the page faults drop tenfold
-(-19 to -21 % per JAX train step in the notes; no effect on torch). It must be set before the
-process starts; the script prints whether it is.
+(-19 to -21 % per JAX train step in shared/notes/cpu_speed.md; no effect on torch). It must be
+set before the process starts; the script prints whether it is.
 
-What to expect on our 2-core CPU machines (AMD Zen 5), base, batch 4, fp32. The notes:
-torchscale ~4.2 s a train step and ~1.25 s a forward, peak RSS 5.65 GiB. Measured with this
-script on 2026-11-28 (jax 0.10.2, torch 2.13.0, see benchmarks/README.md for the full table):
+What to expect on our 2-core CPU machines, base, batch 4, fp32. The notes (measured on an AMD
+Zen 5 host): torchscale ~4.2 s a train step and ~1.25 s a forward, peak RSS 5.65 GiB; a tuned
+JAX step 2.08 s, a plain first JAX port 3.30 s. Measured with this script on 2026-11-28 (jax
+0.10.2, torch 2.13.0) on a 2-core *Intel Xeon* KVM guest (AVX-512/AMX; a 2048^3 fp32 matmul
+runs at ~270 GFLOP/s in XLA and ~290 in torch/MKL there), three full runs back to back:
 
-    JAX   train  ~2.5 s (median; ~250 GFLOP/s)  forward ~0.87 s   compile ~3.9 s
-    torch train  ~4.0 s (median; ~160 GFLOP/s)  forward ~1.26 s
-    (with GLIBC_TUNABLES=glibc.malloc.hugetlb=1; without it the JAX train step took ~3.0 s)
+    JAX   train 5.0-6.6 s median (100-125 GFLOP/s), forward 1.4-1.7 s, compile 15-19 s (trace ~4 s)
+    torch train 5.2-5.4 s median (~120 GFLOP/s),    forward 1.3-2.0 s
+    JAX/torch train 0.96-1.25x; peak RSS 6.9 GiB JAX alone, 9.0 GiB with both models alive.
+
+Neither the host (Intel, where torch's MKL is fast) nor the model (beit3_jax's plain port:
+3-D dot_generals, no custom VJPs) is the notes' setup, and their 2x over torch does not show
+here. GLIBC_TUNABLES=...hugetlb=1 made no difference that the noise (+-20 % between identical
+runs) could show on this host (THP `madvise`). Full table: benchmarks/README.md.
+
+The "cpu/wall" column (process CPU s / wall s over the timed calls) and the load averages
+show whether another process took a core. With the cores free: torch rows 1.9-2.0, the JAX
+train step ~1.9, the JAX forward 1.5-1.8 (XLA leaves one core idle part of the time). A row
+clearly below that was contended: discard it (two torch threads sharing one core ran a small
+train step 27x slower).
 
 These machines are noisy (a matmul probe ranged 70-220 GFLOP/s): compare only figures from one
 run of this script, which measures both frameworks back to back.
@@ -307,6 +320,12 @@ def bench_jax(cfg, backbone_np, head_np, batch_np, args, rows, losses, info):
     info['jax_train_memory'] = step.memory_analysis()
   except Exception as e:  # noqa: BLE001 - not every backend implements it
     info['jax_train_memory'] = f'unavailable ({type(e).__name__})'
+  try:
+    cost = step.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    info['jax_train_xla_gflop'] = float(cost['flops']) / 1e9
+  except Exception:  # noqa: BLE001 - optional
+    pass
   holder = [state]
   del state
 
@@ -429,10 +448,14 @@ def main(argv=None) -> int:
   if losses:
     print('forward loss on the initial weights: '
           + ', '.join(f'{k} {v:.6f}' for k, v in losses.items()))
+  if 'jax_train_xla_gflop' in info:
+    print(f'XLA cost_analysis of the jax train step: {info["jax_train_xla_gflop"]:.1f} GFLOP '
+          f'(analytic {gflop["train"]:.1f})')
   if 'jax_train_memory' in info:
     print_memory(info['jax_train_memory'])
   if rss_after_jax is not None:
-    print(f'peak RSS after the JAX phase: {rss_after_jax:.2f} GiB')
+    print(f'peak RSS after the JAX phase: {rss_after_jax:.2f} GiB'
+          + ('' if torch_parts is None else ' (the torch model and its weights were alive too)'))
   print(f'peak RSS of the process (max over all phases): {peak_rss_gib():.2f} GiB')
   print(f'load average at the end: {load_average()}')
   return 0
