@@ -1,0 +1,122 @@
+"""The batch schema: the keys, shapes and dtypes of every batch the trainers consume.
+
+One global batch of pretraining is a dict of three streams, each with its own batch size:
+
+    {'image': {...}, 'text': {...}, 'pair': {...}}
+
+and a fine-tuning batch is one task's dict. Images travel as uint8 (B, H, W, 3) and are
+normalised on device (4x less host memory and transfer than float32; see
+shared/notes/input_pipeline.md); the visual tokenizer's view is the same crop, also uint8.
+
+Symbols: B batch size of the stream, H = W = image size (px), T = tokenizer view size (px),
+N = number of patches, L = text length (tokens), A = number of answers.
+
+| stream / task | key                 | shape        | dtype   | meaning                                      |
+|---------------|---------------------|--------------|---------|----------------------------------------------|
+| image         | image               | (B, H, W, 3) | uint8   | augmented view                               |
+|               | tokenizer_image     | (B, T, T, 3) | uint8   | the same crop for the visual tokenizer       |
+|               | image_mask          | (B, N)       | bool    | True = patch masked (block-wise, exact count)|
+| text          | text_ids            | (B, L)       | int32   | <s> pieces </s> <pad>..., masked tokens in   |
+|               | text_padding_mask   | (B, L)       | bool    | True = padding                               |
+|               | text_targets        | (B, L)       | int32   | the original ids (loss where text_mask)      |
+|               | text_mask           | (B, L)       | bool    | True = masked position (predict it)          |
+| pair          | image, tokenizer_image, image_mask, text_ids, text_padding_mask, text_targets, text_mask |
+| classification| image (B,H,W,3) uint8; label (B,) int32                                                  |
+| retrieval     | image; text_ids; text_padding_mask                                                       |
+| vqa           | image; text_ids; text_padding_mask; answer_scores (B, A) float32 (soft scores)            |
+| nlvr2         | image_a; image_b; text_ids; text_padding_mask; label (B,) int32                          |
+| captioning    | image; text_ids; text_padding_mask                                                       |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+  """One array of a batch: its shape in symbols (see the module table) and dtype."""
+  dims: tuple[str, ...]
+  dtype: str
+  doc: str
+
+
+_IMAGE = Field(('B', 'H', 'W', 3), 'uint8', 'augmented image')
+_TOKENIZER_IMAGE = Field(('B', 'T', 'T', 3), 'uint8', 'same crop, for the visual tokenizer')
+_IMAGE_MASK = Field(('B', 'N'), 'bool', 'True = masked patch')
+_TEXT = {
+    'text_ids': Field(('B', 'L'), 'int32', 'token ids'),
+    'text_padding_mask': Field(('B', 'L'), 'bool', 'True = padding'),
+}
+_MASKED_TEXT = {
+    'text_targets': Field(('B', 'L'), 'int32', 'original ids'),
+    'text_mask': Field(('B', 'L'), 'bool', 'True = masked position'),
+}
+_LABEL = Field(('B',), 'int32', 'class index')
+
+SCHEMAS: dict[str, dict[str, Field]] = {
+    'image': {'image': _IMAGE, 'tokenizer_image': _TOKENIZER_IMAGE, 'image_mask': _IMAGE_MASK},
+    'text': {**_TEXT, **_MASKED_TEXT},
+    'pair': {'image': _IMAGE, 'tokenizer_image': _TOKENIZER_IMAGE, 'image_mask': _IMAGE_MASK,
+             **_TEXT, **_MASKED_TEXT},
+    'classification': {'image': _IMAGE, 'label': _LABEL},
+    'retrieval': {'image': _IMAGE, **_TEXT},
+    'vqa': {'image': _IMAGE, **_TEXT,
+            'answer_scores': Field(('B', 'A'), 'float32', 'soft answer scores in [0, 1]')},
+    'nlvr2': {'image_a': _IMAGE, 'image_b': _IMAGE, **_TEXT, 'label': _LABEL},
+    'captioning': {'image': _IMAGE, **_TEXT},
+}
+
+PRETRAINING_STREAMS = ('image', 'text', 'pair')
+
+
+def shapes(kind: str, sizes: Mapping[str, int]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """Concrete (shape, dtype) of every key of a stream or task, given the symbol sizes.
+
+  Args:
+    kind: a key of `SCHEMAS` ('image', 'text', 'pair', or a task name).
+    sizes: values of the symbols used by that kind, e.g. {'B': 8, 'H': 64, 'W': 64, 'T': 64,
+      'N': 16}.
+  """
+  if kind not in SCHEMAS:
+    raise KeyError(f'Unknown batch kind {kind!r}; known: {sorted(SCHEMAS)}.')
+  out = {}
+  for key, field in SCHEMAS[kind].items():
+    dims = []
+    for d in field.dims:
+      if isinstance(d, int):
+        dims.append(d)
+      elif d in sizes:
+        dims.append(int(sizes[d]))
+      else:
+        raise KeyError(f'{kind}.{key} needs the size of {d!r}; got sizes for {sorted(sizes)}.')
+    out[key] = (tuple(dims), np.dtype(field.dtype))
+  return out
+
+
+def check(kind: str, batch: Mapping[str, np.ndarray], sizes: Mapping[str, int] | None = None):
+  """Raises ValueError naming each key of `batch` that is missing, extra, or of the wrong
+  dtype, rank or (when `sizes` gives the symbols) shape."""
+  if kind not in SCHEMAS:
+    raise KeyError(f'Unknown batch kind {kind!r}; known: {sorted(SCHEMAS)}.')
+  schema = SCHEMAS[kind]
+  problems = [f'missing {k}' for k in schema if k not in batch]
+  problems += [f'unexpected {k}' for k in batch if k not in schema]
+  for key, field in schema.items():
+    if key not in batch:
+      continue
+    a = batch[key]
+    if np.dtype(a.dtype) != np.dtype(field.dtype):
+      problems.append(f'{key} has dtype {a.dtype}, expected {field.dtype}')
+    if len(a.shape) != len(field.dims):
+      problems.append(f'{key} has shape {tuple(a.shape)}, expected dims {field.dims}')
+      continue
+    for axis, d in enumerate(field.dims):
+      want = d if isinstance(d, int) else (sizes or {}).get(d)
+      if want is not None and a.shape[axis] != want:
+        problems.append(f'{key} has shape {tuple(a.shape)}, expected {d}={want} on axis {axis}')
+  if problems:
+    raise ValueError(f'Batch of kind {kind!r} does not fit the schema: ' + '; '.join(problems))
