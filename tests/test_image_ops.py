@@ -24,7 +24,9 @@ def _photo(h, w, seed=0):
 
 
 def _encode(array_or_image, fmt, **kwargs):
-  im = array_or_image if isinstance(array_or_image, Image.Image) else Image.fromarray(array_or_image)
+  im = array_or_image
+  if not isinstance(im, Image.Image):
+    im = Image.fromarray(im)
   buf = io.BytesIO()
   im.save(buf, fmt, **kwargs)
   return buf.getvalue()
@@ -218,7 +220,8 @@ def test_color_jitter_brightness_only_scales():
 def test_color_jitter_zero_saturation_is_grayscale():
   img = _photo(40, 50)
   out = ops.color_jitter(np.random.default_rng(0), img, 0, 0, (0.0, 0.0)).astype(int)
-  assert np.abs(out[..., 0] - out[..., 1]).max() <= 1 and np.abs(out[..., 1] - out[..., 2]).max() <= 1
+  assert np.abs(out[..., 0] - out[..., 1]).max() <= 1
+  assert np.abs(out[..., 1] - out[..., 2]).max() <= 1
   gray = img.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
   assert np.abs(out[..., 0] - gray).max() <= 1
 

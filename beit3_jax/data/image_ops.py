@@ -17,8 +17,8 @@ Fast path (shared/notes/input_pipeline.md): keep the host output uint8, ship it 
 call `normalize` / `tokenizer_view` there (under jit, on the device batch). That is 4x less host
 memory traffic than float32 and, together with using one resize per view, about 2x the host
 throughput. Both functions also work on host NumPy batches. On the host, feed `augment` the PIL
-image from `decode_pil` rather than the array from `decode`: Pillow's image -> array conversion
-of the full-size image costs ~0.8 ms at 500 x 375, while the 224 px views are cheap to convert.
+image from `decode_pil` rather than the array from `decode`: the image -> array copy of the
+full-size image costs 0.2-1 ms at 500 x 375, while the 224 px views are cheap to convert.
 """
 
 from __future__ import annotations
@@ -92,9 +92,10 @@ def decode(data: bytes) -> np.ndarray:
   dropped, as in the reference's `pil_loader`). EXIF orientation is not applied (neither does
   the reference). GIFs give their first frame.
 
-  Speed: the PIL -> NumPy conversion of a 500 x 375 image costs about 0.8 ms with Pillow 13
-  (as much as a third of the JPEG decode). When the image only goes on to `augment` or another
-  resampling op, use `decode_pil` and pass the PIL image instead.
+  Speed: the PIL -> NumPy copy of a 500 x 375 image cost 0.2-1 ms on our VM (Pillow 13; the
+  high end when each fresh 0.5 MB buffer is mmap'ed and page-faulted, see glibc's
+  MALLOC_MMAP_THRESHOLD_), up to half the JPEG decode. When the image only goes on to
+  `augment` or another resampling op, use `decode_pil` and pass the PIL image instead.
 
   Args:
     data: the encoded file contents.
@@ -127,12 +128,6 @@ def _to_pil(image: ImageLike) -> Image.Image:
   if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
     raise ValueError(f'expected a uint8 (H, W, 3) image, got {image.dtype} {image.shape}')
   return Image.fromarray(image)
-
-
-def _hw(image: ImageLike) -> tuple[int, int]:
-  if isinstance(image, Image.Image):
-    return image.height, image.width
-  return image.shape[0], image.shape[1]
 
 
 def _resize_box(im: Image.Image, size: int, box: tuple[int, int, int, int],
