@@ -35,6 +35,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from beit3_jax.data import paths
+from beit3_jax.data import text as text_lib
 
 _IMAGE_KEYS = ('image', 'image_path', 'file_name')
 _CAPTION_KEYS = ('caption', 'text')
@@ -162,14 +163,8 @@ def read_text_files(files: Sequence[str], report: BuildReport | None = None) -> 
   for path in files:
     if not os.path.isfile(path):
       raise FileNotFoundError(f'No text file at {path}.')
-  for path in files:
-    with open(path, encoding='utf-8') as f:
-      for line in f:
-        line = line.strip()
-        if line:
-          yield line
-        elif report is not None:
-          report.skip('empty line')
+  on_empty = None if report is None else (lambda: report.skip('empty line'))
+  yield from text_lib.read_sentences(files, on_empty)
 
 
 # ----------------------------------------------------------------------------- builders

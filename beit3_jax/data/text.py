@@ -314,14 +314,19 @@ def save_spm(proto: bytes, path: str | os.PathLike, overwrite: bool = False) -> 
   return path
 
 
-def read_sentences(paths: Sequence[str]) -> Iterator[str]:
-  """The non-empty lines (stripped) of UTF-8 text files, one sentence per line."""
+def read_sentences(paths: Sequence[str], on_empty=None) -> Iterator[str]:
+  """The non-empty lines (stripped) of UTF-8 text files, one sentence per line.
+
+  `on_empty()`, if given, is called for every empty line (e.g. to count them).
+  """
   for path in paths:
     with open(path, encoding='utf-8') as f:
       for line in f:
         line = line.strip()
         if line:
           yield line
+        elif on_empty is not None:
+          on_empty()
 
 
 class _Counter:
