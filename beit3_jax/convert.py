@@ -79,7 +79,7 @@ def torch_key(flax_path: str) -> str:
   return re.sub(r'\.(kernel|scale|embedding)$', '.weight', key)
 
 
-def _torch_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+def torch_layout_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
   if kind in ('linear_in1', 'linear_in2'):
     n_in = 1 if kind == 'linear_in1' else 2
     return (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
@@ -90,7 +90,7 @@ def _torch_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
   return tuple(shape)
 
 
-def _to_torch(kind: str, x: np.ndarray) -> np.ndarray:
+def to_torch_layout(kind: str, x: np.ndarray) -> np.ndarray:
   if kind in ('linear_in1', 'linear_in2'):
     n_in = 1 if kind == 'linear_in1' else 2
     return np.ascontiguousarray(x.reshape(math.prod(x.shape[:n_in]), -1).T)
@@ -101,7 +101,7 @@ def _to_torch(kind: str, x: np.ndarray) -> np.ndarray:
   return x
 
 
-def _to_flax(kind: str, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def to_flax_layout(kind: str, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
   if kind in ('linear_in1', 'linear_in2'):
     return np.ascontiguousarray(w.T).reshape(shape)
   if kind == 'conv':
@@ -109,14 +109,14 @@ def _to_flax(kind: str, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
   return w.reshape(shape)
 
 
-def _flatten(tree) -> dict[str, Any]:
+def flatten_params(tree) -> dict[str, Any]:
   flat = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     flat['/'.join(str(getattr(p, 'key', p)) for p in path)] = leaf
   return flat
 
 
-def _unflatten(flat: Mapping[str, Any]) -> dict:
+def unflatten_params(flat: Mapping[str, Any]) -> dict:
   tree: dict = {}
   for path, leaf in flat.items():
     node = tree
@@ -131,8 +131,8 @@ def expected_torch_shapes(config, *, layout: str = 'torchscale') -> dict[str, tu
   """torch key -> shape of every backbone tensor of a model config."""
   from beit3_jax.models import abstract_params
   prefix = _prefix(layout)
-  flat = _flatten(abstract_params(config, boxed=False))
-  return {prefix + torch_key(p): _torch_shape(_layout_kind(p), tuple(x.shape))
+  flat = flatten_params(abstract_params(config, boxed=False))
+  return {prefix + torch_key(p): torch_layout_shape(_layout_kind(p), tuple(x.shape))
           for p, x in flat.items()}
 
 
@@ -142,7 +142,7 @@ def _prefix(layout: str) -> str:
   return UNILM_PREFIX if layout == 'unilm' else ''
 
 
-def _as_numpy(value) -> np.ndarray:
+def as_numpy(value) -> np.ndarray:
   if hasattr(value, 'detach'):  # a torch tensor
     value = value.detach().cpu()
     if str(value.dtype) == 'torch.bfloat16':
@@ -226,7 +226,7 @@ def torch_to_flax(state_dict: Mapping[str, Any], config, *, skip: Sequence[str] 
   prefix = UNILM_PREFIX if any(k.startswith(UNILM_PREFIX) for k in sd) else ''
   # With the unilm layout, keys outside `beit3.` (heads) are not backbone keys.
   backbone = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-  flat = _flatten(abstract_params(config, boxed=False))
+  flat = flatten_params(abstract_params(config, boxed=False))
   out, missing, misshaped = {}, [], []
   for path, leaf in flat.items():
     kind = _layout_kind(path)
@@ -234,12 +234,12 @@ def torch_to_flax(state_dict: Mapping[str, Any], config, *, skip: Sequence[str] 
     if key not in backbone:
       missing.append(prefix + key)
       continue
-    w = _as_numpy(backbone[key])
-    want = _torch_shape(kind, tuple(leaf.shape))
+    w = as_numpy(backbone[key])
+    want = torch_layout_shape(kind, tuple(leaf.shape))
     if tuple(w.shape) != want:
       misshaped.append((prefix + key, tuple(w.shape), want))
       continue
-    out[path] = _to_flax(kind, w, tuple(leaf.shape)).astype(np.float32)
+    out[path] = to_flax_layout(kind, w, tuple(leaf.shape)).astype(np.float32)
   used = {prefix + torch_key(p) for p in flat}
   unexpected = []
   for k in sd:
@@ -252,7 +252,7 @@ def torch_to_flax(state_dict: Mapping[str, Any], config, *, skip: Sequence[str] 
   if missing or unexpected or misshaped:
     raise _mismatch_error('The state dict', missing, unexpected, misshaped, config, backbone)
   report.converted = len(out)
-  return _unflatten(out)
+  return unflatten_params(out)
 
 
 def flax_to_torch(params, config, *, layout: str = 'torchscale') -> dict[str, np.ndarray]:
@@ -268,15 +268,15 @@ def flax_to_torch(params, config, *, layout: str = 'torchscale') -> dict[str, np
   """
   from beit3_jax.models import abstract_params
   prefix = _prefix(layout)
-  flat = _flatten(jax.device_get(nn.meta.unbox(params)))
-  want = _flatten(abstract_params(config, boxed=False))
+  flat = flatten_params(jax.device_get(nn.meta.unbox(params)))
+  want = flatten_params(abstract_params(config, boxed=False))
   missing = sorted(set(want) - set(flat))
   unexpected = sorted(set(flat) - set(want))
   misshaped = [(p, tuple(np.shape(flat[p])), tuple(want[p].shape)) for p in want
                if p in flat and tuple(np.shape(flat[p])) != tuple(want[p].shape)]
   if missing or unexpected or misshaped:
     raise _mismatch_error('The params tree', missing, unexpected, misshaped, config)
-  return {prefix + torch_key(p): np.array(_to_torch(_layout_kind(p), np.asarray(x)))
+  return {prefix + torch_key(p): np.array(to_torch_layout(_layout_kind(p), np.asarray(x)))
           for p, x in flat.items()}
 
 
@@ -296,7 +296,7 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
   if path.endswith(('.pth', '.pt', '.bin')):
     torch = _import_torch()
     checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    return {k: _as_numpy(v) for k, v in unwrap_state_dict(checkpoint).items()
+    return {k: as_numpy(v) for k, v in unwrap_state_dict(checkpoint).items()
             if hasattr(v, 'shape')}
   raise ValueError(f'{path}: expected a .safetensors or .pth/.pt/.bin file.')
 

@@ -41,6 +41,8 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ('patch_h', None),             # patch-projection kernel (P, P, C, D)
     ('patch_w', None),
     ('channels', None),
+    ('code', None),                # VQ-KD codebook vectors (code_dim)
+    ('teacher', None),             # VQ-KD decoder outputs (teacher feature size)
 )
 
 
