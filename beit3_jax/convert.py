@@ -25,6 +25,10 @@ see `beit3_jax.params_io`)::
 
     python -m beit3_jax.convert to-flax beit3_base_patch16_224.pth out/base --variant base
     python -m beit3_jax.convert to-torch out/base beit3_base.pth --layout unilm
+    # BEiT v2 VQ-KD visual tokenizers (mapping in beit3_jax/tokenizers/convert.py):
+    python -m beit3_jax.convert to-flax vqkd_encoder_base_decoder_3x768x12_clip.pth out/vqkd \
+        --model vqkd --variant base
+    python -m beit3_jax.convert to-torch out/vqkd vqkd.pth
 """
 
 from __future__ import annotations
@@ -347,19 +351,28 @@ def _parse_overrides(items: Sequence[str]) -> dict:
 def _model_config(args, fallback_dir: str | None = None):
   from beit3_jax import params_io
   from beit3_jax.models import get_config
+  from beit3_jax.tokenizers import get_vqkd_config
+  make = get_vqkd_config if args.model == 'vqkd' else get_config
   overrides = _parse_overrides(args.set)
   if args.variant and args.config:
     raise SystemExit('Give --variant or --config, not both.')
   if args.variant:
-    return get_config(args.variant, **overrides)
+    return make(args.variant, **overrides)
   source = args.config or fallback_dir
   if source is None:
     raise SystemExit('Say which model this is: --variant base|large|giant|small, or --config '
                      '(a config file or a training workdir).')
   config = params_io.load_model_config(source)
   if overrides:
-    config = get_config(config.variant, **{**config.to_dict(), **overrides})
+    fields = {k: v for k, v in config.to_dict().items() if k != 'variant'}
+    config = make(config.variant, **{**fields, **overrides})
   return config
+
+
+def _describe(model: str, config) -> str:
+  if model == 'vqkd':
+    return ', '.join(f'{k}={v}' for k, v in sorted(config.to_dict().items()) if k != 'variant')
+  return _describe_config(config)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -371,7 +384,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser(name, help=help_)
     p.add_argument('input')
     p.add_argument('output')
-    p.add_argument('--variant', help='model variant (base, large, giant, small)')
+    p.add_argument('--model', choices=('beit3', 'vqkd'), default=None,
+                   help='the BEiT-3 backbone (default) or a BEiT v2 VQ-KD visual tokenizer; '
+                   'to-torch reads it from the checkpoint')
+    p.add_argument('--variant', help='model variant (beit3: base, large, giant, small; '
+                   'vqkd: base, large, ...)')
     p.add_argument('--config', help='a config file (its .model is used if present) or a '
                    'directory holding config.json (training workdir or params checkpoint)')
     p.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
@@ -387,22 +404,36 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   from beit3_jax import params_io
   from beit3_jax.models import count_params
+  from beit3_jax.tokenizers import convert as vqkd_convert
+  if args.command == 'to-torch' and args.model is None:
+    args.model = params_io.read_kind(args.config or args.input)
+  args.model = args.model or 'beit3'
   if args.command == 'to-flax':
     config = _model_config(args)
-    print(f'Reading {args.input} as {config.variant}: {_describe_config(config)}')
+    print(f'Reading {args.input} as {config.variant} ({args.model}): {_describe(args.model, config)}')
     report = Report()
-    params = torch_to_flax(load_state_dict(args.input), config, skip=args.skip, report=report)
+    state = load_state_dict(args.input)
+    if args.model == 'vqkd':
+      params, vq_stats = vqkd_convert.vqkd_torch_to_flax(state, config, report=report)
+      extra = {'vq_stats': vq_stats}
+    else:
+      params, extra = torch_to_flax(state, config, skip=args.skip, report=report), None
     print(f'Converted {report.converted} tensors, {count_params(params):,} parameters.')
     if report.skipped:
       print(f'Skipped on request ({len(report.skipped)}): {", ".join(report.skipped)}')
-    params_io.save_params(args.output, params, config, overwrite=args.overwrite)
+    params_io.save_params(args.output, params, config, overwrite=args.overwrite,
+                          kind=args.model, extra=extra)
     print(f'Wrote the Flax params checkpoint to {os.path.abspath(args.output)}')
   else:
     config = _model_config(args, fallback_dir=args.input)
-    params = params_io.load_params(args.input, config)
-    print(f'Read {args.input} as {config.variant}: {_describe_config(config)}; '
+    if args.model == 'vqkd':
+      params, vq_stats, _ = params_io.load_vqkd(args.input, config)
+      sd = vqkd_convert.vqkd_flax_to_torch(params, vq_stats, config)
+    else:
+      params = params_io.load_params(args.input, config)
+      sd = flax_to_torch(params, config, layout=args.layout)
+    print(f'Read {args.input} as {config.variant} ({args.model}): {_describe(args.model, config)}; '
           f'{count_params(params):,} parameters.')
-    sd = flax_to_torch(params, config, layout=args.layout)
     save_state_dict(sd, args.output, wrap_model=args.layout == 'unilm', overwrite=args.overwrite)
     print(f'Wrote {len(sd)} tensors ({args.layout} layout) to {os.path.abspath(args.output)}')
   return 0

@@ -2,8 +2,10 @@
 
 A directory (local or gs://) holding
 
-    config.json    the model config (`beit3_jax.models.get_config(...).to_dict()`)
+    config.json    the model config (`beit3_jax.models.get_config(...).to_dict()`); a visual
+                   tokenizer's also holds "kind": "vqkd"
     params/        an Orbax StandardCheckpointer tree of float32 arrays, the Flax param layout
+    vq_stats/      (visual tokenizers only) the codebook's EMA buffers, another Orbax tree
 
 Training workdirs keep their whole run config in `config.json` with the model config under
 `model`; `load_model_config` reads either.
@@ -23,11 +25,21 @@ CONFIG_FILE = 'config.json'
 PARAMS_DIR = 'params'
 
 
-def save_params(directory, params, config, *, overwrite: bool = False) -> epath.Path:
+KINDS = ('beit3', 'vqkd')
+
+
+def save_params(directory, params, config, *, overwrite: bool = False, kind: str = 'beit3',
+                extra: dict | None = None) -> epath.Path:
   """Writes `params` and `config` as a params checkpoint directory; returns its path.
+
+  Args:
+    kind: 'beit3' (the backbone) or 'vqkd' (a visual tokenizer; recorded in config.json).
+    extra: other variable collections to save beside params, e.g. {'vq_stats': ...}.
 
   Raises FileExistsError if the directory exists and is not empty, unless `overwrite`.
   """
+  if kind not in KINDS:
+    raise ValueError(f'kind={kind!r}; expected one of {KINDS}.')
   import orbax.checkpoint as ocp
   path = epath.Path(directory).absolute() if '://' not in str(directory) else epath.Path(directory)
   if path.exists() and any(path.iterdir()):
@@ -36,11 +48,55 @@ def save_params(directory, params, config, *, overwrite: bool = False) -> epath.
                             'to replace it.')
     path.rmtree()
   path.mkdir(parents=True, exist_ok=True)
-  (path / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
-  params = jax.tree.map(np.asarray, jax.device_get(params))
+  fields = config.to_dict() if kind == 'beit3' else {'kind': kind, **config.to_dict()}
+  (path / CONFIG_FILE).write_text(json.dumps(fields, indent=2, sort_keys=True))
+  trees = {PARAMS_DIR: params, **(extra or {})}
   with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(path / PARAMS_DIR, params)
+    for name, tree in trees.items():
+      checkpointer.save(path / name, jax.tree.map(np.asarray, jax.device_get(tree)))
   return path
+
+
+def read_kind(directory) -> str:
+  """'beit3' or 'vqkd': what a params checkpoint directory (or workdir) holds."""
+  config_file = epath.Path(directory) / CONFIG_FILE
+  if not config_file.exists():
+    raise FileNotFoundError(f'{directory}: no {CONFIG_FILE}.')
+  return json.loads(config_file.read_text()).get('kind', 'beit3')
+
+
+def _restore(path: epath.Path, abstract, config) -> Any:
+  """Restores an Orbax tree into `abstract`'s structure, checking every leaf's shape."""
+  import orbax.checkpoint as ocp
+  with ocp.StandardCheckpointer() as checkpointer:
+    try:
+      tree = checkpointer.restore(path, abstract)
+    except (ValueError, KeyError) as e:
+      raise ValueError(f'The arrays in {path} do not fit the model config '
+                       f'(variant={config.variant}): {e}') from e
+  # Orbax restores saved numpy arrays at their stored shapes whatever the target says.
+  misshaped = [f'{jax.tree_util.keystr(k)} {tuple(np.shape(x))} (expected {tuple(a.shape)})'
+               for (k, x), a in zip(jax.tree_util.tree_flatten_with_path(tree)[0],
+                                    jax.tree.leaves(abstract))
+               if tuple(np.shape(x)) != tuple(a.shape)]
+  if misshaped:
+    raise ValueError(f'The arrays in {path} do not fit the model config '
+                     f'(variant={config.variant}): wrong shape: ' + ', '.join(misshaped))
+  return tree
+
+
+def load_vqkd(directory, config=None):
+  """(params, vq_stats, config) of a visual tokenizer's params checkpoint directory."""
+  from beit3_jax.tokenizers import abstract_variables
+  path = epath.Path(directory)
+  if '://' not in str(directory):
+    path = path.absolute()
+  if read_kind(path) != 'vqkd':
+    raise ValueError(f'{path} holds a {read_kind(path)} model, not a VQ-KD tokenizer.')
+  config = config if config is not None else load_model_config(path)
+  abstract_params, abstract_stats = abstract_variables(config)
+  return (_restore(path / PARAMS_DIR, abstract_params, config),
+          _restore(path / 'vq_stats', abstract_stats, config), config)
 
 
 def load_params(directory, config=None, shardings: Any = None):
@@ -51,7 +107,6 @@ def load_params(directory, config=None, shardings: Any = None):
     config: the model config the params must fit; default: the directory's config.json.
     shardings: optional tree of `jax.sharding.Sharding` to restore the params already laid out.
   """
-  import orbax.checkpoint as ocp
   from beit3_jax.models import abstract_params
   path = epath.Path(directory)
   if '://' not in str(directory):
@@ -59,26 +114,14 @@ def load_params(directory, config=None, shardings: Any = None):
   if not (path / PARAMS_DIR).exists():
     raise FileNotFoundError(f'{path} is not a params checkpoint: it has no {PARAMS_DIR}/ '
                             '(write one with python -m beit3_jax.convert to-flax).')
+  if read_kind(path) != 'beit3':
+    raise ValueError(f'{path} holds a {read_kind(path)} model; use load_vqkd.')
   config = config if config is not None else load_model_config(path)
   abstract = abstract_params(config, boxed=False)
   if shardings is not None:
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, shardings)
-  with ocp.StandardCheckpointer() as checkpointer:
-    try:
-      params = checkpointer.restore(path / PARAMS_DIR, abstract)
-    except (ValueError, KeyError) as e:
-      raise ValueError(f'The params in {path} do not fit the model config '
-                       f'(variant={config.variant}): {e}') from e
-  # Orbax restores saved numpy arrays at their stored shapes whatever the target says.
-  misshaped = [f'{jax.tree_util.keystr(k)} {tuple(np.shape(x))} (expected {tuple(a.shape)})'
-               for (k, x), a in zip(jax.tree_util.tree_flatten_with_path(params)[0],
-                                    jax.tree.leaves(abstract))
-               if tuple(np.shape(x)) != tuple(a.shape)]
-  if misshaped:
-    raise ValueError(f'The params in {path} do not fit the model config '
-                     f'(variant={config.variant}): wrong shape: ' + ', '.join(misshaped))
-  return params
+  return _restore(path / PARAMS_DIR, abstract, config)
 
 
 def load_model_config(source):
@@ -104,7 +147,12 @@ def load_model_config(source):
     d = json.loads(config_file.read_text())
   if 'model' in d and isinstance(d['model'], dict):
     d = d['model']
+  kind = d.pop('kind', 'beit3')
   try:
+    if kind == 'vqkd':
+      from beit3_jax.tokenizers import get_vqkd_config
+      variant = d.pop('variant', 'base')
+      return get_vqkd_config(variant, **d)
     return config_from_dict(d)
   except (KeyError, ValueError) as e:
     raise ValueError(f'{source}: not a valid model config: {e}') from e

@@ -409,3 +409,28 @@ def test_resized_view_uses_the_bicubic_position_rule(tiny_setup):
       feats, apply_fn(tiny(img_size=40), VQKD.encoder_features)(native, images), atol=1e-5)
   with pytest.raises(ValueError, match='input_size=40'):
     apply_fn(view, VQKD.encode)(params, random_images(view, 1, size=32))
+
+
+def test_convert_cli_round_trips_a_tokenizer_checkpoint(tmp_path, capsys):
+  """python -m beit3_jax.convert to-flax --model vqkd, then to-torch: bitwise, teacher skipped."""
+  import torch
+  from beit3_jax import convert as cli
+  from beit3_jax import params_io
+  cfg = tiny()
+  state = random_state_dict(cfg, seed=3)
+  with_teacher = {**state, 'teacher.proj': np.ones(3, np.float32)}
+  src, out_dir, back = tmp_path / 'in.pth', tmp_path / 'flax', tmp_path / 'back.safetensors'
+  torch.save({'model': {k: torch.from_numpy(v) for k, v in with_teacher.items()}}, src)
+  sets = [a for k, v in TINY.items() for a in ('--set', f'{k}={v}')]
+  assert cli.main(['to-flax', str(src), str(out_dir), '--model', 'vqkd', '--variant', 'base',
+                   *sets]) == 0
+  printed = capsys.readouterr().out
+  assert '(vqkd)' in printed and 'teacher.proj' in printed
+  assert params_io.read_kind(out_dir) == 'vqkd'
+  with pytest.raises(ValueError, match='vqkd'):
+    params_io.load_params(out_dir)
+  assert cli.main(['to-torch', str(out_dir), str(back)]) == 0  # the kind comes from config.json
+  restored = cli.load_state_dict(str(back))
+  assert set(restored) == set(state)
+  for k, v in state.items():
+    assert np.array_equal(restored[k], v), k
