@@ -156,8 +156,9 @@ def as_numpy(value) -> np.ndarray:
 
 
 def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
-  """The tensors of a checkpoint: unwraps a `model` / `module` key (unilm checkpoints)."""
-  for wrapper in ('model', 'module'):
+  """The tensors of a checkpoint, unwrapped from a `model` / `module` (unilm) or `state_dict`
+  (BEiT v2 tokenizers) key."""
+  for wrapper in ('model', 'module', 'state_dict'):
     inner = checkpoint.get(wrapper) if isinstance(checkpoint, Mapping) else None
     if isinstance(inner, Mapping):
       return dict(inner)

@@ -77,7 +77,7 @@ def conversion_error(state_dict, config, **kw) -> str:
 # ----------------------------------------------------------------------------- reading
 
 
-@pytest.mark.parametrize('wrap', ['unilm_model', 'module', 'model'])
+@pytest.mark.parametrize('wrap', ['unilm_model', 'module', 'model', 'state_dict'])
 def test_prefix_and_wrappers_read_like_plain(cfg, sd, params, wrap):
   if wrap == 'unilm_model':
     wrapped = {'model': {'beit3.' + k: v for k, v in sd.items()}}
