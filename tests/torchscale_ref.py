@@ -3,7 +3,7 @@
 The traps this module avoids (shared/notes/torchscale_reference.md):
 - `import timm` fails here (its data package needs a CUDA torchvision), but torchscale imports
   `timm.models.layers.drop_path`. We load timm's own `drop.py` (it imports only torch) and
-  register it as `timm.models.layers` before torchscale is imported.
+  stand it in for `timm.models.layers` while torchscale is imported, then remove the stand-ins.
 - `EncoderConfig(**kw)` ignores unknown keys: the config is built from a checked field list.
 - `no_output_layer` must be True, or `encoder_out` becomes vocabulary logits.
 - A bool `attn_mask` does not mask in torchscale 0.3.0: callers pass int64 0/1.
@@ -23,8 +23,13 @@ import numpy as np
 
 
 def import_torchscale():
-  """Imports torchscale's BEiT3 and EncoderConfig without importing the real timm."""
-  if 'timm.models.layers' not in sys.modules:
+  """Imports torchscale's BEiT3 and EncoderConfig without importing the real timm.
+
+  The stand-in `timm` modules live in sys.modules only while torchscale is imported, so that
+  later code (e.g. transformers probing `importlib.util.find_spec('timm')`) sees the real,
+  installed package.
+  """
+  if 'torchscale.model.BEiT3' not in sys.modules:
     spec = importlib.util.find_spec('timm')
     if spec is None or not spec.submodule_search_locations:
       raise ImportError('timm==0.6.13 (a torchscale dependency) is not installed.')
@@ -32,13 +37,21 @@ def import_torchscale():
     drop_spec = importlib.util.spec_from_file_location('timm.models.layers.drop', drop_file)
     drop = importlib.util.module_from_spec(drop_spec)
     drop_spec.loader.exec_module(drop)
-    for name in ('timm', 'timm.models'):
-      sys.modules.setdefault(name, types.ModuleType(name))
     layers = types.ModuleType('timm.models.layers')
     layers.drop_path = drop.drop_path
     layers.DropPath = drop.DropPath
-    sys.modules['timm.models.layers'] = layers
-    sys.modules['timm.models.layers.drop'] = drop
+    stand_ins = {'timm': types.ModuleType('timm'), 'timm.models': types.ModuleType('timm.models'),
+                 'timm.models.layers': layers, 'timm.models.layers.drop': drop}
+    saved = {name: sys.modules.get(name) for name in stand_ins}
+    sys.modules.update(stand_ins)
+    try:
+      importlib.import_module('torchscale.model.BEiT3')
+    finally:
+      for name, module in saved.items():
+        if module is None:
+          sys.modules.pop(name, None)
+        else:
+          sys.modules[name] = module
   from torchscale.architecture.config import EncoderConfig
   from torchscale.model.BEiT3 import BEiT3
   return EncoderConfig, BEiT3
