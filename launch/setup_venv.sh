@@ -31,4 +31,12 @@ target="$repo"
 [ -n "$extras" ] && target="$repo[$extras]"
 echo "Installing beit3_jax${extras:+[$extras]} into $venv"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$target"
+# torchscale's pin of timm pulls torchvision, whose PyPI wheel does not load beside the CPU
+# torch ("operator torchvision::nms does not exist") and then breaks transformers' vision
+# models. Nothing here uses torchvision: remove a copy that cannot be imported.
+if "$venv/bin/python" -m pip show --quiet torchvision >/dev/null 2>&1 \
+    && ! "$venv/bin/python" -c "import torchvision" >/dev/null 2>&1; then
+  echo "Removing torchvision (it cannot be imported beside this torch build)"
+  "$venv/bin/python" -m pip uninstall --quiet --yes torchvision
+fi
 echo "Ready: $venv/bin/python"
