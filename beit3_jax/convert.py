@@ -196,8 +196,10 @@ def _describe_config(config) -> str:
           f'normalize_output={config.normalize_output}')
 
 
-def _mismatch_error(what: str, missing, unexpected, misshaped, config, state_dict=None):
-  lines = [f'{what} does not fit the model config ({_describe_config(config)}):']
+def mismatch_error(what: str, missing, unexpected, misshaped, config_description: str,
+                   checkpoint_description: str | None = None) -> ConversionError:
+  """One ConversionError listing every missing, unexpected and mis-shaped key."""
+  lines = [f'{what} does not fit the model config ({config_description}):']
   if missing:
     lines.append(f'  missing ({len(missing)}): ' + ', '.join(missing))
   if unexpected:
@@ -205,8 +207,8 @@ def _mismatch_error(what: str, missing, unexpected, misshaped, config, state_dic
   if misshaped:
     lines.append(f'  wrong shape ({len(misshaped)}): ' + ', '.join(
         f'{k} {got} (expected {want})' for k, got, want in misshaped))
-  if state_dict is not None:
-    lines.append(f'  the checkpoint looks like: {describe_state_dict(state_dict)}')
+  if checkpoint_description is not None:
+    lines.append(f'  the checkpoint looks like: {checkpoint_description}')
   return ConversionError('\n'.join(lines))
 
 
@@ -255,7 +257,8 @@ def torch_to_flax(state_dict: Mapping[str, Any], config, *, skip: Sequence[str] 
     else:
       unexpected.append(k)
   if missing or unexpected or misshaped:
-    raise _mismatch_error('The state dict', missing, unexpected, misshaped, config, backbone)
+    raise mismatch_error('The state dict', missing, unexpected, misshaped,
+                         _describe_config(config), describe_state_dict(backbone))
   report.converted = len(out)
   return unflatten_params(out)
 
@@ -280,7 +283,8 @@ def flax_to_torch(params, config, *, layout: str = 'torchscale') -> dict[str, np
   misshaped = [(p, tuple(np.shape(flat[p])), tuple(want[p].shape)) for p in want
                if p in flat and tuple(np.shape(flat[p])) != tuple(want[p].shape)]
   if missing or unexpected or misshaped:
-    raise _mismatch_error('The params tree', missing, unexpected, misshaped, config)
+    raise mismatch_error('The params tree', missing, unexpected, misshaped,
+                         _describe_config(config))
   return {prefix + torch_key(p): np.array(to_torch_layout(_layout_kind(p), np.asarray(x)))
           for p, x in flat.items()}
 

@@ -36,7 +36,7 @@ import jax
 import numpy as np
 
 from beit3_jax.convert import (ConversionError, Report, as_numpy, flatten_params, load_state_dict,
-                               save_state_dict, to_flax_layout, to_torch_layout,
+                               mismatch_error, save_state_dict, to_flax_layout, to_torch_layout,
                                torch_layout_shape, unflatten_params, unwrap_state_dict)
 from beit3_jax.tokenizers.vqkd import abstract_variables
 
@@ -112,27 +112,6 @@ def _describe_config(config) -> str:
           f'decoder_out_dim={config.decoder_out_dim}')
 
 
-def _mismatch_error(what, missing, unexpected, misshaped, config, state_dict=None):
-  lines = [f'{what} does not fit the VQ-KD config ({_describe_config(config)}):']
-  if missing:
-    lines.append(f'  missing ({len(missing)}): ' + ', '.join(missing))
-  if unexpected:
-    lines.append(f'  unexpected ({len(unexpected)}): ' + ', '.join(unexpected))
-  if misshaped:
-    lines.append(f'  wrong shape ({len(misshaped)}): ' + ', '.join(
-        f'{k} {got} (expected {want})' for k, got, want in misshaped))
-  if state_dict is not None:
-    lines.append(f'  the checkpoint looks like: {describe_vqkd_state_dict(state_dict)}')
-  return ConversionError('\n'.join(lines))
-
-
-def _unwrap(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-  """unwrap_state_dict, plus beit2's other wrapper key 'state_dict'."""
-  sd = unwrap_state_dict(state_dict)
-  inner = sd.get('state_dict')
-  return dict(inner) if isinstance(inner, Mapping) else sd
-
-
 def vqkd_torch_to_flax(state_dict: Mapping[str, Any], config,
                        report: Report | None = None) -> tuple[dict, dict]:
   """Tokenizer (params, vq_stats), plain float32 numpy trees, from a torch state dict.
@@ -147,7 +126,7 @@ def vqkd_torch_to_flax(state_dict: Mapping[str, Any], config,
   Raises:
     ConversionError: listing every missing, unexpected and mis-shaped key.
   """
-  sd = _unwrap(state_dict)
+  sd = unwrap_state_dict(state_dict)
   report = report if report is not None else Report()
   out: dict[str, dict] = {'params': {}, 'vq_stats': {}}
   missing, misshaped, used = [], [], set()
@@ -172,7 +151,8 @@ def vqkd_torch_to_flax(state_dict: Mapping[str, Any], config,
     else:
       unexpected.append(k)
   if missing or unexpected or misshaped:
-    raise _mismatch_error('The state dict', missing, unexpected, misshaped, config, sd)
+    raise mismatch_error('The state dict', missing, unexpected, misshaped,
+                         _describe_config(config), describe_vqkd_state_dict(sd))
   report.converted = len(out['params']) + len(out['vq_stats'])
   return unflatten_params(out['params']), unflatten_params(out['vq_stats'])
 
@@ -197,7 +177,8 @@ def vqkd_flax_to_torch(params, vq_stats, config) -> dict[str, np.ndarray]:
   misshaped = [(p, tuple(np.shape(flat[p])), want[p]) for p in want
                if p in flat and tuple(np.shape(flat[p])) != want[p]]
   if missing or unexpected or misshaped:
-    raise _mismatch_error('The params/vq_stats trees', missing, unexpected, misshaped, config)
+    raise mismatch_error('The params/vq_stats trees', missing, unexpected, misshaped,
+                         _describe_config(config))
   return {torch_key(p): np.array(to_torch_layout(_layout_kind(p), np.asarray(x)))
           for p, x in flat.items()}
 
