@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import json
 import math
 import os
 import re
@@ -289,6 +290,57 @@ def flax_to_torch(params, config, *, layout: str = 'torchscale') -> dict[str, np
           for p, x in flat.items()}
 
 
+def heads_to_torch(heads) -> dict[str, np.ndarray]:
+  """torch tensors of the task / pretraining heads beside the backbone (unilm names).
+
+  Mechanical: `<head>/.../kernel` (in, out) -> `<head>. ... .weight` (out, in);
+  `scale` (LayerNorm) -> `weight`; other leaves (biases, `logit_scale`) keep name and shape.
+  E.g. `mim_head/kernel` (D, 8192) -> `mim_head.weight` (8192, D).
+  """
+  out = {}
+  for path, x in flatten_params(jax.device_get(nn.meta.unbox(heads))).items():
+    x = np.asarray(x)
+    key = re.sub(r'(^|/)layers_(\d+)(?=/)', r'\1\2', path).replace('/', '.')
+    if key.endswith('.kernel'):
+      key, x = key[:-len('kernel')] + 'weight', np.ascontiguousarray(x.reshape(x.shape[0], -1).T)
+    elif key.endswith('.scale'):
+      key = key[:-len('scale')] + 'weight'
+    out[key] = np.array(x)
+  return out
+
+
+def heads_to_flax(state_dict: Mapping[str, Any], abstract_heads) -> dict:
+  """The inverse of `heads_to_torch` for the head leaves of `abstract_heads` (shapes)."""
+  want = flatten_params(abstract_heads)
+  back = {}
+  for path, leaf in want.items():
+    key = re.sub(r'(^|/)layers_(\d+)(?=/)', r'\1\2', path).replace('/', '.')
+    key = re.sub(r'\.(kernel|scale)$', '.weight', key)
+    if key not in state_dict:
+      raise ConversionError(f'The state dict has no {key} (for {path}).')
+    w = as_numpy(state_dict[key])
+    if path.endswith('/kernel'):
+      w = np.ascontiguousarray(w.T).reshape(leaf.shape)
+    if tuple(w.shape) != tuple(leaf.shape):
+      raise ConversionError(f'{key}: shape {w.shape}, expected {tuple(leaf.shape)}.')
+    back[path] = w
+  return unflatten_params(back)
+
+
+def model_to_torch(params, config, *, layout: str = 'unilm') -> dict[str, np.ndarray]:
+  """torch state dict of a model with heads ({'beit3': backbone, '<head>': ...}) or of a bare
+  backbone. In the 'unilm' layout the heads keep their names beside `beit3.*` (unilm's
+  `BEiT3Wrapper` subclasses); the 'torchscale' layout has no place for heads (ValueError)."""
+  params = nn.meta.unbox(params)
+  if 'beit3' not in params:
+    return flax_to_torch(params, config, layout=layout)
+  heads = {k: v for k, v in params.items() if k != 'beit3'}
+  if heads and layout != 'unilm':
+    raise ValueError(f'The params have heads {sorted(heads)}; torchscale\'s BEiT3 has no place '
+                     'for them: export with layout unilm (--layout unilm).')
+  return {**flax_to_torch(params['beit3'], config, layout=layout), **heads_to_torch(heads)}
+
+
 # ----------------------------------------------------------------------------- files
 
 
@@ -410,6 +462,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   from beit3_jax import params_io
   from beit3_jax.models import count_params
   from beit3_jax.tokenizers import convert as vqkd_convert
+  training = args.command == 'to-torch' and params_io.is_training_checkpoint(args.input)
+  if training and args.model is None:
+    step_dir = params_io.find_step_dir(args.input)
+    run_dir = params_io.training_run_dir(step_dir)
+    args.config = args.config or str(run_dir)
+    job = json.loads((run_dir / params_io.CONFIG_FILE).read_text()).get('job')
+    args.model = 'vqkd' if job == 'tokenizer' else 'beit3'
   if args.command == 'to-torch' and args.model is None:
     args.model = params_io.read_kind(args.config or args.input)
   args.model = args.model or 'beit3'
@@ -431,7 +490,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f'Wrote the Flax params checkpoint to {os.path.abspath(args.output)}')
   else:
     config = _model_config(args, fallback_dir=args.input)
-    if args.model == 'vqkd':
+    if training:
+      params, step_dir = params_io.load_training_params(args.input)
+      print(f'Reading the params of training checkpoint {step_dir}')
+    if training and args.model == 'vqkd':
+      stats = params_io.load_training_params(step_dir, 'extra')[0]['vq_stats']
+      sd = vqkd_convert.vqkd_flax_to_torch(params, stats, config)
+    elif training:
+      sd = model_to_torch(params, config, layout=args.layout)
+    elif args.model == 'vqkd':
       params, vq_stats, _ = params_io.load_vqkd(args.input, config)
       sd = vqkd_convert.vqkd_flax_to_torch(params, vq_stats, config)
     else:

@@ -3,10 +3,15 @@
 Flags: `--config` is an ml_collections config file; any field can be overridden on the command
 line (`--config.seed=1`, `--config.model.img_size=384`). The job is chosen by `config.job`.
 
-On a multi-host TPU slice, launch/tpu_pod.sh starts this on every host with
-BEIT3_JAX_DISTRIBUTED=1, which calls `jax.distributed.initialize()` first.
+On a multi-host TPU slice every host runs the same command (launch/tpu_pod.sh sets
+BEIT3_JAX_DISTRIBUTED=1); `jax.distributed.initialize()` is called first whenever more than one
+process is detected (see `maybe_initialize_distributed`).
 
-Jobs available now:
+Jobs (`config.job`):
+- `pretrain` (configs/pretrain/demo.py, base.py, large.py, giant.py): BEiT-3 masked data
+  modeling; resumes from the newest checkpoint in the workdir (`beit3_jax.train.pretrain`).
+- `tokenizer` (configs/pretrain/tokenizer_*.py): train a VQ-KD visual tokenizer
+  (`beit3_jax.train.tokenizer_training`); exports it to `<workdir>/tokenizer`.
 - `smoke`: build the backbone (params born sharded over the mesh of `config.mesh_shape`),
   encode a generated image and a sentence in the three routing modes, print the shapes and the
   parameter count, and write `smoke_summary.json` (and the run's `config.json`) to the workdir.
@@ -19,14 +24,14 @@ import os
 import sys
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for the run\'s outputs.')
 
-JOBS = ('smoke',)
+JOBS = ('pretrain', 'tokenizer', 'smoke')
 
 
 def synthetic_image(size: int):
@@ -119,18 +124,74 @@ def run_smoke(config, workdir: str | None) -> dict:
 
 
 def save_run_config(config, workdir: str) -> str:
-  """Writes the run's config as workdir/config.json; refuses to overwrite a different one."""
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, 'config.json')
+  """Writes the run's config as workdir/config.json (local or gs://); refuses to overwrite a
+  different one, so that a resumed run is the run that was started."""
+  from etils import epath
+  directory = epath.Path(workdir)
+  path = directory / 'config.json'
   text = config.to_json_best_effort(indent=2, sort_keys=True)
-  if os.path.exists(path):
-    with open(path) as f:
-      if f.read() != text:
-        raise SystemExit(f'{path} holds a different config: use a new --workdir, or delete it '
-                         'on purpose.')
-  with open(path, 'w') as f:
-    f.write(text)
-  return path
+  if path.exists():
+    if path.read_text() != text:
+      raise SystemExit(f'{path} holds a different config: use a new --workdir, or delete it '
+                       'on purpose.')
+    return str(path)
+  if jax_process_index() == 0:
+    directory.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+  return str(path)
+
+
+def jax_process_index() -> int:
+  import jax
+  return jax.process_index()
+
+
+def _multi_process_env() -> bool:
+  env = os.environ
+  if env.get('BEIT3_JAX_DISTRIBUTED') == '1' or env.get('JAX_COORDINATOR_ADDRESS'):
+    return True
+  if ',' in env.get('TPU_WORKER_HOSTNAMES', ''):
+    return True
+  return any(int(env.get(k, '1') or 1) > 1 for k in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE'))
+
+
+def maybe_initialize_distributed() -> bool:
+  """Calls `jax.distributed.initialize()` when more than one process is detected.
+
+  Detected: BEIT3_JAX_DISTRIBUTED=1 (launch/tpu_pod.sh), a multi-host TPU slice
+  (TPU_WORKER_HOSTNAMES lists several hosts), SLURM or Open MPI with several tasks, or an
+  explicit JAX_COORDINATOR_ADDRESS with JAX_NUM_PROCESSES and JAX_PROCESS_ID (e.g. several
+  CPU processes on one machine).
+  """
+  if not _multi_process_env():
+    return False
+  import jax
+  env = os.environ
+  if env.get('JAX_COORDINATOR_ADDRESS'):
+    jax.distributed.initialize(coordinator_address=env['JAX_COORDINATOR_ADDRESS'],
+                               num_processes=int(env['JAX_NUM_PROCESSES']),
+                               process_id=int(env['JAX_PROCESS_ID']))
+  else:
+    jax.distributed.initialize()
+  return True
+
+
+def run_training(job: str, config, workdir: str) -> dict:
+  if not workdir:
+    raise app.UsageError(f'The {job} job needs --workdir.')
+  if job == 'pretrain':
+    from beit3_jax.train import pretrain
+    result = pretrain.run(config, workdir)
+  else:
+    from beit3_jax.train import tokenizer_training
+    result = tokenizer_training.run(config, workdir)
+  train, val = result['train'], result['val']
+  print(f'Finished: loss {train.get("loss", float("nan")):.4f}' + ''.join(
+      f'; val {k} {v:.4f}' for k, v in sorted(val.items()) if 'accuracy' in k or 'usage' in k
+      or 'rec_loss' in k))
+  print(f'Checkpoints: {result["checkpoints"]}')
+  print(f'Metrics:     {result["metrics"]} (TensorBoard: {result["tensorboard"]})')
+  return result
 
 
 def main(argv):
@@ -143,14 +204,19 @@ def main(argv):
   if job not in JOBS:
     raise app.UsageError(f'config.job={job!r}; known jobs: {JOBS}.')
   workdir = _WORKDIR.value
-  if os.environ.get('BEIT3_JAX_DISTRIBUTED') == '1':  # set by launch/tpu_pod.sh on every host
-    import jax
-    jax.distributed.initialize()
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
+  maybe_initialize_distributed()
+  if workdir and '://' not in workdir:
+    workdir = os.path.abspath(workdir)
   print(f'Job: {job}; config {flags.FLAGS["config"].config_filename}; '
-        f'workdir {os.path.abspath(workdir) if workdir else "(none)"}')
+        f'workdir {workdir or "(none)"}')
   if workdir:
     print(f'Saved the config to {save_run_config(config, workdir)}')
-  run_smoke(config, workdir)
+  if job == 'smoke':
+    run_smoke(config, workdir)
+  else:
+    run_training(job, config, workdir)
   return 0
 
 

@@ -124,6 +124,47 @@ def load_params(directory, config=None, shardings: Any = None):
   return _restore(path / PARAMS_DIR, abstract, config)
 
 
+def find_step_dir(path) -> epath.Path | None:
+  """The checkpoint step directory of a training workdir (its newest step), of its
+  `checkpoints/` dir, or of a step dir itself; None if there is none."""
+  path = epath.Path(path)
+  if (path / 'state').exists():
+    return path
+  root = path / 'checkpoints' if (path / 'checkpoints').exists() else path
+  if not root.exists():
+    return None
+  steps = [int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / 'state').exists()]
+  return root / str(max(steps)) if steps else None
+
+
+def is_training_checkpoint(path) -> bool:
+  return find_step_dir(path) is not None
+
+
+def load_training_params(path, item: str = 'params') -> tuple[Any, epath.Path]:
+  """(one item of the state as numpy arrays, step dir) of a training run's newest checkpoint
+  (or of a step dir). `item`: 'params' (default) or 'extra' (e.g. a tokenizer's vq_stats).
+
+  Only that item is read (not the optimizer state), whatever the mesh that wrote it.
+  """
+  import orbax.checkpoint as ocp
+  step_dir = find_step_dir(path)
+  if step_dir is None:
+    raise FileNotFoundError(f'{path}: no training checkpoint (checkpoints/<step>/state).')
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    tree = checkpointer.metadata(step_dir / 'state').item_metadata.tree
+    target = {item: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree[item])}
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    restored = checkpointer.restore(step_dir / 'state', args=ocp.args.PyTreeRestore(
+        item=target, restore_args=args, partial_restore=True))
+  return restored[item], step_dir
+
+
+def training_run_dir(step_dir) -> epath.Path:
+  """The workdir of a step dir (<workdir>/checkpoints/<step>)."""
+  return epath.Path(step_dir).parent.parent
+
+
 def load_model_config(source):
   """The model config of a config file (.py with get_config()), or of a directory's config.json.
 

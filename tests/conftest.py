@@ -42,3 +42,12 @@ def apply(cfg, params, *, rngs=None, **kwargs):
 def eight_devices():
   assert jax.device_count() == 8, 'tests/conftest.py must run before jax starts'
   return jax.devices()
+
+
+@pytest.fixture(scope='module')
+def fast_compile():
+  """XLA with most optimisations off: trainer tests compile whole train steps, and on 2 cores
+  compile time dominates (numerics are checked against runs under the same setting)."""
+  jax.config.update('jax_disable_most_optimizations', True)
+  yield
+  jax.config.update('jax_disable_most_optimizations', False)

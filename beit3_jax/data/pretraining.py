@@ -94,7 +94,7 @@ def get_field(example: Mapping[str, Any], path: str):
   return node
 
 
-def _load_image(example: Mapping[str, Any], field: str):
+def load_image(example: Mapping[str, Any], field: str):
   """The example's image as uint8 (H, W, 3) / PIL image, or a Skip.
 
   Encoded bytes (`image_bytes`, the local-file builders) take precedence over `field`.
@@ -133,7 +133,7 @@ def _masked_text(tokenizer: TextTokenizer, text: str, text_len: int, ratio: floa
 
 
 def _augmented_image(cfg: PretrainInputs, example, mask_ratio: float, rng, field: str):
-  image = _load_image(example, field)
+  image = load_image(example, field)
   if isinstance(image, pipeline.Skip):
     return image
   views = image_ops.augment(rng, image, cfg.augment)

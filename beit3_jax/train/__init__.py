@@ -1,0 +1,1 @@
+"""Training: objectives, the train step, optimizer, checkpoints, logging and the loop."""

@@ -1,0 +1,149 @@
+"""Orbax checkpoints of a training run: the state, the data iterator, and `init_from`.
+
+Layout of a workdir (local or gs://):
+
+    <workdir>/checkpoints/<step>/state/   params, opt_state, extra, step, rng (Orbax PyTree)
+    <workdir>/checkpoints/<step>/data/    process_<i>-of-<n>.json: each host's input position
+
+Saves are asynchronous (`every` steps, and `force=True` at the end), the newest `keep` are
+kept, and a run restarted in the same workdir resumes from the newest one: parameters,
+optimizer state, step, RNG and the data iterator, so the batches continue exactly where they
+stopped. Restoring reads each array straight into the shardings of the current mesh, so a
+checkpoint written on one mesh shape restores on another.
+
+`init_from` starts a new run from existing weights (the optimizer starts fresh):
+  - a workdir of ours (its newest checkpoint) or one step directory `<workdir>/checkpoints/<N>`;
+  - a params directory (`beit3_jax.params_io`: config.json + params/), e.g. the convert CLI's
+    output for a PyTorch checkpoint; a backbone-only tree goes under the model's `beit3`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+import grain.checkpoint as grain_checkpoint
+
+CHECKPOINT_DIR = 'checkpoints'
+
+
+class _DataState:
+  """Adapts a `data.pipeline.Mixture` to grain's Orbax handler (one JSON file per host)."""
+
+  def __init__(self, mixture):
+    self.mixture = mixture
+
+  def get_state(self) -> bytes:
+    return json.dumps(self.mixture.get_state()).encode()
+
+  def set_state(self, state: bytes) -> None:
+    self.mixture.set_state(json.loads(state))
+
+  def start_prefetch(self) -> None:
+    pass
+
+
+class Checkpointer:
+  """A `CheckpointManager` over `<workdir>/checkpoints` for `TrainState.checkpoint_items`."""
+
+  def __init__(self, workdir, *, every: int, keep: int = 3, async_save: bool = True):
+    self.directory = epath.Path(workdir) / CHECKPOINT_DIR
+    self.every = int(every)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, save_interval_steps=max(1, self.every),
+        enable_async_checkpointing=async_save, create=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, items: dict, mixture=None, *, force: bool = False) -> bool:
+    """Starts saving `items` (and the data position) at `step`; returns whether it saves."""
+    args = {'state': ocp.args.StandardSave(items)}
+    if mixture is not None:
+      args['data'] = grain_checkpoint.CheckpointSave(_DataState(mixture))
+    return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+
+  def restore(self, step: int, abstract_items: dict, mixture=None) -> dict:
+    """The items at `step`, laid out as `abstract_items` (ShapeDtypeStructs with shardings);
+    the mixture (if given) is moved to the saved position."""
+    args = {'state': ocp.args.StandardRestore(abstract_items)}
+    if mixture is not None:
+      args['data'] = grain_checkpoint.CheckpointRestore(_DataState(mixture))
+    return self.manager.restore(step, args=ocp.args.Composite(**args))['state']
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def abstract_like(tree, shardings) -> Any:
+  """ShapeDtypeStructs of `tree` with `shardings` (the restore target)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
+                      shardings)
+
+
+def load_init_params(init_from: str, abstract_params, shardings) -> tuple[Any, str]:
+  """Parameters for `init_from` laid out as `abstract_params`; and a line saying what loaded.
+
+  Args:
+    init_from: see the module docstring.
+    abstract_params: the model's params tree (ShapeDtypeStruct or arrays).
+    shardings: NamedShardings of the params tree.
+
+  Raises:
+    FileNotFoundError: nothing loadable at the path (the message says what was looked for).
+    ValueError: the tree does not fit the model (names the missing or mis-shaped leaves).
+  """
+  from beit3_jax import params_io
+  path = epath.Path(init_from)
+  if not path.exists():
+    raise FileNotFoundError(f'init_from={init_from!r} does not exist.')
+  step_dir = params_io.find_step_dir(path)
+  if step_dir is not None:
+    target = {'params': abstract_like(abstract_params, shardings)}
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      restored = checkpointer.restore(
+          step_dir / 'state', args=ocp.args.PyTreeRestore(
+              item=target, restore_args=restore_args, partial_restore=True))
+    return restored['params'], f'params of checkpoint {step_dir}'
+  if (path / params_io.CONFIG_FILE).exists():
+    if params_io.read_kind(path) != 'beit3':
+      raise ValueError(f'init_from={init_from!r} holds a {params_io.read_kind(path)} '
+                       'checkpoint, not BEiT-3 weights.')
+    model_cfg = params_io.load_model_config(str(path))
+    loaded = params_io.load_params(str(path), model_cfg)
+    return _place_params(loaded, abstract_params, shardings, init_from), (
+        f'params directory {path}')
+  raise FileNotFoundError(
+      f'init_from={init_from!r}: no checkpoint ({CHECKPOINT_DIR}/<step>/state) and no params '
+      f'directory ({params_io.CONFIG_FILE} + params/) there.')
+
+
+def _place_params(loaded, abstract_params, shardings, source: str):
+  """Puts a loaded tree into the model's tree: a backbone-only tree fills `beit3`; the
+  heads the checkpoint lacks keep their fresh init (returned as None leaves to fill)."""
+  from beit3_jax.convert import flatten_params, unflatten_params
+  want = flatten_params(abstract_params)
+  have = flatten_params(loaded)
+  if 'beit3' in {k.split('/')[0] for k in want} and not any(k.startswith('beit3/') for k in have):
+    have = {f'beit3/{k}': v for k, v in have.items()}
+  shard = flatten_params(shardings)
+  missing = sorted(k for k in want if k.startswith('beit3/') and k not in have)
+  misshaped = sorted(k for k in want if k in have and tuple(np.shape(have[k])) !=
+                     tuple(want[k].shape))
+  if missing or misshaped:
+    raise ValueError(f'init_from={source!r} does not fit the model: missing {missing[:8]}, '
+                     f'mis-shaped {[(k, np.shape(have[k]), want[k].shape) for k in misshaped][:8]}.')
+  out = {k: jax.device_put(np.asarray(have[k], want[k].dtype), shard[k]) if k in have else None
+         for k in want}
+  return unflatten_params(out)

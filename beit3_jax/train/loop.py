@@ -1,0 +1,200 @@
+"""The training loop shared by every objective: state, resume, steps, logs, evaluation, saves.
+
+    state = newest checkpoint in the workdir          (resume: params, optimizer, step, RNG,
+          | else fresh init, then `init_from`           data position)
+          | else fresh init
+    for step in [state.step, total_steps):
+        batch = next(train data) as global arrays over (data, fsdp)
+        state, metrics = train_step(state, batch, fold_in(rng, step))     (jitted, donated)
+        every log_every steps: metrics.jsonl + TensorBoard + the progress line
+        every eval_every steps: validation sums over eval_batches fixed batches
+        every checkpoint_every steps and at the end: async Orbax save
+
+Config fields read here: total_steps, checkpoint_every, keep_checkpoints, log_every,
+eval_every, eval_batches, seed, mesh_shape, micro_batches, init_from, peak_tflops_per_device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import numpy as np
+from etils import epath
+
+from beit3_jax import sharding as sharding_lib
+from beit3_jax.convert import flatten_params, unflatten_params
+from beit3_jax.data import pipeline
+from beit3_jax.models import count_params
+from beit3_jax.train import checkpoints, flops as flops_lib
+from beit3_jax.train import step as step_lib
+from beit3_jax.train.progress import Progress
+from beit3_jax.train.writers import MetricWriter
+
+
+@dataclasses.dataclass
+class Job:
+  """What an objective's job hands to the loop.
+
+  Attributes:
+    objective: see `beit3_jax.train.step`.
+    tx, schedule: the optimizer and its learning-rate schedule.
+    train_data: the resumable training mixture (host batches, `get_state`/`set_state`).
+    eval_data: makes a fresh, identical validation iterator of host batches (or None).
+    frozen, frozen_shardings: constant inputs of the step (e.g. the visual tokenizer).
+    flops_per_step: analytic training FLOPs of one step (global batch).
+    examples_per_step, tokens_per_step: global counts per step.
+    describe: lines printed before the first compile.
+    on_finish: called with (state, workdir) at the end (e.g. to export a tokenizer).
+  """
+  objective: Any
+  tx: Any
+  schedule: Callable
+  train_data: Any
+  eval_data: Callable[[], Iterator] | None
+  frozen: Any
+  frozen_shardings: Any
+  flops_per_step: float
+  examples_per_step: int
+  tokens_per_step: int
+  describe: list[str] = dataclasses.field(default_factory=list)
+  on_finish: Callable | None = None
+
+
+def _merge_init(fresh, loaded):
+  """Fresh params with every non-None leaf of `loaded` put in its place."""
+  flat = flatten_params(fresh)
+  for k, v in flatten_params(loaded).items():
+    if v is not None:
+      flat[k] = v
+  return unflatten_params(flat)
+
+
+def _host(tree):
+  return jax.tree.map(lambda x: np.asarray(x), jax.device_get(tree))
+
+
+def _mean_metrics(history: list, objective) -> dict[str, float]:
+  """Scalars averaged over the steps since the last log; task sums summed, then summarized."""
+  host = [_host(m) for m in history]
+  out = {k: float(np.mean([h[k] for h in host]))
+         for k in ('loss', 'grad_norm', 'param_norm', 'learning_rate')}
+  totals = jax.tree.map(lambda *xs: np.sum(xs, axis=0), *[h['tasks'] for h in host])
+  out.update(objective.summarize(totals))
+  return out
+
+
+def evaluate(eval_step, state, eval_data: Callable[[], Iterator], mesh, batches: int,
+             objective) -> dict[str, float]:
+  """Sums of `batches` validation batches -> the objective's summary."""
+  totals = None
+  for i, host_batch in zip(range(batches), eval_data()):
+    sums = _host(eval_step(state.params, state.extra, state.frozen,
+                           pipeline.to_global(host_batch, mesh)))
+    totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+  return objective.summarize(totals) if totals is not None else {}
+
+
+def train(config, workdir, job: Job) -> dict:
+  """Runs (or resumes) the job in `workdir`; returns the final metrics and where outputs went."""
+  workdir = epath.Path(workdir)
+  mesh = sharding_lib.make_mesh(config.mesh_shape)
+  process0 = jax.process_index() == 0
+  rng = jax.random.key(config.seed)
+  objective = job.objective
+
+  state, shardings = step_lib.create_state(objective, job.tx, mesh, rng, job.frozen,
+                                           job.frozen_shardings)
+  checkpointer = checkpoints.Checkpointer(workdir, every=config.checkpoint_every,
+                                          keep=config.get('keep_checkpoints', 3))
+  start = checkpointer.latest_step()
+  if start is not None:
+    abstract = checkpoints.abstract_like(step_lib.checkpoint_items(state),
+                                         step_lib.checkpoint_items(shardings))
+    restored = checkpointer.restore(start, abstract, job.train_data)
+    state = state.replace(**restored)
+    origin = f'resumed from {checkpointer.directory / str(start)}'
+  elif config.get('init_from'):
+    loaded, what = checkpoints.load_init_params(config.init_from, state.params,
+                                                shardings.params)
+    state = state.replace(params=_merge_init(state.params, loaded))
+    origin = f'initialised from {what}'
+  else:
+    origin = 'fresh initialisation'
+  first_step = int(jax.device_get(state.step))
+
+  n_params = count_params(state.params)
+  peak = flops_lib.peak_flops_per_device(config.get('peak_tflops_per_device', 0.0) * 1e12)
+  print(f'Devices: {jax.device_count()} x {jax.devices()[0].device_kind} over '
+        f'{jax.process_count()} process(es); mesh {dict(mesh.shape)}')
+  for line in job.describe:
+    print(line)
+  print(f'Parameters: {n_params:,} trained; state {origin} at step {first_step}')
+  print(f'Analytic training FLOPs per step: {job.flops_per_step / 1e9:,.1f} GFLOP'
+        + ('' if peak else ' (MFU not reported: set --config.peak_tflops_per_device for this '
+                            'device kind)'))
+
+  train_step = step_lib.make_train_step(objective, job.tx, job.schedule,
+                                        config.get('micro_batches', 1))
+  first_host_batch = next(job.train_data)
+  batch = pipeline.to_global(first_host_batch, mesh)
+  with sharding_lib.use_mesh(mesh):
+    jitted = step_lib.jit_train_step(train_step, mesh, shardings, batch)
+    eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(objective), mesh, shardings,
+                                       batch) if job.eval_data else None
+    if first_step == 0 and hasattr(objective, 'first_batch_init'):
+      params, extra = jax.jit(objective.first_batch_init)(state.params, state.extra,
+                                                          state.frozen, batch)
+      state = state.replace(params=params, extra=extra)
+
+  writer = MetricWriter(str(workdir), enabled=process0)
+  if process0 and first_step == 0:
+    writer.write_text(0, 'config', config.to_json_best_effort(indent=2))
+  progress = Progress(config.total_steps, start_step=first_step, enabled=process0)
+  history, last, summary = [], {}, {}
+  log_every, eval_every = int(config.log_every), int(config.get('eval_every', 0))
+  t_log = time.perf_counter()
+  steps_since_log = 0
+  base_rng = jax.random.wrap_key_data(jax.device_get(state.rng))
+  try:
+    for step in range(first_step, config.total_steps):
+      if step > first_step:
+        batch = pipeline.to_global(next(job.train_data), mesh)
+      with sharding_lib.use_mesh(mesh):
+        state, metrics = jitted(state, batch, jax.random.fold_in(base_rng, step))
+      history.append(metrics)
+      steps_since_log += 1
+      done = step + 1
+      if done == first_step + 1 or done % log_every == 0 or done == config.total_steps:
+        last = _mean_metrics(history, objective)
+        now = time.perf_counter()
+        rate = steps_since_log / max(now - t_log, 1e-9)
+        last.update({'steps_per_second': rate,
+                     'examples_per_second': rate * job.examples_per_step,
+                     'tokens_per_second': rate * job.tokens_per_step,
+                     'tflops_per_device': rate * job.flops_per_step / jax.device_count() / 1e12})
+        if peak:
+          last['mfu'] = rate * job.flops_per_step / (jax.device_count() * peak)
+        for stream, counts in job.train_data.skipped().items():
+          last[f'skipped/{stream}'] = float(sum(counts.values()))
+        writer.write(done, last)
+        history, t_log, steps_since_log = [], now, 0
+      if job.eval_data and eval_every and (done % eval_every == 0 or done == config.total_steps):
+        with sharding_lib.use_mesh(mesh):
+          summary = evaluate(eval_step, state, job.eval_data, mesh, config.eval_batches,
+                             objective)
+        writer.write(done, summary, prefix='val')
+      checkpointer.save(done, step_lib.checkpoint_items(state), job.train_data,
+                        force=done == config.total_steps)
+      progress.update(done, loss=last.get('loss', float('nan')))
+  finally:
+    progress.close()
+    checkpointer.close()
+    writer.close()
+  if job.on_finish is not None:
+    job.on_finish(state, workdir)
+  return {'train': last, 'val': summary, 'checkpoints': str(checkpointer.directory),
+          'metrics': str(workdir / 'metrics.jsonl'), 'tensorboard': str(workdir / 'tensorboard'),
+          'state': state}

@@ -1,0 +1,167 @@
+"""The `pretrain` job: BEiT-3 masked data modeling from a config (configs/pretrain/*.py).
+
+Builds, from the config: the text tokenizer (.spm), the visual tokenizer (loaded, or for the
+built-in data trained first), the three input streams (train and validation), the objective,
+the optimizer; then hands them to `loop.train`.
+
+Config fields (besides the loop's, see `beit3_jax.train.loop`):
+  model                  the backbone (`beit3_jax.models.get_config`).
+  tokenizer.path         a VQ-KD params directory (the convert CLI's `to-flax --model vqkd`
+                         output, or a tokenizer run's export); or
+  tokenizer.train_config a tokenizer config file: when `path` is empty, the tokenizer is
+                         `<data_dir>/tokenizers/<config name>`, trained first if missing.
+  data.*                 sources ('builtin:images', 'builtin:text' or TFDS names), splits,
+                         spm_path, text_len, mask ratios, crop scale, colour jitter.
+  batch_size.{image,text,pair}, loss_weights.{image,text,pair,pair_image}, optimizer.*.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from etils import epath
+
+from beit3_jax.data import paths, pipeline, pretraining as inputs_lib, tfds_sources
+from beit3_jax.data.masking import BlockMaskConfig
+from beit3_jax.data.text import TextTokenizer
+from beit3_jax.models import num_patches
+from beit3_jax.train import flops as flops_lib
+from beit3_jax.train import loop
+from beit3_jax.train.masked_modeling import MaskedModeling, make_spec
+from beit3_jax.train.optimizer import make_optimizer
+
+BUILTIN_PREFIX = 'builtin:'
+STREAMS = ('image', 'text', 'pair')
+
+
+def resolve_sources(data_cfg):
+  """(tfds_dir, stream -> TFDS name, spm path), building the built-in data if it is used."""
+  names = {s: data_cfg[s] for s in STREAMS if data_cfg.get(s)}
+  spm_path = data_cfg.get('spm_path') or ''
+  tfds_dir = paths.tfds_dir(data_cfg.get('data_dir') or None)
+  if any(n.startswith(BUILTIN_PREFIX) for n in names.values()):
+    from beit3_jax.data.builtin import prepare_builtin
+    builtin = prepare_builtin(data_cfg.get('data_dir') or None,
+                              image_size=data_cfg.get('builtin_image_size', 64))
+    for s, n in names.items():
+      if n.startswith(BUILTIN_PREFIX):
+        key = n[len(BUILTIN_PREFIX):]
+        if key not in builtin.names:
+          raise ValueError(f'data.{s}={n!r}: the built-in data has {sorted(builtin.names)}.')
+        names[s] = builtin.names[key]
+    tfds_dir = builtin.tfds_dir
+    spm_path = spm_path or builtin.spm_path
+  if not spm_path:
+    raise ValueError('data.spm_path is empty: give the SentencePiece model (e.g. beit3.spm).')
+  return tfds_dir, names, spm_path
+
+
+def input_settings(config, tokenizer_image_size: int) -> inputs_lib.PretrainInputs:
+  d = config.data
+  return inputs_lib.PretrainInputs(
+      image_size=config.model.img_size, tokenizer_image_size=tokenizer_image_size,
+      patch_size=config.model.patch_size, text_len=d.text_len,
+      image_mask=BlockMaskConfig(ratio=d.image_mask_ratio,
+                                 min_block=d.get('min_mask_block', 16)),
+      pair_image_mask_ratio=d.pair_image_mask_ratio, text_mask_ratio=d.text_mask_ratio,
+      pair_text_mask_ratio=d.pair_text_mask_ratio, crop_scale=tuple(d.crop_scale),
+      color_jitter=d.color_jitter)
+
+
+def make_data(config, text_tokenizer, tokenizer_image_size, tfds_dir, names, split: str,
+              seed: int):
+  """The mixture of the configured streams on `split`."""
+  batch_sizes = {s: int(config.batch_size.get(s, 0)) for s in names}
+  sources = {s: tfds_sources.open_source(n, split, tfds_dir) for s, n in names.items()
+             if batch_sizes[s]}
+  fields = {s: dict(config.data.fields.get(s, {})) for s in sources} if 'fields' in config.data \
+      else None
+  return inputs_lib.make_mixture(input_settings(config, tokenizer_image_size), text_tokenizer, sources, batch_sizes,
+                                 seed, fields=fields,
+                                 read_threads=config.data.get('read_threads', 2))
+
+
+def load_visual_tokenizer(config):
+  """(VQ-KD params, its config, where from); trains the demo tokenizer first if needed."""
+  from beit3_jax import params_io
+  path = config.tokenizer.get('path') or ''
+  if not path:
+    train_config = config.tokenizer.get('train_config') or ''
+    if not train_config:
+      raise ValueError('Set tokenizer.path (a VQ-KD params directory) or '
+                       'tokenizer.train_config (a tokenizer config to train first).')
+    name = os.path.splitext(os.path.basename(train_config.split(':')[0]))[0]
+    path = f'{paths.tokenizers_dir(config.data.get("data_dir") or None)}/{name}'
+    if not (epath.Path(path) / params_io.CONFIG_FILE).exists():
+      from beit3_jax.train import tokenizer_training
+      print(f'No visual tokenizer at {path}: training it first with {train_config}.')
+      tokenizer_training.train_from_file(train_config, output=path,
+                                         data_dir=config.data.get('data_dir') or '')
+  params, _, tok_cfg = params_io.load_vqkd(path)
+  return params, tok_cfg, path
+
+
+def build_job(config) -> loop.Job:
+  """Everything the loop needs for a pretraining run of `config`."""
+  tfds_dir, names, spm_path = resolve_sources(config.data)
+  text_tokenizer = TextTokenizer.from_file(spm_path)
+  if config.model.vocab_size < text_tokenizer.vocab_size:
+    raise ValueError(f'model.vocab_size={config.model.vocab_size} is smaller than the '
+                     f'{text_tokenizer.vocab_size} ids of {spm_path}.')
+  tok_params, tok_cfg, tok_path = load_visual_tokenizer(config)
+  grid = config.model.img_size // config.model.patch_size
+  if (tok_cfg.input_size // tok_cfg.patch_size) != grid:
+    from beit3_jax.tokenizers import get_vqkd_config
+    fields = tok_cfg.to_dict()
+    variant = fields.pop('variant')
+    tok_cfg = get_vqkd_config(variant, **{**fields,
+                                          'input_size': grid * tok_cfg.patch_size})
+  streams = tuple(s for s in names if config.batch_size.get(s, 0))
+  d = config.data
+  spec = make_spec(config.model, d.text_len, d.image_mask_ratio, d.pair_image_mask_ratio,
+                   d.text_mask_ratio, d.pair_text_mask_ratio, dict(config.loss_weights), streams)
+  objective = MaskedModeling(config.model, tok_cfg, spec)
+  tx, schedule = make_optimizer(config.optimizer, config.total_steps, config.model.depth)
+
+  view = tok_cfg.input_size
+  train_data = make_data(config, text_tokenizer, view, tfds_dir, names, d.train_split,
+                         config.seed)
+  eval_data = None
+  if config.get('eval_every', 0):
+    eval_data = lambda: make_data(config, text_tokenizer, view, tfds_dir, names,  # noqa: E731
+                                  d.eval_split, config.seed + 1)
+
+  from beit3_jax import sharding as sharding_lib
+  from beit3_jax.tokenizers import vqkd as vqkd_lib
+  mesh = sharding_lib.make_mesh(config.mesh_shape)
+  tok_abstract = jax.eval_shape(
+      lambda r: vqkd_lib.VQKD(tok_cfg).init(r, vqkd_lib.example_images(tok_cfg))['params'],
+      jax.random.key(0))
+  tok_shardings = sharding_lib.mesh_shardings(tok_abstract, mesh)
+  frozen = {'tokenizer': jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s),
+                                      tok_params, tok_shardings)}
+  batch = {s: int(config.batch_size[s]) for s in streams}
+  n = num_patches(config.model)
+  tokens = (batch.get('image', 0) * (1 + n) + batch.get('text', 0) * d.text_len
+            + batch.get('pair', 0) * (1 + n + d.text_len))
+  describe = [
+      f'Model: {config.model.variant} D={config.model.embed_dim} depth={config.model.depth} '
+      f'heads={config.model.num_heads} {config.model.img_size}px/{config.model.patch_size} '
+      f'vocab {config.model.vocab_size}; dtype {config.model.dtype}',
+      f'Visual tokenizer: {tok_path} ({tok_cfg.n_embed} codes, {tok_cfg.input_size}px view)',
+      f'Text tokenizer: {spm_path} ({text_tokenizer.vocab_size} ids)',
+      'Data: ' + ', '.join(f'{s} {names[s]} x{batch[s]}' for s in streams)
+      + f' (TFDS dir {tfds_dir}); tasks {objective.tasks}',
+  ]
+  return loop.Job(
+      objective=objective, tx=tx, schedule=schedule, train_data=train_data, eval_data=eval_data,
+      frozen=frozen, frozen_shardings={'tokenizer': tok_shardings},
+      flops_per_step=flops_lib.pretraining_step_flops(config.model, tok_cfg, batch, d.text_len,
+                                                      spec),
+      examples_per_step=sum(batch.values()), tokens_per_step=tokens, describe=describe)
+
+
+def run(config, workdir) -> dict:
+  return loop.train(config, workdir, build_job(config))

@@ -1,0 +1,331 @@
+"""The `tokenizer` job: train a VQ-KD visual tokenizer (BEiT v2) with the same trainer.
+
+Per image (B, S, S, 3) in [-1, 1]:
+
+    z   = l2norm(encode_task_layer(encoder(image)))          (B, N, code_dim)
+    ids = nearest code of z by cosine;  z_q = z + stop_grad(codebook[ids] - z)
+    rec = decode_task_layer(decoder(z_q))                     (B, N, decoder_out_dim)
+    loss = mean_tokens(1 - cos(rec, teacher(image)))          reconstruction
+         + mean(|stop_grad(codebook[ids]) - z|^2)             commitment (beta 1, as beit2)
+
+The codebook gets no gradient: it starts from spherical k-means of the first batch's features
+and then moves by EMA (decay `tokenizer.decay`, 0.99) of the features assigned to each code
+(`tokenizer_objective.ema_codebook_update`). Metrics: `vqkd/rec_loss`, `vqkd/quant_loss` and
+`vqkd/codebook_usage` (share of codes used by the batch; in evaluation, by the whole split).
+With `dead_code_fraction` > 0 (not in BEiT v2; the demo uses it), codes whose EMA count falls
+below that share of the mean are moved onto features of the batch
+(`tokenizer_objective.restart_dead_codes`).
+
+Teachers (`teacher.kind`):
+  'pixel'   a fixed feature of the image itself (`tokenizer_objective.pixel_teacher`: each
+            patch's 2x2 pooled colours plus a constant), so that small data such as the
+            built-in world gets meaningful targets in minutes on a CPU;
+  'beit3'   a frozen BEiT-3 backbone from a params directory (`teacher.path`; e.g. a converted
+            PyTorch checkpoint): its image-only output on the patches (B, N, D);
+  'vit'     the frozen ViT encoder of a VQ-KD params directory (`teacher.path`), e.g. a
+            released BEiT v2 tokenizer converted with the convert CLI: (B, N, D).
+The tokenizer's `decoder_out_dim` must equal the teacher's feature size.
+
+At the end the tokenizer is exported as a params directory (`output`, default
+`<workdir>/tokenizer`): what a pretraining config's `tokenizer.path` points to.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+
+from beit3_jax import params_io
+from beit3_jax import sharding as sharding_lib
+from beit3_jax.data import image_ops, pipeline, tfds_sources
+from beit3_jax.data.pretraining import load_image
+from beit3_jax.tokenizers import vqkd as vqkd_lib
+from beit3_jax.train import flops as flops_lib
+from beit3_jax.train import loop
+from beit3_jax.train import tokenizer_objective as tobj
+from beit3_jax.train.optimizer import make_optimizer
+
+TEACHERS = ('pixel', 'beit3', 'vit')
+CODEBOOK = ('quantize', 'embedding', 'embedding')
+
+
+def _get(tree, path):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def _with(tree, path, value):
+  if not path:
+    return value
+  return {**tree, path[0]: _with(tree[path[0]], path[1:], value)}
+
+
+class Teacher:
+  """Frozen targets: `features(frozen, images_in_[-1,1]) -> (B, N, F)` float32."""
+
+  def __init__(self, cfg, tokenizer_cfg):
+    self.kind = cfg.kind
+    self.grid = tokenizer_cfg.input_size // tokenizer_cfg.patch_size
+    self.cells = cfg.get('cells', 2)
+    self.model = None
+    self.model_cfg = None
+    if self.kind not in TEACHERS:
+      raise ValueError(f'teacher.kind={self.kind!r}; expected one of {TEACHERS}.')
+    if self.kind == 'pixel':
+      self.size = tobj.teacher_feature_size('pixel', self.cells)
+      return
+    if not cfg.get('path'):
+      raise ValueError(f'teacher.kind={self.kind!r} needs teacher.path (a params directory).')
+    if self.kind == 'beit3':
+      from beit3_jax.models import BEiT3
+      self.model_cfg = params_io.load_model_config(cfg.path)
+      self.model = BEiT3(self.model_cfg)
+      self.size = self.model_cfg.embed_dim
+      teacher_grid = self.model_cfg.img_size // self.model_cfg.patch_size
+      side = self.model_cfg.img_size
+    else:
+      self.model_cfg = params_io.load_model_config(cfg.path)
+      self.model = vqkd_lib.VQKD(self.model_cfg)
+      self.size = self.model_cfg.embed_dim
+      teacher_grid = self.model_cfg.input_size // self.model_cfg.patch_size
+      side = self.model_cfg.input_size
+    if teacher_grid != self.grid or side != tokenizer_cfg.input_size:
+      raise ValueError(f'The teacher at {cfg.path} sees {side}px images on a {teacher_grid}-patch '
+                       f'grid; the tokenizer sees {tokenizer_cfg.input_size}px on a {self.grid} '
+                       'grid: they must match.')
+
+  def load(self, path):
+    if self.kind == 'beit3':
+      return params_io.load_params(path, self.model_cfg)
+    if self.kind == 'vit':
+      return params_io.load_vqkd(path, self.model_cfg)[0]
+    return {}
+
+  def features(self, frozen, images: jax.Array) -> jax.Array:
+    if self.kind == 'pixel':
+      return tobj.pixel_teacher(images, self.grid, cells=self.cells)
+    if self.kind == 'beit3':
+      out = self.model.apply({'params': frozen['teacher']}, images=images)  # 0.5/0.5 norm
+      return jax.lax.stop_gradient(out['encoder_out'][:, 1:].astype(jnp.float32))
+    feats = self.model.apply({'params': frozen['teacher']}, images,
+                             method=vqkd_lib.VQKD.encoder_features)
+    return jax.lax.stop_gradient(feats.astype(jnp.float32))
+
+
+class VQKDTraining:
+  """The tokenizer objective the trainer drives (see `beit3_jax.train.step`).
+
+  Params: the VQKD tree (its codebook frozen in the optimizer). Extra state: the quantizer's
+  'vq_stats' and the current `codebook` (mirrored into the params after every update).
+  """
+  tasks = ('vqkd',)
+
+  def __init__(self, tokenizer_cfg, teacher: Teacher, seed: int = 0,
+               dead_code_fraction: float = 0.0):
+    self.cfg = tokenizer_cfg
+    self.dead_code_fraction = float(dead_code_fraction)
+    self.model = vqkd_lib.VQKD(tokenizer_cfg)
+    self.teacher = teacher
+    self.seed = seed
+    if teacher.size != tokenizer_cfg.decoder_out_dim:
+      raise ValueError(f'tokenizer.decoder_out_dim={tokenizer_cfg.decoder_out_dim} must equal '
+                       f'the {teacher.kind} teacher\'s feature size {teacher.size}.')
+
+  def init_params(self, rng):
+    return self.model.init(rng, vqkd_lib.example_images(self.cfg))['params']
+
+  def init_extra(self, params):
+    stats = jax.eval_shape(lambda: self.model.init(jax.random.key(0),
+                                                   vqkd_lib.example_images(self.cfg)))
+    stats = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), nn.meta.unbox(stats['vq_stats']))
+    stats['quantize']['embedding']['embed_avg'] = _get(params, CODEBOOK)
+    return {'vq_stats': stats, 'codebook': _get(params, CODEBOOK)}  # initted 0: k-means first
+
+  def normalizers(self, batch):
+    b = batch['image']['image']
+    return {'tokens': jnp.float32(b.shape[0] * (self.cfg.input_size // self.cfg.patch_size) ** 2)}
+
+  def _features(self, params, images):
+    z = self.model.apply({'params': params}, images, method=vqkd_lib.VQKD.code_features)
+    return vqkd_lib.l2_normalize(z)
+
+  def first_batch_init(self, params, extra, frozen, batch):
+    """k-means of the first batch's features -> the codebook (decay 1: no EMA step)."""
+    del frozen
+    z = jax.lax.stop_gradient(self._features(params, image_ops.tokenizer_view(
+        batch['image']['image'])))
+    ids = vqkd_lib.nearest_code(z, extra['codebook'])
+    codebook, quantize = tobj.ema_codebook_update(
+        extra['codebook'], extra['vq_stats']['quantize'], z, ids, 1.0,
+        kmeans_rng=jax.random.key(self.seed))
+    # The EMA counts start from the k-means cluster sizes (not 0), so that no code looks dead.
+    quantize = {**quantize, 'cluster_size': quantize['embedding']['cluster_size']}
+    extra = {'vq_stats': {**extra['vq_stats'], 'quantize': quantize}, 'codebook': codebook}
+    return _with(params, CODEBOOK, codebook), extra
+
+  def loss(self, params, extra, frozen, batch, rng, normalizers, *, train: bool):
+    images = image_ops.tokenizer_view(batch['image']['image'])
+    z = self._features(params, images)
+    codebook = extra['codebook']
+    ids = vqkd_lib.nearest_code(z, codebook)
+    codes = jnp.take(codebook, ids, axis=0)
+    z_q = z + jax.lax.stop_gradient(codes - z)
+    rec = self.model.apply({'params': params}, z_q, method=vqkd_lib.VQKD.decode)
+    target = self.teacher.features(frozen, images)
+    rec_sum = jnp.sum(1.0 - _cosine(rec, target))
+    quant_sum = jnp.sum(jnp.square(jax.lax.stop_gradient(codes) - z)) / z.shape[-1]
+    tokens = normalizers['tokens']
+    loss = (rec_sum + quant_sum) / tokens
+    histogram = jnp.zeros((self.cfg.n_embed,), jnp.int32).at[ids.reshape(-1)].add(1)
+    sums = {'vqkd': {'rec': rec_sum, 'quant': quant_sum,
+                     'count': jnp.float32(ids.size), 'histogram': histogram}}
+    if train:
+      new_codebook, quantize = tobj.ema_codebook_update(
+          codebook, extra['vq_stats']['quantize'], jax.lax.stop_gradient(z), ids,
+          self.cfg.decay)
+      if self.dead_code_fraction > 0:
+        new_codebook, sizes = tobj.restart_dead_codes(
+            rng, new_codebook, quantize['cluster_size'], jax.lax.stop_gradient(z),
+            self.dead_code_fraction)
+        quantize = {**quantize, 'cluster_size': sizes}
+      extra = {'vq_stats': {**extra['vq_stats'], 'quantize': quantize}, 'codebook': new_codebook}
+    return loss, (sums, extra)
+
+  def finish(self, params, extra):
+    return _with(params, CODEBOOK, extra['codebook']), extra
+
+  def reduce(self, sums):
+    s = sums['vqkd']
+    return {'vqkd': {'rec': s['rec'], 'quant': s['quant'], 'count': s['count'],
+                     'codes_used': jnp.sum(s['histogram'] > 0).astype(jnp.float32),
+                     'batches': jnp.float32(1)}}
+
+  def summarize(self, sums) -> dict[str, float]:
+    s = sums['vqkd']
+    count = max(float(s['count']), 1.0)
+    if 'histogram' in s:
+      usage = float(np.mean(np.asarray(s['histogram']) > 0))
+    else:
+      usage = float(s['codes_used']) / max(float(s['batches']), 1.0) / self.cfg.n_embed
+    return {'vqkd/rec_loss': float(s['rec']) / count, 'vqkd/quant_loss': float(s['quant']) / count,
+            'vqkd/codebook_usage': usage}
+
+
+def _cosine(a, b, eps=1e-6):
+  a = a.astype(jnp.float32)
+  b = b.astype(jnp.float32)
+  return jnp.sum(a * b, -1) / jnp.maximum(jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1),
+                                          eps)
+
+
+def _image_transform(size: int, crop_scale, field: str):
+  aug = image_ops.ImageAugConfig(size=size, scale=tuple(crop_scale), color_jitter=0.0,
+                                 second_size=None)
+
+  def transform(example, rng):
+    image = load_image(example, field)
+    if isinstance(image, pipeline.Skip):
+      return image
+    return {'image': image_ops.augment(rng, image, aug)['image']}
+  return transform
+
+
+def _data(config, tfds_dir, name, split, seed):
+  d = config.data
+  stream = pipeline.Stream(
+      tfds_sources.open_source(name, split, tfds_dir),
+      _image_transform(config.tokenizer.input_size, d.crop_scale, d.get('image_field', 'image')),
+      global_batch=int(config.batch_size), seed=seed * 1000,
+      read_threads=d.get('read_threads', 2))
+  return pipeline.Mixture({'image': stream})
+
+
+def build_job(config, output: str | None = None) -> loop.Job:
+  from beit3_jax.train.pretrain import resolve_sources
+  tok_cfg = config.tokenizer
+  d = config.data
+  tfds_dir, names, _ = resolve_sources(_as_sources(d))
+  teacher = Teacher(config.teacher, tok_cfg)
+  objective = VQKDTraining(tok_cfg, teacher, config.seed,
+                           config.get('dead_code_fraction', 0.0))
+  tx, schedule = make_optimizer(config.optimizer, config.total_steps, tok_cfg.depth,
+                                frozen=(r'^quantize/',))
+  mesh = sharding_lib.make_mesh(config.mesh_shape)
+  frozen, frozen_shardings = {}, {}
+  teacher_flops = 0.0
+  if teacher.kind != 'pixel':
+    params = teacher.load(config.teacher.path)
+    shardings = jax.tree.map(lambda _: sharding_lib.replicated(mesh), params)
+    frozen = {'teacher': jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), params,
+                                      shardings)}
+    frozen_shardings = {'teacher': shardings}
+    if teacher.kind == 'beit3':
+      teacher_flops = flops_lib.beit3_forward_flops(teacher.model_cfg, images=True)
+    else:
+      teacher_flops = flops_lib.vqkd_encode_flops(teacher.model_cfg)
+  train_data = _data(config, tfds_dir, names['image'], d.train_split, config.seed)
+  eval_data = None
+  if config.get('eval_every', 0):
+    eval_data = lambda: _data(config, tfds_dir, names['image'], d.eval_split,  # noqa: E731
+                              config.seed + 1)
+  n = (tok_cfg.input_size // tok_cfg.patch_size) ** 2
+  out = output or config.get('output') or ''
+
+  def on_finish(state, workdir):
+    path = out or str(epath.Path(workdir) / 'tokenizer')
+    if jax.process_index() == 0:
+      params_io.save_params(path, jax.device_get(state.params), tok_cfg, kind='vqkd',
+                            overwrite=True, extra={'vq_stats': jax.device_get(
+                                state.extra['vq_stats'])})
+    print(f'Exported the visual tokenizer to {path}')
+
+  return loop.Job(
+      objective=objective, tx=tx, schedule=schedule, train_data=train_data, eval_data=eval_data,
+      frozen=frozen, frozen_shardings=frozen_shardings,
+      flops_per_step=flops_lib.tokenizer_step_flops(tok_cfg, int(config.batch_size),
+                                                    teacher_flops),
+      examples_per_step=int(config.batch_size), tokens_per_step=int(config.batch_size) * n,
+      describe=[f'VQ-KD: {tok_cfg.input_size}px/{tok_cfg.patch_size} D={tok_cfg.embed_dim} '
+                f'depth={tok_cfg.depth}, {tok_cfg.n_embed} codes x {tok_cfg.code_dim}, decoder '
+                f'depth {tok_cfg.decoder_depth} -> {tok_cfg.decoder_out_dim}; teacher '
+                f'{teacher.kind}',
+                f'Data: {names["image"]} x{config.batch_size} (TFDS dir {tfds_dir})'],
+      on_finish=on_finish)
+
+
+def _as_sources(d):
+  """The tokenizer's data config in the shape `pretrain.resolve_sources` reads."""
+  import ml_collections
+  return ml_collections.ConfigDict({'image': d.image, 'data_dir': d.get('data_dir', ''),
+                                    'builtin_image_size': d.get('builtin_image_size', 64),
+                                    'spm_path': d.get('spm_path', '') or 'unused'})
+
+
+def run(config, workdir, output: str | None = None) -> dict:
+  return loop.train(config, workdir, build_job(config, output))
+
+
+def train_from_file(config_file: str, *, output: str, data_dir: str = '') -> dict:
+  """Trains the tokenizer of a config file (`path.py[:arg]`) into params directory `output`
+  (the run's checkpoints and metrics go to `output` + '_run')."""
+  path, _, arg = config_file.partition(':')
+  spec = importlib.util.spec_from_file_location('_beit3_tokenizer_config', path)
+  if spec is None or not os.path.exists(path):
+    raise FileNotFoundError(f'No tokenizer config file at {path}.')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg) if arg else module.get_config()
+  if data_dir:
+    with config.unlocked():
+      config.data.data_dir = data_dir
+  workdir = output.rstrip('/') + '_run'
+  from beit3_jax.main import save_run_config
+  save_run_config(config, workdir)
+  return run(config, workdir, output)
