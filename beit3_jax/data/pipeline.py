@@ -1,9 +1,15 @@
 """Deterministic, resumable, host-sharded batches from random-access sources (grain).
 
 One stream is: a random-access source (e.g. `tfds.data_source`) -> shuffled per epoch from the
-seed -> repeated -> this host's share (every `process_count`-th element, from
-`process_index`) -> a per-example transform with its own rng -> examples the transform rejects
-are dropped and counted -> batches of `global_batch // process_count`.
+seed -> repeated -> a per-example transform whose rng depends on the element's global position
+-> this host's share (block `process_index` of every run of `global_batch` elements) ->
+examples the transform rejects are dropped and counted -> batches of
+`global_batch // process_count`.
+
+Because the randomness follows the global position and host i holds rows
+[i * B / n, (i + 1) * B / n) of every global batch, the global batch assembled from n hosts
+(`to_global`) is the batch one host would have made alone: a run gives the same batches on any
+number of hosts (as long as no example is skipped).
 
 Everything is a function of (seed, position): the same seed gives the same batches, any batch
 can be recomputed, and the iterator state is a few integers (saved as JSON beside a model
@@ -92,8 +98,8 @@ class Stream:
   def dataset(self) -> grain.IterDataset:
     ds = grain.MapDataset.source(self.source).seed(self.seed).shuffle()
     ds = ds.repeat(self.num_epochs)
-    ds = ds.slice(slice(self.process_index, None, self.process_count))
     ds = ds.random_map(self.transform)
+    ds = HostBlocks(ds, self.process_index, self.process_count, self.global_batch)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=self.read_threads,
                                               prefetch_buffer_size=4 * self.host_batch))
     return it.filter(self.skipped.keep).batch(self.host_batch, drop_remainder=True,
@@ -101,6 +107,34 @@ class Stream:
 
   def iterator(self) -> grain.DatasetIterator:
     return iter(self.dataset())
+
+
+class HostBlocks(grain.MapDataset):
+  """This host's rows of every global batch: element k is parent element
+  (k // h) * global_batch + process_index * h + k % h, with h = global_batch // process_count."""
+
+  def __init__(self, parent: grain.MapDataset, process_index: int, process_count: int,
+               global_batch: int):
+    super().__init__(parent)
+    self._host_batch = global_batch // process_count
+    self._offset = process_index * self._host_batch
+    self._global_batch = global_batch
+    self._length = len(parent) // global_batch * self._host_batch
+
+  def __len__(self) -> int:
+    return self._length
+
+  def _parent_index(self, index: int) -> int:
+    block, row = divmod(index, self._host_batch)
+    return block * self._global_batch + self._offset + row
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[self._parent_index(index)]
+
+  def __str__(self) -> str:
+    return f'HostBlocks[{self._offset}:+{self._host_batch} of {self._global_batch}]'
 
 
 class Mixture:

@@ -14,6 +14,7 @@ what differs and returns it. Fields shared by every training job:
   micro_batches      gradient accumulation: the global batch is cut into this many slices.
   init_from          '' or a workdir / step dir / params dir (see train/checkpoints.py).
   peak_tflops_per_device  for MFU where the device kind is not in train/flops.py (e.g. CPUs).
+  stop_at_step       > 0: checkpoint and stop after this step (a planned interruption).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def _loop_fields(config: ml_collections.ConfigDict) -> None:
   config.micro_batches = 1
   config.init_from = ''
   config.peak_tflops_per_device = 0.0
+  config.stop_at_step = 0
 
 
 def pretrain_config() -> ml_collections.ConfigDict:

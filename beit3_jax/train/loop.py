@@ -11,7 +11,9 @@
         every checkpoint_every steps and at the end: async Orbax save
 
 Config fields read here: total_steps, checkpoint_every, keep_checkpoints, log_every,
-eval_every, eval_batches, seed, mesh_shape, micro_batches, init_from, peak_tflops_per_device.
+eval_every, eval_batches, seed, mesh_shape, micro_batches, init_from, peak_tflops_per_device,
+and stop_at_step (> 0: save and stop after that step, as a preemption would; rerunning the
+command resumes).
 """
 
 from __future__ import annotations
@@ -186,14 +188,18 @@ def train(config, workdir, job: Job) -> dict:
           summary = evaluate(eval_step, state, job.eval_data, mesh, config.eval_batches,
                              objective)
         writer.write(done, summary, prefix='val')
+      stop = done == config.get('stop_at_step', 0)
       checkpointer.save(done, step_lib.checkpoint_items(state), job.train_data,
-                        force=done == config.total_steps)
+                        force=done == config.total_steps or stop)
       progress.update(done, loss=last.get('loss', float('nan')))
+      if stop:
+        print(f'Stopping after step {done} (stop_at_step); rerun the command to resume.')
+        break
   finally:
     progress.close()
     checkpointer.close()
     writer.close()
-  if job.on_finish is not None:
+  if job.on_finish is not None and int(jax.device_get(state.step)) == config.total_steps:
     job.on_finish(state, workdir)
   return {'train': last, 'val': summary, 'checkpoints': str(checkpointer.directory),
           'metrics': str(workdir / 'metrics.jsonl'), 'tensorboard': str(workdir / 'tensorboard'),
