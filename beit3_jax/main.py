@@ -27,6 +27,8 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from beit3_jax.train.run_config import save_run_config  # noqa: F401 (used below)
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for the run\'s outputs.')
@@ -121,64 +123,6 @@ def run_smoke(config, workdir: str | None) -> dict:
       json.dump(summary, f, indent=2)
     print(f'Wrote the summary to {os.path.abspath(path)}')
   return summary
-
-
-# Fields a resumed run may change: they decide how it runs, not what it computes.
-RESUMABLE_CHANGES = ('mesh_shape', 'micro_batches', 'checkpoint_every', 'keep_checkpoints',
-                     'log_every', 'eval_every', 'eval_batches', 'peak_tflops_per_device',
-                     'data.read_threads', 'stop_at_step')
-
-
-def _flat(d, prefix=''):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = v
-  return out
-
-
-def save_run_config(config, workdir: str) -> str:
-  """Writes the run's config as workdir/config.json (local or gs://).
-
-  A workdir that already has a config.json is a run being resumed: the new config may differ
-  only in `RESUMABLE_CHANGES` (e.g. the mesh shape); then the old config is appended to
-  config_history.jsonl and the new one written. Any other difference stops the run, so that a
-  resumed run is the run that was started and nothing in the workdir is silently replaced.
-  """
-  from etils import epath
-  directory = epath.Path(workdir)
-  path = directory / 'config.json'
-  text = config.to_json_best_effort(indent=2, sort_keys=True)
-  if path.exists():
-    old_text = path.read_text()
-    if old_text == text:
-      return str(path)
-    old, new = _flat(json.loads(old_text)), _flat(json.loads(text))
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    fixed = [k for k in changed if k not in RESUMABLE_CHANGES]
-    if fixed:
-      raise SystemExit(f'{path} holds a different config ({", ".join(fixed)}): use a new '
-                       '--workdir, or delete it on purpose. Fields that may change when a run '
-                       f'resumes: {", ".join(RESUMABLE_CHANGES)}.')
-    print('Resuming with changed ' + ', '.join(f'{k}: {old.get(k)} -> {new.get(k)}'
-                                               for k in changed))
-    if jax_process_index() == 0:
-      history = directory / 'config_history.jsonl'
-      previous = history.read_text() if history.exists() else ''
-      history.write_text(previous + json.dumps(json.loads(old_text)) + '\n')
-      path.write_text(text)
-    return str(path)
-  if jax_process_index() == 0:
-    directory.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-  return str(path)
-
-
-def jax_process_index() -> int:
-  import jax
-  return jax.process_index()
 
 
 def _multi_process_env() -> bool:

@@ -19,8 +19,9 @@ from flax import traverse_util
 import torchscale_ref as ref
 import train_fixtures as fx
 from beit3_jax import convert, models, params_io, sharding
-from beit3_jax.main import save_run_config
 from beit3_jax.train import loop
+from beit3_jax.train.defaults import loop_fields
+from beit3_jax.train.run_config import save_run_config
 
 pytestmark = pytest.mark.usefixtures('fast_compile')
 
@@ -57,19 +58,10 @@ class HostBatches:
 
 def run_config(**overrides):
   """A pretraining run config as the loop and the convert CLI read it (loop fields + model)."""
-  config = ml_collections.ConfigDict()
-  config.job = 'pretrain'
-  config.seed = 0
-  config.total_steps = 0
-  config.checkpoint_every = 1
-  config.keep_checkpoints = 3
-  config.log_every = 1
-  config.eval_every = 0
-  config.eval_batches = 1
-  config.mesh_shape = (2, 2, 2)
-  config.micro_batches = 1
-  config.init_from = ''
-  config.peak_tflops_per_device = 0.0
+  config = ml_collections.ConfigDict({'job': 'pretrain'})
+  loop_fields(config)
+  config.update(total_steps=0, checkpoint_every=1, log_every=1, eval_every=0, eval_batches=1,
+                mesh_shape=(2, 2, 2))
   config.model = fx.model_config()
   config.update(overrides)
   return config

@@ -76,6 +76,11 @@ class TextTokenizer:
   def from_file(cls, path: str | os.PathLike) -> TextTokenizer:
     """Load a .spm file; FileNotFoundError / ValueError name the path."""
     path = os.fspath(path)
+    if '://' in path:  # e.g. gs:// on TPU pods
+      from etils import epath
+      if not epath.Path(path).exists():
+        raise FileNotFoundError(f'SentencePiece model not found: {path}')
+      return cls.from_proto(epath.Path(path).read_bytes(), source=path)
     if not os.path.isfile(path):
       raise FileNotFoundError(f'SentencePiece model not found: {path}')
     with open(path, 'rb') as f:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import ml_collections
 
 
-def _loop_fields(config: ml_collections.ConfigDict) -> None:
+def loop_fields(config: ml_collections.ConfigDict) -> None:
   config.seed = 0
   config.total_steps = 1000
   config.checkpoint_every = 500
@@ -48,7 +48,7 @@ def pretrain_config() -> ml_collections.ConfigDict:
   from beit3_jax.models import get_config
   config = ml_collections.ConfigDict()
   config.job = 'pretrain'
-  _loop_fields(config)
+  loop_fields(config)
   config.total_steps = 1_000_000
   config.checkpoint_every = 5000
   config.log_every = 100
@@ -96,7 +96,7 @@ def tokenizer_config() -> ml_collections.ConfigDict:
   from beit3_jax.tokenizers import get_vqkd_config
   config = ml_collections.ConfigDict()
   config.job = 'tokenizer'
-  _loop_fields(config)
+  loop_fields(config)
   config.total_steps = 250_000
   config.checkpoint_every = 5000
   config.log_every = 100

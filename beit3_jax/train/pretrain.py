@@ -97,8 +97,10 @@ def load_visual_tokenizer(config):
     if not (epath.Path(path) / params_io.CONFIG_FILE).exists():
       from beit3_jax.train import tokenizer_training
       print(f'No visual tokenizer at {path}: training it first with {train_config}.')
-      tokenizer_training.train_from_file(train_config, output=path,
-                                         data_dir=config.data.get('data_dir') or '')
+      result = tokenizer_training.train_from_file(train_config, output=path,
+                                                  data_dir=config.data.get('data_dir') or '')
+      print('Trained the visual tokenizer: ' + ', '.join(
+          f'{k} {v:.4f}' for k, v in sorted(result['val'].items())) + f' ({path}_run)')
   params, _, tok_cfg = params_io.load_vqkd(path)
   return params, tok_cfg, path
 

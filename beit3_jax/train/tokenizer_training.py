@@ -326,6 +326,6 @@ def train_from_file(config_file: str, *, output: str, data_dir: str = '') -> dic
     with config.unlocked():
       config.data.data_dir = data_dir
   workdir = output.rstrip('/') + '_run'
-  from beit3_jax.main import save_run_config
+  from beit3_jax.train.run_config import save_run_config
   save_run_config(config, workdir)
   return run(config, workdir, output)

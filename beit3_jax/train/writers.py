@@ -30,10 +30,12 @@ import json
 import math
 import os
 import socket
+import tempfile
 import time
 from typing import Any, Mapping
 
 import numpy as np
+from etils import epath
 from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2
 from tensorboard.compat.proto import types_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
@@ -137,7 +139,9 @@ class MetricWriter:
   """Writes scalar metrics to `<workdir>/metrics.jsonl` and to TensorBoard.
 
   Args:
-    workdir: the run's directory (local path); created if missing.
+    workdir: the run's directory, created if missing. A URL (gs://...) works too: the files are
+      written in a local staging directory and copied there after every write (an existing
+      remote metrics.jsonl is fetched first, so a resumed run keeps its lines).
     enabled: False makes every method a no-op (for processes other than jax process 0).
     tensorboard: also write TensorBoard event files under `<workdir>/tensorboard/`.
 
@@ -147,20 +151,42 @@ class MetricWriter:
   """
 
   def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
-    self.workdir = workdir
+    self.workdir = str(workdir)
     self.enabled = enabled
     self._closed = False
     self._jsonl = None
     self._events: _EventFile | None = None
+    self._remote = self.workdir if '://' in self.workdir else None
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a', encoding='utf-8')
+    local = tempfile.mkdtemp(prefix='beit3_jax_metrics_') if self._remote else self.workdir
+    os.makedirs(local, exist_ok=True)
+    self._local = local
+    if self._remote:
+      remote_metrics = epath.Path(self._remote) / METRICS_FILE
+      if remote_metrics.exists():
+        with open(os.path.join(local, METRICS_FILE), 'wb') as f:
+          f.write(remote_metrics.read_bytes())
+    self._jsonl = open(os.path.join(local, METRICS_FILE), 'a', encoding='utf-8')
     if tensorboard:
-      self._events = _EventFile(os.path.join(workdir, TENSORBOARD_DIR))
+      self._events = _EventFile(os.path.join(local, TENSORBOARD_DIR))
+
+  def _sync(self) -> None:
+    """Copies the local files to a remote workdir (no-op for a local one)."""
+    if not self._remote:
+      return
+    for root, _, files in os.walk(self._local):
+      for name in files:
+        local = os.path.join(root, name)
+        target = epath.Path(self._remote) / os.path.relpath(local, self._local)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(local, 'rb') as f:
+          target.write_bytes(f.read())
 
   @property
   def metrics_path(self) -> str:
+    if self._remote:
+      return f'{self._remote.rstrip("/")}/{METRICS_FILE}'
     return os.path.join(self.workdir, METRICS_FILE)
 
   @property
@@ -201,6 +227,7 @@ class MetricWriter:
       if scalars:
         self._events.add_summary(step, scalars)
         self._events.flush()
+    self._sync()
 
   def write_text(self, step: int, tag: str, text: str) -> None:
     """Writes `text` (markdown, e.g. the run's config) to TensorBoard's Text tab under `tag`."""
@@ -227,6 +254,7 @@ class MetricWriter:
     self._jsonl.close()
     if self._events:
       self._events.close()
+    self._sync()
 
   def __enter__(self) -> MetricWriter:
     return self

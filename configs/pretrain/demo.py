@@ -12,8 +12,13 @@ pairs (MLM on the 50%-masked caption), 32 of each per step. Model: 4 layers, wid
 heads, 64 px images with 8 px patches, 24-token texts. The run ends by printing where the
 checkpoints and metrics went. Rerunning the same command resumes from the newest checkpoint.
 
-Expect on a 2-core CPU: see the README's demo table for the measured total time, the loss
-drop and the validation accuracies against their most-frequent-target baselines.
+A sweep over the learning rate (see launch/README.md):
+    .venv/bin/python launch/sweep.py --config=configs/pretrain/demo.py --workdir_root=workdirs/demo_lr --run
+
+Expect on a 2-core CPU (measured 2026-11-28, empty data dir): about 7.5 minutes in all (data
+25 s, tokenizer 2 min, 350 pretraining steps at 1.2 steps/s); total loss 15.31 at step 1 ->
+8.46 at step 350 (-45%); validation masked-token accuracy against the most-frequent-target
+baseline: image 5.8% vs 2.0%, text 39.2% vs 11.8%, pair 38.4% vs 16.0%.
 """
 
 from beit3_jax.models import get_config as model_config
@@ -23,11 +28,11 @@ from beit3_jax.train.defaults import pretrain_config
 def get_config(arg=None):
   del arg
   config = pretrain_config()
-  config.total_steps = 600
-  config.checkpoint_every = 200
+  config.total_steps = 350
+  config.checkpoint_every = 100
   config.log_every = 20
-  config.eval_every = 300
-  config.eval_batches = 4
+  config.eval_every = 350
+  config.eval_batches = 15
   config.model = model_config('small', embed_dim=128, depth=4, num_heads=4, mlp_dim=512,
                               img_size=64, patch_size=8, vocab_size=128, max_text_positions=34,
                               drop_path_rate=0.0)
@@ -47,3 +52,9 @@ def get_config(arg=None):
   config.optimizer.lr = 1e-3
   config.optimizer.warmup_steps = 50
   return config
+
+
+def get_sweep(arg=None):
+  del arg
+  return [{'optimizer.lr': 1e-3}, {'optimizer.lr': 3e-4},
+          {'optimizer.lr': 3e-4, 'model.drop_path_rate': 0.1}]

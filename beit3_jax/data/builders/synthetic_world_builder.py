@@ -299,6 +299,7 @@ def prepare(data_dir: str | None = None, image_size: int = 64,
     else:
       print(f'Building {what} ({config.split_sizes}) into {builder.data_dir} ...', flush=True)
       started = time.perf_counter()
+      tfds.disable_progress_bar()  # one line per data set (above and below) is enough
       builder.download_and_prepare(file_format='array_record')
       print(f'Built {what} in {time.perf_counter() - started:.1f} s')
     builders[w] = builder

@@ -1,0 +1,34 @@
+"""BEiT-3 base pretraining with the paper's recipe (arXiv 2208.10442 §2.3, Table 11), TPU pods.
+
+1M steps of 2048 images (ImageNet, MIM on 40% block-masked patches) + 2048 texts (MLM, 15%) +
+2048 image-text pairs (MLM on 50% of the caption), 224 px, AdamW (0.9, 0.98, eps 1e-6), lr 1e-3
+after 10k warmup steps, cosine decay, weight decay 0.05, clipping 3.0, drop path 0.1.
+
+Prepare the data once (TFDS manual downloads; nothing is downloaded at run time):
+    tfds build imagenet2012 --data_dir=gs://BUCKET/data/tfds --manual_dir=...
+    tfds build coco_captions --data_dir=gs://BUCKET/data/tfds
+    tfds build wikipedia/20230601.en --data_dir=gs://BUCKET/data/tfds
+and convert the BEiT v2 tokenizer and get the vocabulary (both downloaded by you):
+    python -m beit3_jax.convert to-flax vqkd_encoder_base_decoder_3x768x12_clip.pth \
+        gs://BUCKET/vqkd_base --model vqkd --variant base
+
+Command (every host of a TPU slice, see launch/README.md):
+    bash launch/tpu_pod.sh run beit3_jax.main --config=configs/pretrain/base.py \
+        --workdir=gs://BUCKET/runs/beit3_base --config.data.data_dir=gs://BUCKET/data \
+        --config.tokenizer.path=gs://BUCKET/vqkd_base --config.data.spm_path=gs://BUCKET/beit3.spm
+
+Expect: 220,987,392 backbone parameters (+ the two heads); the paper's run took 1M steps on
+far more data than these three TFDS sets (see beit3_reference.md §4). This repository has not
+run it: no TPU was available to us.
+"""
+
+from beit3_jax.train.defaults import pretrain_config
+
+
+def get_config(arg=None):
+  del arg
+  config = pretrain_config()
+  config.data.text = 'wikipedia/20230601.en'
+  config.model.dtype = 'bfloat16'
+  config.mesh_shape = (-1, 1, 1)
+  return config

@@ -1,0 +1,27 @@
+"""A VQ-KD base tokenizer (8192 x 32 codes, ViT-B/16 encoder) distilled from a frozen teacher on
+ImageNet, BEiT v2's recipe (beit2/TOKENIZER.md) with the teacher swapped: BEiT v2 used CLIP
+ViT-B/16, which this project does not ship; here the teacher is a frozen BEiT-3 (e.g. the
+released base, converted with the convert CLI) or a ViT encoder of a converted VQ-KD.
+
+    tfds build imagenet2012 --data_dir=gs://BUCKET/data/tfds --manual_dir=...
+    python -m beit3_jax.convert to-flax beit3_base_patch16_224.pth gs://BUCKET/beit3_base \
+        --variant base
+    bash launch/tpu_pod.sh run beit3_jax.main --config=configs/pretrain/tokenizer_base.py \
+        --workdir=gs://BUCKET/runs/vqkd_base --config.data.data_dir=gs://BUCKET/data \
+        --config.teacher.path=gs://BUCKET/beit3_base
+
+The trained tokenizer is exported to <workdir>/tokenizer, for a pretraining config's
+`tokenizer.path`. Expect (BEiT v2 reports for its CLIP teacher) codebook usage near 100%.
+Not run by us (no TPU available).
+"""
+
+from beit3_jax.tokenizers import get_vqkd_config
+from beit3_jax.train.defaults import tokenizer_config
+
+
+def get_config(arg=None):
+  del arg
+  config = tokenizer_config()
+  config.tokenizer = get_vqkd_config('base', decoder_out_dim=768)  # the teacher's width
+  config.teacher.kind = 'beit3'
+  return config
