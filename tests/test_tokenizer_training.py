@@ -82,7 +82,9 @@ def test_dead_codes_move_onto_batch_features():
       [[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 0, 0]], jnp.float32)
   sizes = jnp.array([5.0, 0.01, 5.0, 5.0])
   z = jnp.tile(jnp.array([[0.6, 0.8, 0.0]]), (8, 1))
-  new, new_sizes = tobj.restart_dead_codes(jax.random.key(0), codebook, sizes, z, 0.25)
+  new, new_sizes = jax.device_get(
+      tobj.restart_dead_codes(jax.random.key(0), codebook, sizes, z, 0.25))
+  codebook = np.asarray(codebook)
   np.testing.assert_allclose(new[1], [0.6, 0.8, 0.0], atol=1e-6)
   np.testing.assert_array_equal(new[[0, 2, 3]], codebook[[0, 2, 3]])
   assert float(new_sizes[1]) == 2.0 and float(new_sizes[0]) == 5.0
