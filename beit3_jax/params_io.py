@@ -128,6 +128,8 @@ def find_step_dir(path) -> epath.Path | None:
   """The checkpoint step directory of a training workdir (its newest step), of its
   `checkpoints/` dir, or of a step dir itself; None if there is none."""
   path = epath.Path(path)
+  if '://' not in str(path):
+    path = path.absolute()  # Orbax reads no metadata through a relative path
   if (path / 'state').exists():
     return path
   root = path / 'checkpoints' if (path / 'checkpoints').exists() else path

@@ -1,7 +1,6 @@
 """Tests of the host image preprocessing (beit3_jax/data/image_ops.py)."""
 
 import io
-import math
 
 import jax
 import jax.numpy as jnp

@@ -218,3 +218,11 @@ def test_export_pretraining_checkpoint_torchscale_layout_refuses(trained_run, tm
     convert.main(['to-torch', str(workdir), str(out), '--layout', 'torchscale'])
   assert 'mim_head' in str(info.value) and 'mlm_head' in str(info.value)
   assert not out.exists()
+
+
+def test_export_reads_a_relative_workdir(trained_run, tmp_path, monkeypatch):
+  workdir, final_params, _ = trained_run
+  monkeypatch.chdir(workdir.parent)
+  params, step_dir = params_io.load_training_params(workdir.name)   # e.g. workdirs/demo
+  assert step_dir.is_absolute() and step_dir.name == '2'
+  assert_trees_bitwise(params, final_params)

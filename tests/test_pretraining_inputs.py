@@ -1,6 +1,5 @@
 """The three pretraining streams on a tiny build of the built-in data set."""
 
-import io
 import json
 
 import jax

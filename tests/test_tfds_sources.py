@@ -1,6 +1,5 @@
 """Opening prepared TFDS data sets by name, and the errors when they are not there."""
 
-import json
 import time
 
 import pytest

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from beit3_jax.data import paths, pipeline, pretraining as inputs_lib, tfds_sources
+from beit3_jax.data import paths, pretraining as inputs_lib, tfds_sources
 from beit3_jax.data.masking import BlockMaskConfig
 from beit3_jax.data.text import TextTokenizer
 from beit3_jax.models import num_patches
