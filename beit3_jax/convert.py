@@ -341,6 +341,25 @@ def model_to_torch(params, config, *, layout: str = 'unilm') -> dict[str, np.nda
   return {**flax_to_torch(params['beit3'], config, layout=layout), **heads_to_torch(heads)}
 
 
+def model_to_flax(state_dict: Mapping[str, Any], config, abstract_params) -> dict:
+  """The inverse of `model_to_torch` ('unilm' layout): `beit3.*` -> the backbone, the other
+  keys -> the heads of `abstract_params` (a model tree {'beit3': ..., '<head>': ...}).
+
+  Raises ConversionError naming what does not fit (missing or mis-shaped keys; keys of neither
+  the backbone nor a head)."""
+  state_dict = unwrap_state_dict(state_dict)
+  abstract = nn.meta.unbox(abstract_params)
+  heads = {k: v for k, v in abstract.items() if k != 'beit3'}
+  backbone = {k: v for k, v in state_dict.items() if k.startswith(UNILM_PREFIX)}
+  rest = {k: v for k, v in state_dict.items() if not k.startswith(UNILM_PREFIX)}
+  head_keys = set(heads_to_torch(jax.tree.map(lambda a: np.zeros(a.shape, np.float32), heads)))
+  unexpected = sorted(set(rest) - head_keys)
+  if unexpected:
+    raise ConversionError(f'Keys of neither the backbone nor the heads {sorted(heads)}: '
+                          f'{unexpected[:12]}')
+  return {'beit3': torch_to_flax(backbone, config), **heads_to_flax(rest, heads)}
+
+
 # ----------------------------------------------------------------------------- files
 
 

@@ -100,3 +100,8 @@ def test_frozen_params_get_no_update_at_all():
   assert not np.any(updates['quantize']['embedding']['embedding'])
   assert np.all(np.asarray(updates['encoder']['w']['kernel']) < 0)
   assert float(optax.tree.norm(updates)) > 0
+
+
+def test_head_sublayers_are_not_backbone_layers():
+  assert opt.layer_id('head/layers_0/kernel', depth=12) == 13          # VQA head.0
+  assert opt.layer_id('beit3/encoder/layers_3/ffn/A/fc1/kernel', depth=12) == 4

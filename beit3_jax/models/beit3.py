@@ -63,7 +63,8 @@ class BEiT3(nn.Module):
                attn_mask=None, deterministic: bool = True, return_hidden_states: bool = False):
     cfg = self.config
     dtype = compute_dtype(cfg.dtype)
-    if self.is_initializing() and (images is None or text_ids is None):
+    created = 'text_embed' in self.variables.get('params', {})  # a second call during init
+    if self.is_initializing() and (images is None or text_ids is None) and not created:
       raise ValueError('Initialise BEiT3 with both images and text_ids so that every parameter '
                        'is created (see beit3_jax.models.init_params).')
     check_inputs(cfg, text_ids, text_padding_mask, images, image_mask, attn_mask)

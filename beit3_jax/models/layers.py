@@ -39,6 +39,7 @@ class Linear(nn.Module):
   kernel_init: Initializer
   bias_init: Initializer
   dtype: Any = jnp.float32
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -49,11 +50,13 @@ class Linear(nn.Module):
     kernel = self.param(
         'kernel', nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
         tuple(self.in_features) + tuple(self.features), jnp.float32)
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    if not self.use_bias:
+      return y
     bias = self.param(
         'bias', nn.with_logical_partitioning(self.bias_init, self.kernel_axes[n_in:]),
         tuple(self.features), jnp.float32)
-    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
     return y + bias.astype(self.dtype)
 
 

@@ -19,8 +19,8 @@ names in `NO_DECAY_NAMES` (the vision position table A and the CLS token, as uni
 B, the mask token and the text embedding are decayed, as in the reference.
 
 Layer ids (unilm `get_num_layer_for_vit`, num_max_layer = depth + 2): embeddings
-(`text_embed`, `vision_embed`, `embed_positions`) 0, `layers_i` i + 1, everything after the
-last layer (final norm, heads) depth + 1.
+(`text_embed`, `vision_embed`, `embed_positions`) 0, `encoder/layers_i` i + 1, everything after
+the last layer (final norm, heads, including a head's own `layers_k`) depth + 1.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ NO_DECAY_NAMES = (
     r'(^|/)(encoder|decoder)/(pos_embed|cls_token)$',
 )
 _EMBEDDING_PARTS = ('text_embed', 'vision_embed', 'embed_positions')
-_LAYER = re.compile(r'(^|/)layers_(\d+)(/|$)')
+_LAYER = re.compile(r'(^|/)encoder/layers_(\d+)(/|$)')
 
 
 def path_name(path) -> str:

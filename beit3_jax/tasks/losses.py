@@ -1,0 +1,66 @@
+"""The fine-tuning losses of unilm `beit3/engine_for_finetuning.py`, in float32.
+
+All take logits/features from `beit3_jax.models.heads` and return a scalar mean:
+
+- classification, NLVR2: softmax cross-entropy, optionally label-smoothed (timm's
+  `LabelSmoothingCrossEntropy`: (1 - s) * NLL + s * mean over classes of -log p), or against
+  soft targets (mixup / cutmix);
+- VQAv2: binary cross-entropy with logits against the soft scores, averaged over every
+  (example, answer) entry and multiplied by the number of answers (unilm's
+  `F.binary_cross_entropy_with_logits(...) * labels.shape[1]`), i.e. a per-example sum;
+- retrieval: the symmetric contrastive loss (CE image->text + CE text->image) / 2 over
+  exp(logit_scale) * cosine similarities. Under `jax.jit` the features are global arrays over
+  the whole data axis, so every image is contrasted with every text of the global batch (what
+  unilm's all-gather with gradient does across GPUs);
+- captioning: label-smoothed cross-entropy over the chosen (masked) text positions.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0,
+                  weights: jax.Array | None = None) -> jax.Array:
+  """Mean over examples (or over positions where `weights` > 0) of the smoothed CE.
+
+  logits (..., C); labels (...) int. weights (...) optional 0/1 (mean over the 1s).
+  """
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  loss = (1.0 - label_smoothing) * nll + label_smoothing * (-jnp.mean(logp, axis=-1))
+  if weights is None:
+    return jnp.mean(loss)
+  w = weights.astype(jnp.float32)
+  return jnp.sum(loss * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def soft_target_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Mean over examples of -sum_c targets_c log p_c (mixup / cutmix targets)."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return jnp.mean(-jnp.sum(targets.astype(jnp.float32) * logp, axis=-1))
+
+
+def vqa_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """BCE with logits against soft scores (B, A), mean over all entries x A (unilm)."""
+  x = logits.astype(jnp.float32)
+  t = targets.astype(jnp.float32)
+  bce = jnp.maximum(x, 0) - x * t + jnp.log1p(jnp.exp(-jnp.abs(x)))
+  return jnp.mean(bce) * logits.shape[-1]
+
+
+def contrastive_logits(image_features: jax.Array, text_features: jax.Array,
+                       logit_scale: jax.Array) -> jax.Array:
+  """exp(logit_scale) * image_features @ text_features.T: (B_images, B_texts) float32."""
+  return jnp.exp(logit_scale.astype(jnp.float32)) * jnp.einsum(
+      'id,td->it', image_features.astype(jnp.float32), text_features.astype(jnp.float32),
+      precision=jax.lax.Precision.HIGHEST)
+
+
+def contrastive_loss(image_features: jax.Array, text_features: jax.Array,
+                     logit_scale: jax.Array) -> jax.Array:
+  """(CE(image -> its text) + CE(text -> its image)) / 2; pair i is image i and text i."""
+  logits = contrastive_logits(image_features, text_features, logit_scale)
+  labels = jnp.arange(logits.shape[0])
+  return (cross_entropy(logits, labels) + cross_entropy(logits.T, labels)) / 2
