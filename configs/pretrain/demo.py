@@ -15,8 +15,8 @@ checkpoints and metrics went. Rerunning the same command resumes from the newest
 A sweep over the learning rate (see launch/README.md):
     .venv/bin/python launch/sweep.py --config=configs/pretrain/demo.py --workdir_root=workdirs/demo_lr --run
 
-Expect on a 2-core CPU (measured 2026-11-28, empty data dir): about 7.5 minutes in all (data
-25 s, tokenizer 2 min, 350 pretraining steps at 1.2 steps/s); total loss 15.31 at step 1 ->
+Expect on a 2-core CPU (measured 2026-11-28, empty data dir): 8 min 25 s in all (data 30 s,
+tokenizer 2 min, 350 pretraining steps at 1.0-1.2 steps/s); total loss 15.31 at step 1 ->
 8.46 at step 350 (-45%); validation masked-token accuracy against the most-frequent-target
 baseline: image 5.8% vs 2.0%, text 39.2% vs 11.8%, pair 38.4% vs 16.0%.
 """
