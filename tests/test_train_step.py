@@ -100,3 +100,13 @@ def test_summary_baseline_is_the_most_frequent_target_share():
   assert out['text/baseline_accuracy'] == pytest.approx(0.6)
   assert out['text/accuracy'] == pytest.approx(0.5)
   assert out['text/loss'] == pytest.approx(2.0)
+
+
+def test_bfloat16_compute_keeps_float32_params(eight_devices):
+  mesh = sharding.make_mesh((1, 1, 1), devices=eight_devices[:1])
+  obj = fx.objective(depth=1, dtype='bfloat16')
+  losses_bf16, _, params = _run(mesh, steps=2, objective=obj)
+  assert np.all(np.isfinite(losses_bf16))
+  assert all(x.dtype == np.float32 for x in jax.tree.leaves(params))
+  losses_f32, _, _ = _run(mesh, steps=2, objective=fx.objective(depth=1))
+  assert abs(losses_bf16[0] - losses_f32[0]) <= 0.05 * abs(losses_f32[0])
