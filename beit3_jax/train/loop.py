@@ -126,6 +126,10 @@ def train(config, workdir, job: Job) -> dict:
   else:
     origin = 'fresh initialisation'
   first_step = int(jax.device_get(state.step))
+  if first_step >= config.total_steps:
+    print(f'The checkpoint is at step {first_step} >= total_steps={config.total_steps}: '
+          'nothing left to train (raise --config.total_steps to continue, in a new workdir '
+          'or with init_from, since the schedule depends on it).')
 
   n_params = count_params(state.params)
   peak = flops_lib.peak_flops_per_device(config.get('peak_tflops_per_device', 0.0) * 1e12)
