@@ -33,7 +33,7 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config fil
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for the run\'s outputs.')
 
-JOBS = ('pretrain', 'tokenizer', 'smoke')
+JOBS = ('pretrain', 'tokenizer', 'finetune', 'smoke')
 
 
 def synthetic_image(size: int):
@@ -161,6 +161,9 @@ def run_training(job: str, config, workdir: str) -> dict:
   if job == 'pretrain':
     from beit3_jax.train import pretrain
     result = pretrain.run(config, workdir)
+  elif job == 'finetune':
+    from beit3_jax.train import finetune
+    result = finetune.run(config, workdir)
   else:
     from beit3_jax.train import tokenizer_training
     result = tokenizer_training.run(config, workdir)

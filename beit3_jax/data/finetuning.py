@@ -1,0 +1,126 @@
+"""Fine-tuning inputs: per-example transforms of image classification and VQA.
+
+Batch layouts are those of `beit3_jax.data.schema` ('classification', 'vqa'); images stay uint8
+on the host and are normalised on the device (0.5 / 0.5, `image_ops.normalize`).
+
+- train (the VL recipe of unilm `beit3/datasets.py`): random resized crop (scale
+  `crop_scale`, default 0.5-1) -> horizontal flip (p 0.5);
+- eval: a plain resize to (image_size, image_size).
+- VQA text: `<s>` question `</s>` padded to `text_len` (the .spm `TextTokenizer`); the answer
+  becomes a soft-score vector over the answer vocabulary (1.0 on the right answer, the
+  built-in data having one answer per question). An example of the built-in data holds
+  several questions; each pass picks one with the example's rng (train and eval alike, so the
+  validation batches are the same every time for a fixed seed).
+
+Examples the transform cannot use (undecodable image, empty question, answer out of the
+vocabulary) are skipped and counted by the pipeline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from beit3_jax.data import image_ops, pipeline
+from beit3_jax.data.pretraining import get_field, load_image
+from beit3_jax.data.text import TextTokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneInputs:
+  """Per-example settings.
+
+  Attributes:
+    image_size: model view side (px).
+    train: augment (random resized crop + flip) or not (plain resize).
+    crop_scale: RandomResizedCrop area range.
+    flip_prob: horizontal flip probability in training.
+    interpolation: resampling of crops and resizes.
+    text_len: tokens per question, with <s> and </s> (VQA).
+  """
+  image_size: int
+  train: bool
+  crop_scale: tuple[float, float] = (0.5, 1.0)
+  flip_prob: float = 0.5
+  interpolation: str = 'bicubic'
+  text_len: int = 32
+
+
+def view(cfg: FinetuneInputs, image, rng: np.random.Generator) -> np.ndarray:
+  """uint8 (S, S, 3): the training crop + flip, or the eval resize."""
+  if cfg.train:
+    out = image_ops.random_resized_crop(rng, image, cfg.image_size, tuple(cfg.crop_scale),
+                                        interpolation=cfg.interpolation)
+    return image_ops.horizontal_flip(rng, out, cfg.flip_prob)
+  return image_ops.eval_resize(image, cfg.image_size, cfg.interpolation)
+
+
+def classification_transform(cfg: FinetuneInputs, num_classes: int, image_field: str = 'image',
+                             label_field: str = 'label') -> pipeline.Transform:
+  """(example with an image and an int label, rng) -> {'image' uint8, 'label' int32}."""
+  def transform(example, rng):
+    image = load_image(example, image_field)
+    if isinstance(image, pipeline.Skip):
+      return image
+    label = int(np.asarray(get_field(example, label_field)))
+    if not 0 <= label < num_classes:
+      return pipeline.Skip('label out of range')
+    return {'image': view(cfg, image, rng), 'label': np.int32(label)}
+  return transform
+
+
+def _as_str(value) -> str:
+  return value.decode('utf-8') if isinstance(value, bytes) else str(value)
+
+
+def _as_list(value) -> list:
+  if isinstance(value, (str, bytes)) or np.ndim(value) == 0:
+    return [value]
+  return list(value)
+
+
+def vqa_transform(cfg: FinetuneInputs, tokenizer: TextTokenizer, answers: Sequence[str],
+                  image_field: str = 'image', question_field: str = 'qa/question',
+                  answer_field: str = 'qa/answer') -> pipeline.Transform:
+  """(example with an image and question(s) + answer(s), rng) -> the 'vqa' layout:
+  {'image', 'text_ids', 'text_padding_mask', 'answer_scores' (A,) float32 one-hot}.
+
+  Answers are matched to `answers` by their text (so any answer vocabulary works).
+  """
+  index = {a: i for i, a in enumerate(answers)}
+
+  def transform(example, rng):
+    questions = [_as_str(q).strip() for q in _as_list(get_field(example, question_field))]
+    given = [_as_str(a).strip() for a in _as_list(get_field(example, answer_field))]
+    if not questions or len(questions) != len(given):
+      return pipeline.Skip('no question')
+    k = int(rng.integers(len(questions)))
+    question, answer = questions[k], given[k]
+    if not question:
+      return pipeline.Skip('empty question')
+    if answer not in index:
+      return pipeline.Skip('answer not in vocabulary')
+    image = load_image(example, image_field)
+    if isinstance(image, pipeline.Skip):
+      return image
+    ids, pad = tokenizer.encode_sequence(question, cfg.text_len)
+    scores = np.zeros((len(answers),), np.float32)
+    scores[index[answer]] = 1.0
+    return {'image': view(cfg, image, rng), 'text_ids': ids.astype(np.int32),
+            'text_padding_mask': pad, 'answer_scores': scores}
+  return transform
+
+
+def make_stream_mixture(name: str, source: Any, transform: pipeline.Transform,
+                        global_batch: int, seed: int, *, num_epochs: int | None = None,
+                        read_threads: int = 2) -> pipeline.Mixture:
+  """A one-stream mixture `{name: batch}` (the trainer's resumable data object)."""
+  return pipeline.Mixture({name: pipeline.Stream(source, transform, global_batch=global_batch,
+                                                 seed=seed, num_epochs=num_epochs,
+                                                 read_threads=read_threads)})
+
+
+def field_overrides(fields: Mapping[str, str] | None, defaults: Mapping[str, str]) -> dict:
+  return {**defaults, **dict(fields or {})}

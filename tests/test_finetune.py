@@ -1,0 +1,118 @@
+"""Fine-tuning: the classification and VQA objectives train (loss finite and falling, metric
+keys present) and the per-example transforms give the schema's layouts."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+import train_fixtures as fx
+from beit3_jax import sharding
+from beit3_jax.data import finetuning as ft_data
+from beit3_jax.data import pipeline, schema
+from beit3_jax.train import finetune
+from beit3_jax.train import step as step_lib
+
+pytestmark = pytest.mark.usefixtures('fast_compile')
+
+B = 8
+ANSWERS = 6
+
+
+def _model_cfg():
+  return fx.model_config(normalize_output=False)
+
+
+def _classification_batch(seed=0):
+  rng = np.random.default_rng(seed)
+  s = _model_cfg().img_size
+  return {'classification': {
+      'image': rng.integers(0, 256, (B, s, s, 3), dtype=np.uint8),
+      'label': rng.integers(0, 4, (B,)).astype(np.int32)}}
+
+
+def _vqa_batch(seed=0):
+  rng = np.random.default_rng(seed)
+  s = _model_cfg().img_size
+  ids = rng.integers(4, 40, (B, fx.TEXT_LEN)).astype(np.int32)
+  ids[:, 0] = 0
+  pad = np.zeros((B, fx.TEXT_LEN), bool)
+  pad[:, 7:] = True
+  scores = np.zeros((B, ANSWERS), np.float32)
+  scores[np.arange(B), rng.integers(0, ANSWERS, B)] = 1.0
+  return {'vqa': {'image': rng.integers(0, 256, (B, s, s, 3), dtype=np.uint8),
+                  'text_ids': ids, 'text_padding_mask': pad, 'answer_scores': scores}}
+
+
+def _train(objective, batch, steps=6):
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  tx, schedule = fx.optimizer(total_steps=steps, lr=3e-3, warmup_steps=1)
+  state, shardings = step_lib.create_state(objective, tx, mesh, jax.random.key(0), {}, {})
+  batch = jax.device_put(batch, NamedSharding(mesh, PartitionSpec(('data', 'fsdp'))))
+  losses, tasks = [], []
+  with sharding.use_mesh(mesh):
+    jitted = step_lib.jit_train_step(step_lib.make_train_step(objective, tx, schedule), mesh,
+                                     shardings, batch)
+    for i in range(steps):
+      state, metrics = jitted(state, batch, jax.random.fold_in(jax.random.key(1), i))
+      metrics = jax.device_get(metrics)
+      losses.append(float(metrics['loss']))
+      tasks.append(metrics['tasks'])
+    eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(objective), mesh, shardings,
+                                       batch)
+    eval_sums = jax.device_get(eval_step(state.params, state.extra, state.frozen, batch))
+  summary = objective.summarize(jax.tree.map(lambda *x: np.sum(x, axis=0), *tasks))
+  return np.array(losses), summary, objective.summarize(eval_sums)
+
+
+def test_classification_objective_trains():
+  objective = finetune.ClassificationFinetune(_model_cfg(), num_classes=4, label_smoothing=0.1)
+  losses, train, val = _train(objective, _classification_batch())
+  assert np.all(np.isfinite(losses))
+  assert losses[0] == pytest.approx(np.log(4), abs=0.05)   # the head starts near zero
+  assert losses[-1] < losses[0]
+  keys = {'loss', 'nll', 'accuracy', 'top5_accuracy', 'baseline_accuracy', 'examples'}
+  assert {f'classification/{k}' for k in keys} <= set(train)
+  assert set(val) == set(train)
+  assert val['classification/examples'] == B
+  assert val['classification/top5_accuracy'] == 1.0      # 4 classes: top-5 holds them all
+  labels = _classification_batch()['classification']['label']
+  assert val['classification/baseline_accuracy'] == np.max(np.bincount(labels)) / B
+
+
+def test_vqa_objective_trains():
+  objective = finetune.VQAFinetune(_model_cfg(), num_answers=ANSWERS, text_len=fx.TEXT_LEN)
+  losses, train, val = _train(objective, _vqa_batch())
+  assert np.all(np.isfinite(losses))
+  assert losses[0] == pytest.approx(ANSWERS * np.log(2), rel=0.2)   # BCE x answers at init
+  assert losses[-1] < 0.9 * losses[0]
+  assert {f'vqa/{k}' for k in ('loss', 'accuracy', 'baseline_accuracy', 'examples')} <= set(train)
+  assert 0.0 <= val['vqa/accuracy'] <= 1.0 and val['vqa/examples'] == B
+
+
+def test_transforms_give_the_schema_layouts():
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+  example = {'image': image, 'label': 2,
+             'qa': {'question': [b'what colour is the circle?', b'how many shapes?'],
+                    'answer': [b'red', b'two'], 'answer_id': [0, 1]}}
+  for train in (True, False):
+    cfg = ft_data.FinetuneInputs(image_size=32, train=train, text_len=fx.TEXT_LEN)
+    out = ft_data.classification_transform(cfg, 4)(example, np.random.default_rng(1))
+    schema.check('classification', jax.tree.map(lambda x: np.stack([x, x]), out))
+    assert out['image'].shape == (32, 32, 3) and out['label'] == 2
+
+  class Tok:   # a stand-in with the TextTokenizer interface used by the transform
+    def encode_sequence(self, text, max_len):
+      ids = np.full((max_len,), 1, np.int32)
+      n = min(len(text.split()), max_len - 2)
+      ids[0], ids[1:n + 1], ids[n + 1] = 0, 5, 2
+      return ids, np.arange(max_len) >= n + 2
+
+  cfg = ft_data.FinetuneInputs(image_size=32, train=True, text_len=fx.TEXT_LEN)
+  transform = ft_data.vqa_transform(cfg, Tok(), ('red', 'two', 'yes'))
+  out = transform(example, np.random.default_rng(3))
+  schema.check('vqa', jax.tree.map(lambda x: np.stack([x, x]), out))
+  assert out['answer_scores'].sum() == 1.0 and out['answer_scores'][:2].sum() == 1.0
+  bad = {**example, 'qa': {'question': [b'q?'], 'answer': [b'maybe']}}
+  assert isinstance(transform(bad, np.random.default_rng(0)), pipeline.Skip)
