@@ -22,6 +22,8 @@ from beit3_jax import convert
 from beit3_jax.models import get_config, heads
 from beit3_jax.tasks import losses
 
+pytestmark = pytest.mark.usefixtures('fast_compile')
+
 TOL = 1e-5
 B, L = 3, 7
 

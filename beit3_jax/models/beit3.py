@@ -43,6 +43,18 @@ class BEiT3(nn.Module):
     attn_mask:         (S, S) bool or 0/1 int, True/1 = query row may not attend to key column;
                        shared by the batch and heads; added as -1e8 to the logits.
     deterministic:     False turns on drop path (rng collection 'drop_path').
+    text_positions:    (B, L) int, explicit 0-based text positions (table row = index + 2, as
+                       torchscale's `positions`); default 0 .. L - 1. For incremental decoding.
+    cache:             key/value cache of earlier tokens (torchscale's `incremental_state`): a
+                       sequence of `depth` dicts {'key', 'value'} (B, S_cache, H, d), prepended
+                       to each layer's keys/values. attn_mask is then (S, S_cache + S) (rows =
+                       this call's tokens, columns = cached then new keys), cached keys are
+                       never padding, and the output dict gets `new_cache`: the same structure
+                       (a tuple) with this call's keys/values appended (B, S_cache + S, H, d).
+                       Routing and positions of the new tokens are those of this call alone
+                       (a text-only step uses expert B, as torchscale's split position 0), so
+                       a cached run equals the full run only with num_vl_layers == 0.
+    return_cache:      True returns `new_cache` (this call's keys/values) without a cache.
 
   The sequence is vision first: [CLS, N_p patches, L text tokens]. Image only routes every
   Multiway module to expert A, text only to B, image + text splits at 1 + N_p (returned as
@@ -60,14 +72,17 @@ class BEiT3(nn.Module):
 
   @nn.compact
   def __call__(self, text_ids=None, text_padding_mask=None, images=None, image_mask=None,
-               attn_mask=None, deterministic: bool = True, return_hidden_states: bool = False):
+               attn_mask=None, deterministic: bool = True, return_hidden_states: bool = False,
+               text_positions=None, cache=None, return_cache: bool = False):
     cfg = self.config
     dtype = compute_dtype(cfg.dtype)
     created = 'text_embed' in self.variables.get('params', {})  # a second call during init
     if self.is_initializing() and (images is None or text_ids is None) and not created:
       raise ValueError('Initialise BEiT3 with both images and text_ids so that every parameter '
                        'is created (see beit3_jax.models.init_params).')
-    check_inputs(cfg, text_ids, text_padding_mask, images, image_mask, attn_mask)
+    cache_len = 0 if cache is None else int(cache[0]['key'].shape[1])
+    check_inputs(cfg, text_ids, text_padding_mask, images, image_mask, attn_mask,
+                 text_positions=text_positions, cache_len=cache_len)
 
     parts = []
     if images is not None:
@@ -87,15 +102,30 @@ class BEiT3(nn.Module):
             [jnp.zeros((text_pad.shape[0], split), bool), text_pad], axis=1)
       padding_mask = text_pad
 
-    out, hidden = Encoder(cfg, name='encoder')(x, split, padding_mask, attn_mask, deterministic)
+    encoder = Encoder(cfg, name='encoder')
+    if cache is None and not return_cache and text_positions is None:
+      out, hidden = encoder(x, split, padding_mask, attn_mask, deterministic)
+      new_cache = None
+    else:
+      if text_positions is not None:
+        text_positions = jnp.asarray(text_positions).astype(jnp.int32)
+      encoded = encoder(x, split, padding_mask, attn_mask, deterministic, text_positions, cache,
+                        return_cache)
+      out, hidden = encoded[:2]
+      new_cache = encoded[2] if len(encoded) > 2 else None
     result = {'encoder_out': out, 'split_position': split}
+    if new_cache is not None:
+      result['new_cache'] = new_cache
     if return_hidden_states:
       result['hidden_states'] = jnp.stack(hidden)
     return result
 
 
-def check_inputs(cfg, text_ids, text_padding_mask, images, image_mask, attn_mask) -> int:
-  """Raises ValueError naming the first input whose shape or dtype is wrong; returns B."""
+def check_inputs(cfg, text_ids, text_padding_mask, images, image_mask, attn_mask, *,
+                 text_positions=None, cache_len: int = 0) -> int:
+  """Raises ValueError naming the first input whose shape or dtype is wrong; returns B.
+
+  With a cache of `cache_len` tokens, attn_mask must be (S, cache_len + S)."""
   if images is None and text_ids is None:
     raise ValueError('BEiT3 needs images, text_ids or both.')
   batch = None
@@ -133,10 +163,20 @@ def check_inputs(cfg, text_ids, text_padding_mask, images, image_mask, attn_mask
     if text_padding_mask is not None and tuple(text_padding_mask.shape) != tuple(text_ids.shape):
       raise ValueError(f'text_padding_mask must have the shape of text_ids '
                        f'{tuple(text_ids.shape)}, got {tuple(text_padding_mask.shape)}.')
+    if text_positions is not None:
+      if tuple(np.shape(text_positions)) != tuple(text_ids.shape):
+        raise ValueError(f'text_positions must have the shape of text_ids '
+                         f'{tuple(text_ids.shape)}, got {tuple(np.shape(text_positions))}.')
+      if not jnp.issubdtype(jnp.asarray(text_positions).dtype, jnp.integer):
+        raise ValueError('text_positions must be integer.')
   elif text_padding_mask is not None:
     raise ValueError('text_padding_mask given without text_ids.')
-  if attn_mask is not None and tuple(np.shape(attn_mask)) != (seq_len, seq_len):
-    raise ValueError(f'attn_mask must be (S, S) = ({seq_len}, {seq_len}) for this input, '
+  elif text_positions is not None:
+    raise ValueError('text_positions given without text_ids.')
+  n_keys = cache_len + seq_len
+  if attn_mask is not None and tuple(np.shape(attn_mask)) != (seq_len, n_keys):
+    what = '(S, S)' if not cache_len else '(S, S_cache + S)'
+    raise ValueError(f'attn_mask must be {what} = ({seq_len}, {n_keys}) for this input, '
                      f'got {tuple(np.shape(attn_mask))}.')
   return batch
 

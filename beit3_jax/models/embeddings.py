@@ -91,11 +91,19 @@ class PositionTable(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, length: int) -> jax.Array:
-    """Returns (1, length, D) = rows [2, 2 + length) of the table."""
+  def __call__(self, length: int, positions: jax.Array | None = None) -> jax.Array:
+    """Returns (1, length, D) = rows [2, 2 + length) of the table.
+
+    With `positions` (B, length) int (0-based indices), returns (B, length, D) = rows
+    positions + 2 instead (explicit positions for incremental decoding; not range checked when
+    traced, out-of-range indices are clamped by the gather).
+    """
     table = self.param('embedding', nn.with_logical_partitioning(
         initializers.normal(1.0), ('posemb', 'embed')), (self.num_rows, self.embed_dim),
         jnp.float32)
+    if positions is not None:
+      rows = jnp.asarray(positions).astype(jnp.int32) + POSITION_OFFSET
+      return jnp.take(table, rows, axis=0, mode='clip').astype(self.dtype)
     if POSITION_OFFSET + length > self.num_rows:
       raise ValueError(f'{self.name}: {length} positions need {POSITION_OFFSET + length} rows, '
                        f'the table has {self.num_rows}.')
@@ -114,14 +122,26 @@ class MultiwayPositions(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, seq_len: int, split_position: int) -> jax.Array:
-    """Returns (1, seq_len, D) position embeddings for a sequence routed by split_position."""
+  def __call__(self, seq_len: int, split_position: int,
+               text_positions: jax.Array | None = None) -> jax.Array:
+    """Returns (1, seq_len, D) position embeddings for a sequence routed by split_position.
+
+    `text_positions` (B, L) int, L = the number of text tokens, gives the text tokens explicit
+    0-based positions (table B rows text_positions + 2; torchscale's `positions` minus 2);
+    the result is then (B, seq_len, D). The vision span always uses rows 2 .. p + 1.
+    """
     vision = PositionTable(self.num_vision_rows, self.embed_dim, self.dtype, name='A')
     text = PositionTable(self.num_text_rows, self.embed_dim, self.dtype, name='B')
     if self.is_initializing():  # a one-modality init still creates both tables
       vision(1), text(1)
     if split_position == -1:
+      if text_positions is not None:
+        raise ValueError('text_positions given for a sequence without text.')
       return vision(seq_len)
     if split_position == 0:
-      return text(seq_len)
-    return jnp.concatenate([vision(split_position), text(seq_len - split_position)], axis=1)
+      return text(seq_len, text_positions)
+    text_pos = text(seq_len - split_position, text_positions)
+    vision_pos = vision(split_position)
+    if text_positions is not None:
+      vision_pos = jnp.broadcast_to(vision_pos, (text_pos.shape[0],) + vision_pos.shape[1:])
+    return jnp.concatenate([vision_pos, text_pos], axis=1)
