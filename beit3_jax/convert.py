@@ -71,8 +71,10 @@ class Report:
   skipped: list[str] = dataclasses.field(default_factory=list)
 
 
-def _layout_kind(flax_path: str) -> str:
-  for pattern, kind in _LAYOUT_RULES:
+def layout_kind(flax_path: str, rules=None) -> str:
+  """The layout kind of a Flax path: the first rule (regex, kind) of `rules` (default: the
+  backbone's table) that matches it."""
+  for pattern, kind in (_LAYOUT_RULES if rules is None else rules):
     if re.search(pattern, flax_path):
       return kind
   raise AssertionError(flax_path)
@@ -137,7 +139,7 @@ def expected_torch_shapes(config, *, layout: str = 'torchscale') -> dict[str, tu
   from beit3_jax.models import abstract_params
   prefix = _prefix(layout)
   flat = flatten_params(abstract_params(config, boxed=False))
-  return {prefix + torch_key(p): torch_layout_shape(_layout_kind(p), tuple(x.shape))
+  return {prefix + torch_key(p): torch_layout_shape(layout_kind(p), tuple(x.shape))
           for p, x in flat.items()}
 
 
@@ -237,7 +239,7 @@ def torch_to_flax(state_dict: Mapping[str, Any], config, *, skip: Sequence[str] 
   flat = flatten_params(abstract_params(config, boxed=False))
   out, missing, misshaped = {}, [], []
   for path, leaf in flat.items():
-    kind = _layout_kind(path)
+    kind = layout_kind(path)
     key = torch_key(path)
     if key not in backbone:
       missing.append(prefix + key)
@@ -286,7 +288,7 @@ def flax_to_torch(params, config, *, layout: str = 'torchscale') -> dict[str, np
   if missing or unexpected or misshaped:
     raise mismatch_error('The params tree', missing, unexpected, misshaped,
                          _describe_config(config))
-  return {prefix + torch_key(p): np.array(to_torch_layout(_layout_kind(p), np.asarray(x)))
+  return {prefix + torch_key(p): np.array(to_torch_layout(layout_kind(p), np.asarray(x)))
           for p, x in flat.items()}
 
 

@@ -77,6 +77,23 @@ def _resolve_image(path: str, root: str, where: str) -> str:
   return full
 
 
+def read_json_lines(path: str):
+  """Yields ('file:line', record) for each non-blank line of a JSON-lines file; a line that is
+  not a JSON object raises AnnotationError naming file:line."""
+  with open(path, encoding='utf-8') as f:
+    for n, line in enumerate(f, start=1):
+      where = f'{path}:{n}'
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise AnnotationError(f'{where}: not valid JSON ({e.msg}).') from e
+      if not isinstance(record, dict):
+        raise AnnotationError(f'{where}: expected a JSON object, got {type(record).__name__}.')
+      yield where, record
+
+
 def read_image_text(annotation_file: str, image_root: str | None = None,
                     report: BuildReport | None = None) -> list[tuple[str, str]]:
   """(image path, caption) pairs of a .jsonl, .csv or COCO .json annotation file."""
@@ -86,19 +103,9 @@ def read_image_text(annotation_file: str, image_root: str | None = None,
   ext = os.path.splitext(annotation_file)[1].lower()
   raw: list[tuple[str, str, str]] = []  # (where, image path, caption)
   if ext == '.jsonl':
-    with open(annotation_file, encoding='utf-8') as f:
-      for n, line in enumerate(f, start=1):
-        where = f'{annotation_file}:{n}'
-        if not line.strip():
-          continue
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise AnnotationError(f'{where}: not valid JSON ({e.msg}).') from e
-        if not isinstance(record, dict):
-          raise AnnotationError(f'{where}: expected a JSON object, got {type(record).__name__}.')
-        raw.append((where, _pick(record, _IMAGE_KEYS, where, 'image'),
-                    _pick(record, _CAPTION_KEYS, where, 'caption')))
+    for where, record in read_json_lines(annotation_file):
+      raw.append((where, _pick(record, _IMAGE_KEYS, where, 'image'),
+                  _pick(record, _CAPTION_KEYS, where, 'caption')))
   elif ext == '.csv':
     with open(annotation_file, encoding='utf-8', newline='') as f:
       reader = csv.DictReader(f)

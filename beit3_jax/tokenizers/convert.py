@@ -35,7 +35,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from beit3_jax.convert import (ConversionError, Report, as_numpy, flatten_params, load_state_dict,
+from beit3_jax.convert import (Report, as_numpy, flatten_params, layout_kind,
+                               load_state_dict,
                                mismatch_error, save_state_dict, to_flax_layout, to_torch_layout,
                                torch_layout_shape, unflatten_params, unwrap_state_dict)
 from beit3_jax.tokenizers.vqkd import abstract_variables
@@ -51,13 +52,6 @@ _LAYOUT_RULES: tuple[tuple[str, str], ...] = (
     (r'(^|/)(q_|v_)?bias$', 'flat'),
     (r'.*', 'same'),
 )
-
-
-def _layout_kind(flax_path: str) -> str:
-  for pattern, kind in _LAYOUT_RULES:
-    if re.search(pattern, flax_path):
-      return kind
-  raise AssertionError(flax_path)
 
 
 def torch_key(flax_path: str) -> str:
@@ -79,7 +73,7 @@ def _expected(config) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 def expected_torch_shapes(config) -> dict[str, tuple[int, ...]]:
   """torch key -> shape of every tensor of a tokenizer config (the §7 layout)."""
-  return {torch_key(p): torch_layout_shape(_layout_kind(p), shape)
+  return {torch_key(p): torch_layout_shape(layout_kind(p, _LAYOUT_RULES), shape)
           for p, (_, shape) in _expected(config).items()}
 
 
@@ -131,7 +125,7 @@ def vqkd_torch_to_flax(state_dict: Mapping[str, Any], config,
   out: dict[str, dict] = {'params': {}, 'vq_stats': {}}
   missing, misshaped, used = [], [], set()
   for path, (collection, shape) in _expected(config).items():
-    kind, key = _layout_kind(path), torch_key(path)
+    kind, key = layout_kind(path, _LAYOUT_RULES), torch_key(path)
     used.add(key)
     if key not in sd:
       missing.append(key)
@@ -179,7 +173,7 @@ def vqkd_flax_to_torch(params, vq_stats, config) -> dict[str, np.ndarray]:
   if missing or unexpected or misshaped:
     raise mismatch_error('The params/vq_stats trees', missing, unexpected, misshaped,
                          _describe_config(config))
-  return {torch_key(p): np.array(to_torch_layout(_layout_kind(p), np.asarray(x)))
+  return {torch_key(p): np.array(to_torch_layout(layout_kind(p, _LAYOUT_RULES), np.asarray(x)))
           for p, x in flat.items()}
 
 

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from beit3_jax.data import image_ops
-from beit3_jax.data.masking import num_text_masked
+from beit3_jax.data.masking import BlockMaskConfig, num_text_masked
 from beit3_jax.models import num_patches
 from beit3_jax.models.pretraining import BEiT3Pretraining, pretraining_example_inputs
 from beit3_jax.tokenizers import vqkd as vqkd_lib
@@ -118,7 +118,6 @@ def make_spec(model_cfg, text_len: int, image_mask_ratio: float, pair_image_mask
               text_mask_ratio: float, pair_text_mask_ratio: float, weights: Mapping[str, float],
               streams) -> ObjectiveSpec:
   """The spec for data masked with these ratios (as `data.pretraining.PretrainInputs` does)."""
-  from beit3_jax.data.masking import BlockMaskConfig
   n = num_patches(model_cfg)
   def image_slots(ratio):
     return BlockMaskConfig(ratio=ratio).num_masked(n) if ratio > 0 else 0

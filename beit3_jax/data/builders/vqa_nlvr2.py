@@ -79,6 +79,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from beit3_jax.data import paths
+from beit3_jax.data.local_files import AnnotationError, read_json_lines
 from beit3_jax.tasks import metrics
 
 VOCABULARY_FILE = 'answer_vocabulary.json'
@@ -99,10 +100,6 @@ NLVR2_LAYOUT = """Expected NLVR2 manual dir layout:
   images/train/<directory>/<identifier minus its last -N>-img0.png and -img1.png
   dev/<...>-img0.png, -img1.png     (or images/dev/)
   test1/<...>-img0.png, -img1.png   (or images/test1/)"""
-
-
-class AnnotationError(ValueError):
-  """A malformed annotation: the message names the file and line (or record)."""
 
 
 def _require_file(path: str, layout: str) -> str:
@@ -325,27 +322,17 @@ def read_nlvr2_lines(path: str) -> list[dict]:
   (or None), where ('file:line')."""
   _require_file(path, NLVR2_LAYOUT)
   out = []
-  with open(path, encoding='utf-8') as f:
-    for n, line in enumerate(f, start=1):
-      where = f'{path}:{n}'
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise AnnotationError(f'{where}: not valid JSON ({e.msg}).') from e
-      if not isinstance(record, dict):
-        raise AnnotationError(f'{where}: expected a JSON object, got {type(record).__name__}.')
-      identifier = str(_field(record, 'identifier', where))
-      label = str(_field(record, 'label', where))
-      if label not in ('True', 'False'):
-        raise AnnotationError(f'{where}: label must be "True" or "False", got {label!r}.')
-      if identifier.count('-') < 1:
-        raise AnnotationError(f'{where}: malformed identifier {identifier!r}.')
-      directory = record.get('directory')
-      out.append({'identifier': identifier, 'sentence': str(_field(record, 'sentence', where)),
-                  'label': int(label == 'True'),
-                  'directory': None if directory is None else str(directory), 'where': where})
+  for where, record in read_json_lines(path):
+    identifier = str(_field(record, 'identifier', where))
+    label = str(_field(record, 'label', where))
+    if label not in ('True', 'False'):
+      raise AnnotationError(f'{where}: label must be "True" or "False", got {label!r}.')
+    if identifier.count('-') < 1:
+      raise AnnotationError(f'{where}: malformed identifier {identifier!r}.')
+    directory = record.get('directory')
+    out.append({'identifier': identifier, 'sentence': str(_field(record, 'sentence', where)),
+                'label': int(label == 'True'),
+                'directory': None if directory is None else str(directory), 'where': where})
   return out
 
 
