@@ -70,6 +70,30 @@ def prepare_builtin(data_dir: str | None = None, image_size: int = 64, *,
   return BuiltinData(tfds_dir=paths.tfds_dir(data_dir), names=names, spm_path=spm_path)
 
 
+BUILTIN_PREFIX = 'builtin:'
+
+
+def resolve_names(names: dict[str, str], data_dir: str | None = None, image_size: int = 64,
+                  spm_path: str = '') -> tuple[str, dict[str, str], str]:
+  """(TFDS dir, names with 'builtin:<which>' replaced by the built-in TFDS name, spm path).
+
+  Names like 'builtin:images' / 'builtin:text' / 'builtin:nlvr2' build (or reuse) the built-in
+  data first; other names are TFDS names under `paths.tfds_dir(data_dir)`. `spm_path` falls
+  back to the built-in .spm when the built-in data is used.
+  """
+  names = dict(names)
+  if not any(n.startswith(BUILTIN_PREFIX) for n in names.values()):
+    return paths.tfds_dir(data_dir), names, spm_path
+  builtin = prepare_builtin(data_dir, image_size=image_size)
+  for key, name in names.items():
+    if name.startswith(BUILTIN_PREFIX):
+      which = name[len(BUILTIN_PREFIX):]
+      if which not in builtin.names:
+        raise ValueError(f'{key}={name!r}: the built-in data has {sorted(builtin.names)}.')
+      names[key] = builtin.names[which]
+  return builtin.tfds_dir, names, spm_path or builtin.spm_path
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog='python -m beit3_jax.data.builtin',
                                    description=__doc__,

@@ -46,16 +46,17 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from beit3_jax.data import builtin as builtin_lib
 from beit3_jax.data import finetuning as inputs_lib
-from beit3_jax.data import image_ops, paths, tfds_sources
+from beit3_jax.data import image_ops, tfds_sources
 from beit3_jax.models import heads, num_patches
 from beit3_jax.tasks import losses
 from beit3_jax.train import flops as flops_lib
 from beit3_jax.train import loop
 from beit3_jax.train.defaults import loop_fields
+from beit3_jax.train.masked_modeling import reduce_sums
 from beit3_jax.train.optimizer import make_optimizer
 
-BUILTIN_PREFIX = 'builtin:'
 TASKS = ('classification', 'vqa')
 INIT_BACKBONE_DIR = 'init_backbone'
 
@@ -101,15 +102,6 @@ def finetune_config(task: str = 'classification') -> ml_collections.ConfigDict:
 
 def _histogram(targets, num: int):
   return jnp.zeros((num,), jnp.int32).at[targets].add(1)
-
-
-def _reduce(sums):
-  """Per-step scalars: the target histogram becomes its largest count (`baseline_correct`)."""
-  out = {}
-  for task, s in sums.items():
-    out[task] = {k: v for k, v in s.items() if k != 'histogram'}
-    out[task]['baseline_correct'] = jnp.max(s['histogram']).astype(jnp.float32)
-  return out
 
 
 def _summarize(sums, names: Mapping[str, str]) -> dict[str, float]:
@@ -168,7 +160,7 @@ class Finetune:
     return params, extra
 
   def reduce(self, sums):
-    return _reduce(sums)
+    return reduce_sums(sums)
 
 
 class ClassificationFinetune(Finetune):
@@ -268,19 +260,10 @@ def make_objective(config) -> Finetune:
 
 def resolve_source(data_cfg) -> tuple[str, str, str]:
   """(TFDS dir, TFDS name, spm path or ''), building the built-in data if it is used."""
-  name = data_cfg.source
-  spm_path = data_cfg.get('spm_path') or ''
-  tfds_dir = paths.tfds_dir(data_cfg.get('data_dir') or None)
-  if name.startswith(BUILTIN_PREFIX):
-    from beit3_jax.data.builtin import prepare_builtin
-    builtin = prepare_builtin(data_cfg.get('data_dir') or None,
-                              image_size=data_cfg.get('builtin_image_size', 64))
-    key = name[len(BUILTIN_PREFIX):]
-    if key not in builtin.names:
-      raise ValueError(f'data.source={name!r}: the built-in data has {sorted(builtin.names)}.')
-    name, tfds_dir = builtin.names[key], builtin.tfds_dir
-    spm_path = spm_path or builtin.spm_path
-  return tfds_dir, name, spm_path
+  tfds_dir, names, spm_path = builtin_lib.resolve_names(
+      {'data.source': data_cfg.source}, data_cfg.get('data_dir') or None,
+      data_cfg.get('builtin_image_size', 64), data_cfg.get('spm_path') or '')
+  return tfds_dir, names['data.source'], spm_path
 
 
 def make_transform(config, train: bool, text_tokenizer=None):

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 from etils import epath
 
+from beit3_jax.data import builtin as builtin_lib
 from beit3_jax.data import paths, pretraining as inputs_lib, tfds_sources
 from beit3_jax.data.masking import BlockMaskConfig
 from beit3_jax.data.text import TextTokenizer
@@ -32,27 +33,14 @@ from beit3_jax.train import loop
 from beit3_jax.train.masked_modeling import MaskedModeling, make_spec
 from beit3_jax.train.optimizer import make_optimizer
 
-BUILTIN_PREFIX = 'builtin:'
 STREAMS = ('image', 'text', 'pair')
 
 
 def resolve_sources(data_cfg):
   """(tfds_dir, stream -> TFDS name, spm path), building the built-in data if it is used."""
-  names = {s: data_cfg[s] for s in STREAMS if data_cfg.get(s)}
-  spm_path = data_cfg.get('spm_path') or ''
-  tfds_dir = paths.tfds_dir(data_cfg.get('data_dir') or None)
-  if any(n.startswith(BUILTIN_PREFIX) for n in names.values()):
-    from beit3_jax.data.builtin import prepare_builtin
-    builtin = prepare_builtin(data_cfg.get('data_dir') or None,
-                              image_size=data_cfg.get('builtin_image_size', 64))
-    for s, n in names.items():
-      if n.startswith(BUILTIN_PREFIX):
-        key = n[len(BUILTIN_PREFIX):]
-        if key not in builtin.names:
-          raise ValueError(f'data.{s}={n!r}: the built-in data has {sorted(builtin.names)}.')
-        names[s] = builtin.names[key]
-    tfds_dir = builtin.tfds_dir
-    spm_path = spm_path or builtin.spm_path
+  tfds_dir, names, spm_path = builtin_lib.resolve_names(
+      {s: data_cfg[s] for s in STREAMS if data_cfg.get(s)}, data_cfg.get('data_dir') or None,
+      data_cfg.get('builtin_image_size', 64), data_cfg.get('spm_path') or '')
   if not spm_path:
     raise ValueError('data.spm_path is empty: give the SentencePiece model (e.g. beit3.spm).')
   return tfds_dir, names, spm_path

@@ -43,6 +43,7 @@ from etils import epath
 
 from beit3_jax import params_io
 from beit3_jax import sharding as sharding_lib
+from beit3_jax.data import builtin as builtin_lib
 from beit3_jax.data import image_ops, pipeline, tfds_sources
 from beit3_jax.data.pretraining import load_image
 from beit3_jax.tokenizers import vqkd as vqkd_lib
@@ -248,10 +249,10 @@ def _data(config, tfds_dir, name, split, seed):
 
 
 def build_job(config, output: str | None = None) -> loop.Job:
-  from beit3_jax.train.pretrain import resolve_sources
   tok_cfg = config.tokenizer
   d = config.data
-  tfds_dir, names, _ = resolve_sources(_as_sources(d))
+  tfds_dir, names, _ = builtin_lib.resolve_names(
+      {'image': d.image}, d.get('data_dir') or None, d.get('builtin_image_size', 64))
   teacher = Teacher(config.teacher, tok_cfg)
   objective = VQKDTraining(tok_cfg, teacher, config.seed,
                            config.get('dead_code_fraction', 0.0))
@@ -298,14 +299,6 @@ def build_job(config, output: str | None = None) -> loop.Job:
                 f'{teacher.kind}',
                 f'Data: {names["image"]} x{config.batch_size} (TFDS dir {tfds_dir})'],
       on_finish=on_finish)
-
-
-def _as_sources(d):
-  """The tokenizer's data config in the shape `pretrain.resolve_sources` reads."""
-  import ml_collections
-  return ml_collections.ConfigDict({'image': d.image, 'data_dir': d.get('data_dir', ''),
-                                    'builtin_image_size': d.get('builtin_image_size', 64),
-                                    'spm_path': d.get('spm_path', '') or 'unused'})
 
 
 def run(config, workdir, output: str | None = None) -> dict:
