@@ -210,3 +210,49 @@ class CaptioningModel(nn.Module):
     picked = jnp.take_along_axis(text, text_index[..., None].astype(jnp.int32), axis=1)
     head = _linear(cfg, cfg.embed_dim, cfg.vocab_size, ('embed', 'vocab'), name='mlm_head')
     return head(picked).astype(jnp.float32)
+
+
+# ------------------------------------------------------------------------------------------
+# One place that maps a fine-tuning task to its model and the inputs that initialise it.
+
+TASKS = ('classification', 'vqa', 'nlvr2', 'retrieval', 'captioning')
+
+
+def task_model(task: str, config, *, num_classes: int = 1000, num_answers: int = 3129
+               ) -> nn.Module:
+  """The fine-tuning model of `task` (a name of TASKS) on the backbone `config`.
+
+  num_classes: classification classes; num_answers: the VQA answer vocabulary.
+  """
+  if task == 'classification':
+    return ImageClassifier(config, int(num_classes))
+  if task == 'vqa':
+    return VQAModel(config, int(num_answers))
+  if task == 'nlvr2':
+    return NLVR2Classifier(config)
+  if task == 'retrieval':
+    return RetrievalModel(config)
+  if task == 'captioning':
+    return CaptioningModel(config)
+  raise ValueError(f'task={task!r}; known: {TASKS}.')
+
+
+def task_example_inputs(task: str, config, batch_size: int = 1, text_len: int = 8) -> dict:
+  """Zero inputs (float32 images (B, S, S, C), int32 ids (B, text_len)) that initialise every
+  parameter of `task_model(task, config)`."""
+  s, c = config.img_size, config.in_chans
+  images = jnp.zeros((batch_size, s, s, c), jnp.float32)
+  ids = jnp.zeros((batch_size, text_len), jnp.int32)
+  pad = jnp.zeros((batch_size, text_len), bool)
+  if task == 'classification':
+    return {'images': images}
+  if task == 'vqa':
+    return {'images': images, 'text_ids': ids, 'text_padding_mask': pad}
+  if task == 'nlvr2':
+    return {'images_a': images, 'images_b': images, 'text_ids': ids, 'text_padding_mask': pad}
+  if task == 'retrieval':
+    return {'images': images, 'text_ids': ids, 'text_padding_mask': pad}
+  if task == 'captioning':
+    return {'images': images, 'text_ids': ids, 'text_padding_mask': pad,
+            'text_index': jnp.zeros((batch_size, 1), jnp.int32)}
+  raise ValueError(f'task={task!r}; known: {TASKS}.')

@@ -57,7 +57,7 @@ from beit3_jax.train.defaults import loop_fields
 from beit3_jax.train.masked_modeling import reduce_sums
 from beit3_jax.train.optimizer import make_optimizer
 
-TASKS = ('classification', 'vqa')
+TASKS = heads.TASKS
 INIT_BACKBONE_DIR = 'init_backbone'
 
 
@@ -65,7 +65,7 @@ def finetune_config(task: str = 'classification') -> ml_collections.ConfigDict:
   """Every field of a fine-tuning config with its default (a config file overrides them).
 
   Optimizer defaults follow unilm's BEiT-3 fine-tuning (AdamW b2 0.999, weight decay 0.05,
-  layer decay 0.65, label smoothing 0.1 for classification).
+  layer decay 0.65, label smoothing 0.1 for classification and captioning).
   """
   from beit3_jax.models import get_config
   if task not in TASKS:
@@ -73,11 +73,23 @@ def finetune_config(task: str = 'classification') -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.job = 'finetune'
   loop_fields(config)
+  config.mode = 'train'               # 'train', or 'eval': evaluate a checkpoint and stop
+  config.eval_step = -1               # mode=eval: the checkpoint step (-1 = the newest)
   config.task = task
   config.model = get_config('base', drop_path_rate=0.1, normalize_output=False)
+  # classification
   config.num_classes = 4
-  config.label_smoothing = 0.1
+  config.class_names = ()             # optional names of the classes (predict prints them)
+  config.label_smoothing = 0.1        # classification and captioning
+  config.mixup = 0.0                  # mixup alpha (0 = off), unilm ImageNet recipe 0.8
+  config.cutmix = 0.0                 # cutmix alpha (0 = off), unilm ImageNet recipe 1.0
+  config.mixup_prob = 1.0             # probability of mixing a batch
+  config.mixup_switch_prob = 0.5      # probability of cutmix instead of mixup (both on)
+  # vqa
   config.answers = ()                 # () = the built-in synthetic_world.ANSWERS
+  # captioning (unilm: mask prob 0.6, beam 3, length penalty 0.6, max 32 tokens)
+  config.captioning = ml_collections.ConfigDict(dict(
+      mask_prob=0.6, beam_size=3, length_penalty=0.6, max_len=32, eval_examples=0))
   config.data = ml_collections.ConfigDict()
   config.data.data_dir = ''           # '' = $BEIT3_JAX_DATA_DIR or ~/.cache/beit3_jax
   config.data.builtin_image_size = 64
@@ -88,6 +100,9 @@ def finetune_config(task: str = 'classification') -> ml_collections.ConfigDict:
   config.data.spm_path = ''           # '' = the built-in .spm when the source is built-in
   config.data.text_len = 32
   config.data.crop_scale = (0.5, 1.0)
+  config.data.flip_prob = 0.5
+  config.data.image_mean = (0.5, 0.5, 0.5)   # unilm's VL tasks; ImageNet: IMAGENET_MEAN/STD
+  config.data.image_std = (0.5, 0.5, 0.5)
   config.data.read_threads = 2
   config.batch_size = 256
   config.optimizer = ml_collections.ConfigDict(dict(
@@ -269,7 +284,8 @@ def resolve_source(data_cfg) -> tuple[str, str, str]:
 def make_transform(config, train: bool, text_tokenizer=None):
   d = config.data
   cfg = inputs_lib.FinetuneInputs(image_size=config.model.img_size, train=train,
-                                  crop_scale=tuple(d.crop_scale), text_len=d.text_len)
+                                  crop_scale=tuple(d.crop_scale), text_len=d.text_len,
+                                  flip_prob=float(d.get('flip_prob', 0.5)))
   fields = dict(d.get('fields') or {})
   if config.task == 'classification':
     return inputs_lib.classification_transform(cfg, config.num_classes,
