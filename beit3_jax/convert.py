@@ -25,6 +25,10 @@ see `beit3_jax.params_io`)::
 
     python -m beit3_jax.convert to-flax beit3_base_patch16_224.pth out/base --variant base
     python -m beit3_jax.convert to-torch out/base beit3_base.pth --layout unilm
+    # unilm fine-tuned models with their heads (--task; to-torch writes the unilm layout back):
+    python -m beit3_jax.convert to-flax beit3_base_patch16_480_vqa.pth out/vqa --variant base \
+        --set img_size=480 --task vqa
+    python -m beit3_jax.convert to-torch out/vqa vqa.pth
     # BEiT v2 VQ-KD visual tokenizers (mapping in beit3_jax/tokenizers/convert.py):
     python -m beit3_jax.convert to-flax vqkd_encoder_base_decoder_3x768x12_clip.pth out/vqkd \
         --model vqkd --variant base
@@ -362,6 +366,87 @@ def model_to_flax(state_dict: Mapping[str, Any], config, abstract_params) -> dic
   return {'beit3': torch_to_flax(backbone, config), **heads_to_flax(rest, heads)}
 
 
+# The unilm key that marks each task's head (`beit3_jax.models.heads`), checked in this order;
+# 'pretraining' (mim_head + mlm_head) comes before captioning, whose only head is mlm_head.
+_TASK_SIGNATURES: tuple[tuple[str, str], ...] = (
+    ('pretraining', 'mim_head.weight'),
+    ('vqa', 'pooler.dense.weight'),
+    ('nlvr2', 'head.dense1.weight'),
+    ('retrieval', 'vision_head.weight'),
+    ('classification', 'fc_norm.weight'),
+    ('captioning', 'mlm_head.weight'),
+)
+
+
+def guess_task(state_dict: Mapping[str, Any]) -> str | None:
+  """The task whose head keys a unilm state dict holds: a name of `heads.TASKS`,
+  'pretraining' (BEiT-3 pretraining heads), or None (no head: a bare backbone)."""
+  sd = unwrap_state_dict(state_dict)
+  for task, key in _TASK_SIGNATURES:
+    if key in sd:
+      return task
+  return None
+
+
+def head_sizes_of(task: str, state_dict: Mapping[str, Any]) -> dict[str, int]:
+  """The head sizes of a unilm fine-tuned state dict of `task`, read off its head weights:
+  classification {'num_classes': rows of head.weight}, vqa {'num_answers': rows of
+  head.3.weight}, other tasks {}. Raises ConversionError if the head weight is not there."""
+  sd = unwrap_state_dict(state_dict)
+  key, name = {'classification': ('head.weight', 'num_classes'),
+               'vqa': ('head.3.weight', 'num_answers')}.get(task, (None, None))
+  if key is None:
+    return {}
+  if key not in sd or len(np.shape(sd[key])) != 2:
+    guess = guess_task(sd)
+    hint = f'; it looks like a {guess} checkpoint' if guess else ''
+    raise ConversionError(f'A {task} state dict has a 2-D {key} (the head, whose rows are the '
+                          f'{name.split("_")[1]}); this one has none{hint}.')
+  return {name: int(np.shape(sd[key])[0])}
+
+
+def task_to_flax(state_dict: Mapping[str, Any], task: str, config,
+                 report: Report | None = None) -> tuple[dict, dict[str, int]]:
+  """(params, head sizes) of a unilm fine-tuned state dict: the backbone under `beit3.` and the
+  head keys of `task` beside it (`beit3_jax.models.heads`).
+
+  Args:
+    state_dict: unilm keys -> tensors or arrays, optionally wrapped in `model` / `module`.
+    task: a name of `heads.TASKS`.
+    config: the backbone's model config.
+    report: filled with the number of tensors converted.
+
+  Returns:
+    params: the task model's tree {'beit3': ..., <head params>}, float32 numpy, Flax layout.
+    head sizes: {'num_classes': C} / {'num_answers': A} / {} (from the head weights' shapes).
+
+  Raises:
+    ConversionError: keys not in the unilm layout, or not those of `task`'s model (the message
+      names the task the keys look like when it is another one).
+  """
+  from beit3_jax import params_io
+  from beit3_jax.models.heads import TASKS
+  if task not in TASKS:
+    raise ValueError(f'task={task!r}; known: {TASKS}.')
+  sd = unwrap_state_dict(state_dict)
+  if not any(k.startswith(UNILM_PREFIX) for k in sd):
+    raise ConversionError(f'--task {task} reads the unilm layout (the backbone under '
+                          f'{UNILM_PREFIX!r}, the head beside it); these keys have no '
+                          f'{UNILM_PREFIX!r} prefix (a torchscale backbone has no head).')
+  guess = guess_task(sd)
+  if guess != task:
+    what = f'a {guess} checkpoint' if guess else 'a bare backbone (no head keys)'
+    raise ConversionError(f'The state dict looks like {what}, not {task}'
+                          + (f': convert it with --task {guess}.' if guess in TASKS else '.'))
+  head_sizes = head_sizes_of(task, sd)
+  abstract = params_io.abstract_task_params(task, config, head_sizes)
+  params = model_to_flax(sd, config, abstract)
+  params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+  if report is not None:
+    report.converted = len(flatten_params(params))
+  return params, head_sizes
+
+
 # ----------------------------------------------------------------------------- files
 
 
@@ -389,7 +474,8 @@ def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str, *, wrap_mod
   if os.path.exists(path) and not overwrite:
     raise FileExistsError(f'{path} exists; pass overwrite=True (--overwrite) to replace it.')
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  arrays = {k: np.ascontiguousarray(v) for k, v in state_dict.items()}
+  # (np.ascontiguousarray alone would turn a 0-d tensor, e.g. unilm's logit_scale, into (1,).)
+  arrays = {k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in state_dict.items()}
   if path.endswith('.safetensors'):
     from safetensors.numpy import save_file
     save_file(arrays, path)
@@ -453,7 +539,30 @@ def _describe(model: str, config) -> str:
   return _describe_config(config)
 
 
+_FINAL_NORM_KEY = UNILM_PREFIX + 'encoder.layer_norm.A.weight'
+
+
+def _infer_normalize_output(args, state_dict) -> None:
+  """unilm's classification and VQA models drop the backbone's final norm: with --task, a state
+  dict without it converts with normalize_output=False unless --set says otherwise."""
+  given = {item.split('=', 1)[0] for item in args.set}
+  unilm = any(k.startswith(UNILM_PREFIX) for k in state_dict)
+  if unilm and 'normalize_output' not in given and _FINAL_NORM_KEY not in state_dict:
+    args.set = [*args.set, 'normalize_output=False']
+    print(f'normalize_output=False: the state dict has no {_FINAL_NORM_KEY}.')
+
+
+def _task_hint(state_dict) -> str:
+  from beit3_jax.models.heads import TASKS
+  guess = guess_task(state_dict)
+  if guess in TASKS:
+    return (f'\nIt looks like a unilm {guess} checkpoint: convert it with --task {guess} to keep '
+            'its head, or leave the head keys out with --skip to keep only the backbone.')
+  return ''
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+  from beit3_jax.models.heads import TASKS
   parser = argparse.ArgumentParser(prog='python -m beit3_jax.convert', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest='command', required=True)
@@ -475,9 +584,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name == 'to-flax':
       p.add_argument('--skip', action='append', default=[], metavar='REGEX',
                      help='leave out matching keys on purpose (they are listed)')
+      p.add_argument('--task', choices=TASKS, default=None,
+                     help='a unilm fine-tuned checkpoint: keep its head (sizes read off the '
+                     'head weights; normalize_output=False when it has no final encoder norm)')
     else:
-      p.add_argument('--layout', choices=LAYOUTS, default='torchscale',
-                     help="'unilm' prefixes the backbone with beit3. and wraps it in 'model'")
+      p.add_argument('--layout', choices=LAYOUTS, default=None,
+                     help="'unilm' prefixes the backbone with beit3. and wraps it in 'model' "
+                     "(default: torchscale; unilm for a model with a task head)")
   args = parser.parse_args(argv)
 
   from beit3_jax import params_io
@@ -494,23 +607,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.model = params_io.read_kind(args.config or args.input)
   args.model = args.model or 'beit3'
   if args.command == 'to-flax':
+    task, head_sizes = getattr(args, 'task', None), None
+    if task is not None and args.model != 'beit3':
+      raise SystemExit(f'--task {task} is for BEiT-3 models, not --model {args.model}.')
+    if task is not None and args.skip:
+      raise SystemExit('--skip does not apply with --task (the head keys are converted).')
+    state = load_state_dict(args.input) if task is not None else None
+    if task is not None:
+      _infer_normalize_output(args, state)
     config = _model_config(args)
     print(f'Reading {args.input} as {config.variant} ({args.model}): {_describe(args.model, config)}')
     report = Report()
-    state = load_state_dict(args.input)
+    state = state if state is not None else load_state_dict(args.input)
     if args.model == 'vqkd':
       params, vq_stats = vqkd_convert.vqkd_torch_to_flax(state, config, report=report)
       extra = {'vq_stats': vq_stats}
+    elif task is not None:
+      (params, head_sizes), extra = task_to_flax(state, task, config, report=report), None
     else:
-      params, extra = torch_to_flax(state, config, skip=args.skip, report=report), None
-    print(f'Converted {report.converted} tensors, {count_params(params):,} parameters.')
+      try:
+        params, extra = torch_to_flax(state, config, skip=args.skip, report=report), None
+      except ConversionError as e:
+        raise ConversionError(str(e) + _task_hint(state)) from None
+    sizes = ''.join(f', {k}={v}' for k, v in (head_sizes or {}).items())
+    print(f'Converted {report.converted} tensors, {count_params(params):,} parameters'
+          + (f' ({task} model{sizes}).' if task else '.'))
     if report.skipped:
       print(f'Skipped on request ({len(report.skipped)}): {", ".join(report.skipped)}')
     params_io.save_params(args.output, params, config, overwrite=args.overwrite,
-                          kind=args.model, extra=extra)
+                          kind=args.model, extra=extra, task=task, head_sizes=head_sizes)
     print(f'Wrote the Flax params checkpoint to {os.path.abspath(args.output)}')
   else:
     config = _model_config(args, fallback_dir=args.input)
+    task = None if training or args.model != 'beit3' else params_io.read_task(args.input)[0]
+    if args.layout is None:
+      args.layout = 'unilm' if task is not None else 'torchscale'
     if training:
       params, step_dir = params_io.load_training_params(args.input)
       print(f'Reading the params of training checkpoint {step_dir}')
@@ -522,6 +653,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.model == 'vqkd':
       params, vq_stats, _ = params_io.load_vqkd(args.input, config)
       sd = vqkd_convert.vqkd_flax_to_torch(params, vq_stats, config)
+    elif task is not None:
+      params = params_io.load_params(args.input, config)
+      sd = model_to_torch(params, config, layout=args.layout)
     else:
       params = params_io.load_params(args.input, config)
       sd = flax_to_torch(params, config, layout=args.layout)

@@ -3,8 +3,11 @@
 A directory (local or gs://) holding
 
     config.json    the model config (`beit3_jax.models.get_config(...).to_dict()`); a visual
-                   tokenizer's also holds "kind": "vqkd"
+                   tokenizer's also holds "kind": "vqkd"; a fine-tuned model's (backbone +
+                   task head, `convert to-flax --task`) also holds "task" (a name of
+                   `beit3_jax.models.heads.TASKS`) and "head_sizes" (e.g. {"num_answers": 3129})
     params/        an Orbax StandardCheckpointer tree of float32 arrays, the Flax param layout
+                   (with a task: the task model's tree {'beit3': backbone, <head params>})
     vq_stats/      (visual tokenizers only) the codebook's EMA buffers, another Orbax tree
 
 Training workdirs keep their whole run config in `config.json` with the model config under
@@ -13,6 +16,7 @@ Training workdirs keep their whole run config in `config.json` with the model co
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 from typing import Any
@@ -26,20 +30,34 @@ PARAMS_DIR = 'params'
 
 
 KINDS = ('beit3', 'vqkd')
+# config.json fields of a task model's params directory (not model config fields).
+TASK_FIELD = 'task'
+HEAD_SIZES_FIELD = 'head_sizes'
+# The head size each task takes (`heads.task_model` keyword); tasks not listed take none.
+HEAD_SIZE_NAMES = {'classification': ('num_classes',), 'vqa': ('num_answers',)}
 
 
 def save_params(directory, params, config, *, overwrite: bool = False, kind: str = 'beit3',
-                extra: dict | None = None) -> epath.Path:
+                extra: dict | None = None, task: str | None = None,
+                head_sizes: dict | None = None) -> epath.Path:
   """Writes `params` and `config` as a params checkpoint directory; returns its path.
 
   Args:
     kind: 'beit3' (the backbone) or 'vqkd' (a visual tokenizer; recorded in config.json).
     extra: other variable collections to save beside params, e.g. {'vq_stats': ...}.
+    task: a fine-tuning task (`heads.TASKS`): `params` is then that task model's whole tree
+      {'beit3': ..., <head params>}, and config.json records the task and `head_sizes`.
+    head_sizes: the task model's sizes, {'num_classes': int} (classification),
+      {'num_answers': int} (vqa), {} otherwise.
 
   Raises FileExistsError if the directory exists and is not empty, unless `overwrite`.
   """
   if kind not in KINDS:
     raise ValueError(f'kind={kind!r}; expected one of {KINDS}.')
+  if task is not None:
+    if kind != 'beit3':
+      raise ValueError(f'task={task!r} needs kind beit3, got {kind!r}.')
+    head_sizes = check_head_sizes(task, head_sizes)
   import orbax.checkpoint as ocp
   path = epath.Path(directory).absolute() if '://' not in str(directory) else epath.Path(directory)
   if path.exists() and any(path.iterdir()):
@@ -49,6 +67,8 @@ def save_params(directory, params, config, *, overwrite: bool = False, kind: str
     path.rmtree()
   path.mkdir(parents=True, exist_ok=True)
   fields = config.to_dict() if kind == 'beit3' else {'kind': kind, **config.to_dict()}
+  if task is not None:
+    fields.update({TASK_FIELD: task, HEAD_SIZES_FIELD: head_sizes})
   (path / CONFIG_FILE).write_text(json.dumps(fields, indent=2, sort_keys=True))
   trees = {PARAMS_DIR: params, **(extra or {})}
   with ocp.StandardCheckpointer() as checkpointer:
@@ -63,6 +83,53 @@ def read_kind(directory) -> str:
   if not config_file.exists():
     raise FileNotFoundError(f'{directory}: no {CONFIG_FILE}.')
   return json.loads(config_file.read_text()).get('kind', 'beit3')
+
+
+def check_head_sizes(task: str, head_sizes: dict | None) -> dict:
+  """`head_sizes` checked for `task`: exactly the sizes it takes (ints > 0); returns a copy."""
+  from beit3_jax.models.heads import TASKS
+  if task not in TASKS:
+    raise ValueError(f'task={task!r}; known: {TASKS}.')
+  head_sizes = {k: int(v) for k, v in (head_sizes or {}).items()}
+  want = set(HEAD_SIZE_NAMES.get(task, ()))
+  if set(head_sizes) != want or any(v < 1 for v in head_sizes.values()):
+    raise ValueError(f'task {task!r} takes head sizes {sorted(want)} (ints >= 1), got '
+                     f'{head_sizes}.')
+  return head_sizes
+
+
+def abstract_task_params(task: str, config, head_sizes: dict | None = None):
+  """Shapes (jax.ShapeDtypeStruct, unboxed) of `heads.task_model(task, config, **head_sizes)`'s
+  params: {'beit3': backbone, <head params>}. Nothing is allocated."""
+  sizes = tuple(sorted(check_head_sizes(task, head_sizes).items()))
+  tree = _abstract_task_params(task, json.dumps(config.to_dict(), sort_keys=True), sizes)
+  return jax.tree.map(lambda x: x, tree)   # a fresh tree of the (immutable) leaves
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_task_params(task: str, config_json: str, sizes: tuple):
+  """`abstract_task_params`, cached by value (tracing a model takes about a second)."""
+  import flax.linen as nn
+  from beit3_jax.models import heads
+  from beit3_jax.models.config import config_from_dict
+  config = config_from_dict(json.loads(config_json))
+  model = heads.task_model(task, config, **dict(sizes))
+  inputs = heads.task_example_inputs(task, config)
+  variables = jax.eval_shape(lambda r: model.init(r, **inputs), jax.random.key(0))
+  return nn.meta.unbox(variables['params'])
+
+
+def read_task(directory) -> tuple[str | None, dict]:
+  """(task, head sizes) recorded in a params checkpoint directory's config.json; (None, {}) for
+  a backbone-only one (or a visual tokenizer's)."""
+  config_file = epath.Path(directory) / CONFIG_FILE
+  if not config_file.exists():
+    raise FileNotFoundError(f'{directory}: no {CONFIG_FILE}.')
+  fields = json.loads(config_file.read_text())
+  task = fields.get(TASK_FIELD)
+  if task is None or 'model' in fields:  # a training run's config: its task is not ours
+    return None, {}
+  return task, dict(fields.get(HEAD_SIZES_FIELD) or {})
 
 
 def _restore(path: epath.Path, abstract, config) -> Any:
@@ -102,6 +169,9 @@ def load_vqkd(directory, config=None):
 def load_params(directory, config=None, shardings: Any = None):
   """Params of a params checkpoint directory, checked against `config` (default: its own).
 
+  A backbone directory gives the backbone tree; a task model's directory (config.json with a
+  "task", see `load_task_params`) gives the task model's tree {'beit3': ..., <head params>}.
+
   Args:
     directory: a directory written by `save_params`.
     config: the model config the params must fit; default: the directory's config.json.
@@ -117,11 +187,32 @@ def load_params(directory, config=None, shardings: Any = None):
   if read_kind(path) != 'beit3':
     raise ValueError(f'{path} holds a {read_kind(path)} model; use load_vqkd.')
   config = config if config is not None else load_model_config(path)
-  abstract = abstract_params(config, boxed=False)
+  task, head_sizes = read_task(path)
+  if task is None:
+    abstract = abstract_params(config, boxed=False)
+  else:
+    abstract = abstract_task_params(task, config, head_sizes)
   if shardings is not None:
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, shardings)
   return _restore(path / PARAMS_DIR, abstract, config)
+
+
+def load_task_params(directory, config=None) -> tuple[str | None, Any, Any, dict]:
+  """(task, params, model config, head sizes) of a params checkpoint directory.
+
+  task: a name of `heads.TASKS`, or None for a backbone-only directory.
+  params: float32 numpy arrays; the task model's tree {'beit3': backbone, <head params>}, and
+    for a backbone-only directory {'beit3': backbone} (the same place for the backbone).
+  head sizes: {'num_classes': int} / {'num_answers': int} / {} (see `HEAD_SIZE_NAMES`).
+  """
+  path = epath.Path(directory)
+  if '://' not in str(directory):
+    path = path.absolute()
+  config = config if config is not None else load_model_config(path)
+  params = load_params(path, config)
+  task, head_sizes = read_task(path)
+  return task, (params if task is not None else {'beit3': params}), config, head_sizes
 
 
 def find_step_dir(path) -> epath.Path | None:
@@ -191,6 +282,8 @@ def load_model_config(source):
   if 'model' in d and isinstance(d['model'], dict):
     d = d['model']
   kind = d.pop('kind', 'beit3')
+  d.pop(TASK_FIELD, None)
+  d.pop(HEAD_SIZES_FIELD, None)
   try:
     if kind == 'vqkd':
       from beit3_jax.tokenizers import get_vqkd_config

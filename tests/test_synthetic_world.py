@@ -93,16 +93,16 @@ def test_object_centres_have_the_object_colour_and_background_is_grey(size):
   assert min(max(c) - min(c) for c in sw.COLOURS.values()) > 100  # objects are saturated
 
 
-def test_label_is_the_largest_objects_shape_leftmost_on_ties():
+def test_label_is_the_largest_objects_colour_topmost_on_ties():
   scene = make_scene(('circle', 'red', 'small', 0.2, 0.2), ('square', 'blue', 'large', 0.8, 0.5),
                      ('triangle', 'green', 'large', 0.5, 0.8))
-  assert sw.LABEL_NAMES[sw.label(scene)] == 'triangle'
-  scene = make_scene(('diamond', 'red', 'small', 0.7, 0.2), ('circle', 'blue', 'small', 0.3, 0.7))
-  assert sw.LABEL_NAMES[sw.label(scene)] == 'circle'
+  assert sw.LABEL_NAMES[sw.label(scene)] == 'blue'
+  scene = make_scene(('diamond', 'red', 'small', 0.7, 0.8), ('circle', 'blue', 'small', 0.3, 0.3))
+  assert sw.LABEL_NAMES[sw.label(scene)] == 'blue'
   for scene in scenes(100):
     largest = max(o.extent for o in scene.objects)
-    leftmost = min((o for o in scene.objects if o.extent == largest), key=lambda o: o.x)
-    assert sw.LABEL_NAMES[sw.label(scene)] == leftmost.shape
+    topmost = min((o for o in scene.objects if o.extent == largest), key=lambda o: o.y)
+    assert sw.LABEL_NAMES[sw.label(scene)] == topmost.colour
 
 
 # ----------------------------------------------------------------------------- captions

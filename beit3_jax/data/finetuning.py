@@ -1,4 +1,5 @@
-"""Fine-tuning inputs: per-example transforms of image classification and VQA.
+"""Fine-tuning inputs: per-example transforms of every task (classification, VQA, NLVR2,
+retrieval, captioning).
 
 Batch layouts are those of `beit3_jax.data.schema` ('classification', 'vqa'); images stay uint8
 on the host and are normalised on the device (0.5 / 0.5, `image_ops.normalize`).
@@ -11,6 +12,13 @@ on the host and are normalised on the device (0.5 / 0.5, `image_ops.normalize`).
   built-in data having one answer per question). An example of the built-in data holds
   several questions; each pass picks one with the example's rng (train and eval alike, so the
   validation batches are the same every time for a fixed seed).
+
+- NLVR2: both images get the view (independent crops), the statement is encoded once.
+- Retrieval: one caption per pass (the example's rng picks it); evaluation reads every caption
+  (`caption_list`).
+- Captioning (unilm "masked fine-tuning"): `mask_caption` picks k = max(1, min(round(n p),
+  n - 1)) of the positions 1..n-1 of the n real tokens (never <s>) and replaces each by [MASK]
+  80%, itself 10%, a random id in [3, vocab size) 10%.
 
 Examples the transform cannot use (undecodable image, empty question, answer out of the
 vocabulary) are skipped and counted by the pipeline.
@@ -110,6 +118,95 @@ def vqa_transform(cfg: FinetuneInputs, tokenizer: TextTokenizer, answers: Sequen
     scores[index[answer]] = 1.0
     return {'image': view(cfg, image, rng), 'text_ids': ids.astype(np.int32),
             'text_padding_mask': pad, 'answer_scores': scores}
+  return transform
+
+
+def _statement_fields(example, field: str) -> str:
+  return _as_str(get_field(example, field)).strip()
+
+
+def nlvr2_transform(cfg: FinetuneInputs, tokenizer: TextTokenizer, image_a_field: str = 'image_a',
+                    image_b_field: str = 'image_b', statement_field: str = 'statement',
+                    label_field: str = 'label') -> pipeline.Transform:
+  """(example with two images, a statement and a 0/1 label, rng) -> the 'nlvr2' layout."""
+  def transform(example, rng):
+    statement = _statement_fields(example, statement_field)
+    if not statement:
+      return pipeline.Skip('empty statement')
+    images = []
+    for field in (image_a_field, image_b_field):
+      image = load_image(example, field)
+      if isinstance(image, pipeline.Skip):
+        return image
+      images.append(view(cfg, image, rng))
+    label = int(np.asarray(get_field(example, label_field)))
+    if label not in (0, 1):
+      return pipeline.Skip('label not 0/1')
+    ids, pad = tokenizer.encode_sequence(statement, cfg.text_len)
+    return {'image_a': images[0], 'image_b': images[1], 'text_ids': ids.astype(np.int32),
+            'text_padding_mask': pad, 'label': np.int32(label)}
+  return transform
+
+
+def caption_list(example, field: str = 'captions') -> list[str]:
+  """The non-empty captions of an example (str)."""
+  return [c for c in (_as_str(x).strip() for x in _as_list(get_field(example, field))) if c]
+
+
+def retrieval_transform(cfg: FinetuneInputs, tokenizer: TextTokenizer, image_field: str = 'image',
+                        caption_field: str = 'captions') -> pipeline.Transform:
+  """(example with an image and caption(s), rng) -> the 'retrieval' layout (one caption)."""
+  def transform(example, rng):
+    captions = caption_list(example, caption_field)
+    if not captions:
+      return pipeline.Skip('no caption')
+    image = load_image(example, image_field)
+    if isinstance(image, pipeline.Skip):
+      return image
+    ids, pad = tokenizer.encode_sequence(captions[int(rng.integers(len(captions)))],
+                                         cfg.text_len)
+    return {'image': view(cfg, image, rng), 'text_ids': ids.astype(np.int32),
+            'text_padding_mask': pad}
+  return transform
+
+
+def mask_caption(ids: np.ndarray, padding: np.ndarray, rng: np.random.Generator,
+                 mask_prob: float, mask_id: int, random_low: int, random_high: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """(masked input ids, mask (L,) bool) of one encoded caption (`ids` (L,) int32 with <s> at 0,
+  `padding` True at pads): unilm's captioning masking, see the module doc."""
+  n = int(np.sum(~padding))
+  k = max(1, min(int(round(n * mask_prob)), n - 1))
+  chosen = 1 + rng.choice(n - 1, size=k, replace=False)
+  mask = np.zeros(ids.shape, bool)
+  mask[chosen] = True
+  out = ids.copy()
+  u = rng.random(k)
+  out[chosen[u < 0.8]] = mask_id
+  rand = chosen[u >= 0.9]
+  out[rand] = rng.integers(random_low, random_high, size=rand.size)
+  return out.astype(np.int32), mask
+
+
+def captioning_transform(cfg: FinetuneInputs, tokenizer: TextTokenizer, mask_prob: float,
+                         image_field: str = 'image', caption_field: str = 'captions'
+                         ) -> pipeline.Transform:
+  """(example with an image and caption(s), rng) -> the 'captioning' layout: one caption,
+  masked (`text_ids`), with `text_targets` (the caption) and `text_mask`."""
+  def transform(example, rng):
+    captions = caption_list(example, caption_field)
+    if not captions:
+      return pipeline.Skip('no caption')
+    image = load_image(example, image_field)
+    if isinstance(image, pipeline.Skip):
+      return image
+    ids, pad = tokenizer.encode_sequence(captions[int(rng.integers(len(captions)))],
+                                         cfg.text_len)
+    # unilm: random.randint(3, len(tokenizer) - 1), both ends included.
+    masked, mask = mask_caption(ids, pad, rng, mask_prob, tokenizer.mask_id, 3,
+                                tokenizer.vocab_size)
+    return {'image': view(cfg, image, rng), 'text_ids': masked, 'text_padding_mask': pad,
+            'text_targets': ids.astype(np.int32), 'text_mask': mask}
   return transform
 
 

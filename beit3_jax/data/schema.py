@@ -67,7 +67,7 @@ SCHEMAS: dict[str, dict[str, Field]] = {
     'vqa': {'image': _IMAGE, **_TEXT,
             'answer_scores': Field(('B', 'A'), 'float32', 'soft answer scores in [0, 1]')},
     'nlvr2': {'image_a': _IMAGE, 'image_b': _IMAGE, **_TEXT, 'label': _LABEL},
-    'captioning': {'image': _IMAGE, **_TEXT},
+    'captioning': {'image': _IMAGE, **_TEXT, **_MASKED_TEXT},
 }
 
 PRETRAINING_STREAMS = ('image', 'text', 'pair')

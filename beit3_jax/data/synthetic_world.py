@@ -9,7 +9,7 @@ scene is computed from those, so every BEiT-3 task is learnable:
     scene = sample_scene(rng)
     image = render(scene, size=64)          # uint8 (64, 64, 3); deterministic given the scene
     captions(scene, rng)                    # ['a large red circle left of a small blue square',..]
-    label(scene)                            # index into LABEL_NAMES: the largest object's shape
+    label(scene)                            # index into LABEL_NAMES: the largest object's colour
     questions(scene, rng)                   # [('what colour is the circle?', 'red'), ...]
     nlvr2_example(rng, size=64)             # (image_a, image_b, statement, label)
     text_corpus_sentence(rng)               # 'a square has four corners'
@@ -51,7 +51,7 @@ MAX_OBJECTS = 3
 # Up to 2 * MAX_OBJECTS + 1: NLVR2 counts the objects of two scenes, and one more.
 NUMBER_WORDS = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven')
 
-LABEL_NAMES = SHAPES
+LABEL_NAMES = COLOUR_NAMES
 ANSWERS = (COLOUR_NAMES + SHAPES + SIZE_NAMES + NUMBER_WORDS[:MAX_OBJECTS + 1]
            + ('yes', 'no'))
 
@@ -270,9 +270,10 @@ def places(obj: SceneObject) -> list[str]:
 
 
 def label(scene: Scene) -> int:
-  """Class label: the index in LABEL_NAMES of the largest object's shape (ties: leftmost)."""
-  largest = min(scene.objects, key=lambda o: (-o.extent, o.x))
-  return SHAPES.index(largest.shape)
+  """Class label: the index in LABEL_NAMES (= COLOUR_NAMES) of the largest object's colour
+  (ties: the topmost, so a horizontal flip keeps the label)."""
+  largest = min(scene.objects, key=lambda o: (-o.extent, o.y))
+  return COLOUR_NAMES.index(largest.colour)
 
 
 def count_word(n: int) -> str:

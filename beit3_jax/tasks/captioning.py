@@ -152,6 +152,22 @@ def generate_captions(params, config, images, bos_id, eos_id, pad_id, mask_id, m
   if not isinstance(beam_size, int) or beam_size < 1:
     raise ValueError(f'beam_size must be an int >= 1, got {beam_size!r}')
   _check(config, max_len)
+  run = _generator(config, max_len, beam_size, return_scores)
+  ids = jnp.asarray([bos_id, eos_id, pad_id, mask_id], jnp.int32)
+  tokens, scores = run(params, jnp.asarray(images), ids,
+                       jnp.asarray(length_penalty, jnp.float32))
+  return (tokens, scores) if return_scores else tokens
+
+
+_GENERATORS: dict = {}
+
+
+def _generator(config, max_len: int, beam_size: int, return_scores: bool):
+  """The jitted decoding function of one (config, max_len, beam size), built once per process
+  (so repeated calls, e.g. batch after batch in evaluation, compile once per input shape)."""
+  key = (config.to_json(), max_len, beam_size, return_scores)
+  if key in _GENERATORS:
+    return _GENERATORS[key]
   dec = CaptionDecoder(config)
 
   @jax.jit
@@ -169,7 +185,5 @@ def generate_captions(params, config, images, bos_id, eos_id, pad_id, mask_id, m
                                           length_penalty)
     return tokens[:, 0], scores[:, 0]
 
-  ids = jnp.asarray([bos_id, eos_id, pad_id, mask_id], jnp.int32)
-  tokens, scores = run(params, jnp.asarray(images), ids,
-                       jnp.asarray(length_penalty, jnp.float32))
-  return (tokens, scores) if return_scores else tokens
+  _GENERATORS[key] = run
+  return run

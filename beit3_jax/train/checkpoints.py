@@ -51,7 +51,8 @@ class _DataState:
 class Checkpointer:
   """A `CheckpointManager` over `<workdir>/checkpoints` for `TrainState.checkpoint_items`."""
 
-  def __init__(self, workdir, *, every: int, keep: int = 3, async_save: bool = True):
+  def __init__(self, workdir, *, every: int, keep: int | None = 3, async_save: bool = True):
+    """keep: checkpoints kept (None = all, e.g. when only reading)."""
     self.directory = epath.Path(workdir) / CHECKPOINT_DIR
     self.every = int(every)
     options = ocp.CheckpointManagerOptions(
@@ -61,6 +62,9 @@ class Checkpointer:
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
 
   def save(self, step: int, items: dict, mixture=None, *, force: bool = False) -> bool:
     """Starts saving `items` (and the data position) at `step`; returns whether it saves."""

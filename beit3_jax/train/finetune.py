@@ -50,11 +50,9 @@ from beit3_jax.data import builtin as builtin_lib
 from beit3_jax.data import finetuning as inputs_lib
 from beit3_jax.data import image_ops, tfds_sources
 from beit3_jax.models import heads, num_patches
-from beit3_jax.tasks import losses
 from beit3_jax.train import flops as flops_lib
-from beit3_jax.train import loop
+from beit3_jax.train import loop, task_evaluation, task_objectives
 from beit3_jax.train.defaults import loop_fields
-from beit3_jax.train.masked_modeling import reduce_sums
 from beit3_jax.train.optimizer import make_optimizer
 
 TASKS = heads.TASKS
@@ -111,144 +109,34 @@ def finetune_config(task: str = 'classification') -> ml_collections.ConfigDict:
   return config
 
 
-# ------------------------------------------------------------------------------------------
-# Objectives.
-
-
-def _histogram(targets, num: int):
-  return jnp.zeros((num,), jnp.int32).at[targets].add(1)
-
-
-def _summarize(sums, names: Mapping[str, str]) -> dict[str, float]:
-  """Task sums -> '<task>/<metric>' floats; `names` maps a sum to its metric name."""
-  metrics = {}
-  for task, s in sums.items():
-    count = max(float(s['count']), 1.0)
-    baseline = (float(np.max(np.asarray(s['histogram']))) if 'histogram' in s
-                else float(s['baseline_correct']))
-    for key, name in names.items():
-      metrics[f'{task}/{name}'] = float(s[key]) / count
-    metrics[f'{task}/baseline_accuracy'] = baseline / count
-    metrics[f'{task}/examples'] = float(s['count'])
-  return metrics
-
-
-class Finetune:
-  """What every fine-tuning objective shares: one task, one stream named after it, params =
-  the head model's tree ({'beit3', <head params>}), no extra state, no frozen inputs."""
-
-  task: str = ''
-
-  def __init__(self, model_cfg, model):
-    self.model_cfg = model_cfg
-    self.model = model
-
-  @property
-  def tasks(self) -> tuple[str, ...]:
-    return (self.task,)
-
-  def example_inputs(self, batch_size: int = 1) -> dict:
-    raise NotImplementedError
-
-  def init_params(self, rng):
-    """Boxed params (logical axis names on every leaf)."""
-    return self.model.init(rng, **self.example_inputs())['params']
-
-  def init_extra(self, params):
-    del params
-    return {}
-
-  def normalizers(self, batch) -> dict[str, jax.Array]:
-    """Examples of the whole batch (the loss denominator)."""
-    b = batch[self.task]
-    n = jax.tree.leaves(b)[0].shape[0]
-    return {self.task: jnp.asarray(float(n), jnp.float32)}
-
-  def logits(self, params, batch, rng, *, train: bool):
-    raise NotImplementedError
-
-  def _apply(self, params, rng, train: bool, **inputs):
-    rngs = {'drop_path': rng} if train else None
-    return self.model.apply({'params': params}, deterministic=not train, rngs=rngs, **inputs)
-
-  def finish(self, params, extra):
-    return params, extra
-
-  def reduce(self, sums):
-    return reduce_sums(sums)
-
-
-class ClassificationFinetune(Finetune):
-  """Image classification: batch {'classification': {'image' uint8, 'label' int32}}."""
-
-  task = 'classification'
-
-  def __init__(self, model_cfg, num_classes: int, label_smoothing: float = 0.0):
-    super().__init__(model_cfg, heads.ImageClassifier(model_cfg, num_classes))
-    self.num_classes = int(num_classes)
-    self.label_smoothing = float(label_smoothing)
-
-  def example_inputs(self, batch_size: int = 1) -> dict:
-    s = self.model_cfg.img_size
-    return {'images': jnp.zeros((batch_size, s, s, self.model_cfg.in_chans), jnp.float32)}
-
-  def loss(self, params, extra, frozen, batch, rng, normalizers, *, train: bool):
-    del frozen
-    b = batch[self.task]
-    logits = self._apply(params, rng, train, images=image_ops.normalize(b['image']))
-    labels = b['label'].astype(jnp.int32)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
-    s = self.label_smoothing
-    ce = (1.0 - s) * nll + s * (-jnp.mean(logp, axis=-1))   # = losses.cross_entropy per example
-    k = min(5, self.num_classes)
-    top_k = jax.lax.top_k(logits, k)[1]
-    sums = {'ce': jnp.sum(ce), 'nll': jnp.sum(nll),
-            'correct': jnp.sum((top_k[:, 0] == labels).astype(jnp.float32)),
-            'correct5': jnp.sum(jnp.any(top_k == labels[:, None], axis=-1).astype(jnp.float32)),
-            'count': jnp.asarray(labels.shape[0], jnp.float32),
-            'histogram': _histogram(labels, self.num_classes)}
-    return sums['ce'] / normalizers[self.task], ({self.task: sums}, extra)
-
-  def summarize(self, sums) -> dict[str, float]:
-    return _summarize(sums, {'ce': 'loss', 'nll': 'nll', 'correct': 'accuracy',
-                             'correct5': 'top5_accuracy'})
-
-
-class VQAFinetune(Finetune):
-  """VQA: batch {'vqa': {'image', 'text_ids', 'text_padding_mask', 'answer_scores' (B, A)}}."""
-
-  task = 'vqa'
-
-  def __init__(self, model_cfg, num_answers: int, text_len: int):
-    super().__init__(model_cfg, heads.VQAModel(model_cfg, num_answers))
-    self.num_answers = int(num_answers)
-    self.text_len = int(text_len)
-
-  def example_inputs(self, batch_size: int = 1) -> dict:
-    s = self.model_cfg.img_size
-    return {'images': jnp.zeros((batch_size, s, s, self.model_cfg.in_chans), jnp.float32),
-            'text_ids': jnp.zeros((batch_size, self.text_len), jnp.int32),
-            'text_padding_mask': jnp.zeros((batch_size, self.text_len), bool)}
-
-  def loss(self, params, extra, frozen, batch, rng, normalizers, *, train: bool):
-    del frozen
-    b = batch[self.task]
-    logits = self._apply(params, rng, train, images=image_ops.normalize(b['image']),
-                         text_ids=b['text_ids'], text_padding_mask=b['text_padding_mask'])
-    scores = b['answer_scores'].astype(jnp.float32)
-    n = scores.shape[0]
-    # Per-example sum over answers = unilm's mean over all entries x A, summed over examples.
-    bce = losses.vqa_loss(logits, scores) * n
-    predicted = jnp.argmax(logits, axis=-1)
-    score = jnp.take_along_axis(scores, predicted[:, None], axis=-1)[:, 0]
-    sums = {'bce': bce, 'score': jnp.sum(score),
-            'count': jnp.asarray(n, jnp.float32),
-            'histogram': _histogram(jnp.argmax(scores, axis=-1), self.num_answers)}
-    return bce / normalizers[self.task], ({self.task: sums}, extra)
-
-  def summarize(self, sums) -> dict[str, float]:
-    return _summarize(sums, {'bce': 'loss', 'score': 'accuracy'})
+def demo_config(task: str) -> ml_collections.ConfigDict:
+  """What the `configs/finetune/<task>_demo.py` configs share: the demo pretraining's model
+  (configs/pretrain/demo.py, without the final norm as unilm's task models) started from its
+  run in workdirs/demo, batches of 32 of the built-in data (64 px, 24 text tokens), AdamW
+  with warmup + cosine. Each demo config sets its steps, learning rate and task fields."""
+  from beit3_jax.models import get_config
+  config = finetune_config(task)
+  config.init_from = 'workdirs/demo'
+  config.model = get_config('small', embed_dim=128, depth=4, num_heads=4, mlp_dim=512,
+                            img_size=64, patch_size=8, vocab_size=128, max_text_positions=34,
+                            drop_path_rate=0.0, normalize_output=False)
+  config.data.source = BUILTIN_SOURCES[task]
+  config.data.text_len = 24
+  config.data.crop_scale = (0.8, 1.0)
+  config.data.read_threads = 2
+  config.batch_size = 32
+  config.total_steps = 300
+  config.checkpoint_every = 300
+  config.log_every = 25
+  config.eval_every = 150
+  config.eval_batches = 7             # 224 validation examples
+  config.optimizer.lr = 1e-3
+  config.optimizer.min_lr = 1e-5
+  config.optimizer.warmup_steps = 20
+  config.optimizer.layer_decay = 1.0
+  config.label_smoothing = 0.1
+  config.captioning.max_len = 20
+  return config
 
 
 def answer_vocabulary(config) -> tuple[str, ...]:
@@ -259,18 +147,27 @@ def answer_vocabulary(config) -> tuple[str, ...]:
   return tuple(synthetic_world.ANSWERS)
 
 
-def make_objective(config) -> Finetune:
-  task = config.task
-  if task == 'classification':
-    return ClassificationFinetune(config.model, config.num_classes,
-                                  config.get('label_smoothing', 0.0))
-  if task == 'vqa':
-    return VQAFinetune(config.model, len(answer_vocabulary(config)), config.data.text_len)
-  raise ValueError(f'config.task={task!r}; known: {TASKS}.')
+def make_objective(config) -> task_objectives.Finetune:
+  num_answers = len(answer_vocabulary(config)) if config.task == 'vqa' else 0
+  return task_objectives.make_objective(config, num_answers)
 
 
 # ------------------------------------------------------------------------------------------
 # Data.
+
+# Where each task's fields live in an example, by default (the built-in data's names; the
+# manual-dir builders of beit3_jax.data.builders use the same). data.fields overrides them.
+DEFAULT_FIELDS = {
+    'classification': {'image': 'image', 'label': 'label'},
+    'vqa': {'image': 'image', 'question': 'qa/question', 'answer': 'qa/answer'},
+    'nlvr2': {'image_a': 'image_a', 'image_b': 'image_b', 'statement': 'statement',
+              'label': 'label'},
+    'retrieval': {'image': 'image', 'captions': 'captions'},
+    'captioning': {'image': 'image', 'captions': 'captions'},
+}
+BUILTIN_SOURCES = {'classification': 'builtin:images', 'vqa': 'builtin:images',
+                   'nlvr2': 'builtin:nlvr2', 'retrieval': 'builtin:images',
+                   'captioning': 'builtin:images'}
 
 
 def resolve_source(data_cfg) -> tuple[str, str, str]:
@@ -281,20 +178,34 @@ def resolve_source(data_cfg) -> tuple[str, str, str]:
   return tfds_dir, names['data.source'], spm_path
 
 
-def make_transform(config, train: bool, text_tokenizer=None):
+def fields(config) -> dict[str, str]:
+  return inputs_lib.field_overrides(config.data.get('fields'), DEFAULT_FIELDS[config.task])
+
+
+def input_settings(config, train: bool) -> inputs_lib.FinetuneInputs:
   d = config.data
-  cfg = inputs_lib.FinetuneInputs(image_size=config.model.img_size, train=train,
-                                  crop_scale=tuple(d.crop_scale), text_len=d.text_len,
-                                  flip_prob=float(d.get('flip_prob', 0.5)))
-  fields = dict(d.get('fields') or {})
-  if config.task == 'classification':
-    return inputs_lib.classification_transform(cfg, config.num_classes,
-                                               fields.get('image', 'image'),
-                                               fields.get('label', 'label'))
-  return inputs_lib.vqa_transform(cfg, text_tokenizer, answer_vocabulary(config),
-                                  fields.get('image', 'image'),
-                                  fields.get('question', 'qa/question'),
-                                  fields.get('answer', 'qa/answer'))
+  return inputs_lib.FinetuneInputs(image_size=config.model.img_size, train=train,
+                                   crop_scale=tuple(d.crop_scale), text_len=d.text_len,
+                                   flip_prob=float(d.get('flip_prob', 0.5)))
+
+
+def make_transform(config, train: bool, text_tokenizer=None):
+  cfg = input_settings(config, train)
+  f = fields(config)
+  task = config.task
+  if task == 'classification':
+    return inputs_lib.classification_transform(cfg, config.num_classes, f['image'], f['label'])
+  if task == 'vqa':
+    return inputs_lib.vqa_transform(cfg, text_tokenizer, answer_vocabulary(config), f['image'],
+                                    f['question'], f['answer'])
+  if task == 'nlvr2':
+    return inputs_lib.nlvr2_transform(cfg, text_tokenizer, f['image_a'], f['image_b'],
+                                      f['statement'], f['label'])
+  if task == 'retrieval':
+    return inputs_lib.retrieval_transform(cfg, text_tokenizer, f['image'], f['captions'])
+  return inputs_lib.captioning_transform(cfg, text_tokenizer,
+                                         float(config.captioning.mask_prob), f['image'],
+                                         f['captions'])
 
 
 def make_data(config, source, train: bool, seed: int, text_tokenizer=None):
@@ -303,6 +214,25 @@ def make_data(config, source, train: bool, seed: int, text_tokenizer=None):
       config.task, source, make_transform(config, train, text_tokenizer),
       int(config.batch_size), seed, num_epochs=None if train else 1,
       read_threads=config.data.get('read_threads', 2))
+
+
+def make_evaluator(config, objective, eval_source, train_source, text_tokenizer):
+  """The whole-split evaluator of retrieval / captioning (None for the other tasks)."""
+  if config.task not in ('retrieval', 'captioning'):
+    return None
+  f = fields(config)
+  count = int(config.eval_batches) * int(config.batch_size)
+  inputs = input_settings(config, train=False)
+  if config.task == 'retrieval':
+    return task_evaluation.retrieval_evaluator(objective, eval_source, count,
+                                               int(config.batch_size), inputs, text_tokenizer,
+                                               f['image'], f['captions'])
+  baseline = task_evaluation.most_common_caption(train_source, f['captions'])
+  n = int(config.captioning.get('eval_examples', 0)) or count
+  return task_evaluation.captioning_evaluator(
+      config, eval_source, n, int(config.batch_size), inputs, text_tokenizer, baseline,
+      image_mean=objective.image_mean, image_std=objective.image_std, image_field=f['image'],
+      caption_field=f['captions'])
 
 
 # ------------------------------------------------------------------------------------------
@@ -350,53 +280,82 @@ def prepare_init(config, workdir, objective: Finetune):
 # The job.
 
 
+def task_flops(config) -> tuple[float, int]:
+  """(analytic forward FLOPs, backbone tokens) of one example of config.task."""
+  m, text_len = config.model, int(config.data.text_len)
+  tokens_image = 1 + num_patches(m)
+  f = flops_lib.beit3_forward_flops
+  if config.task == 'classification':
+    return f(m, images=True), tokens_image
+  if config.task == 'nlvr2':
+    return 2 * f(m, images=True, text_len=text_len), 2 * (tokens_image + text_len)
+  if config.task == 'retrieval':
+    return (f(m, images=True) + f(m, images=False, text_len=text_len),
+            tokens_image + text_len)
+  return f(m, images=True, text_len=text_len), tokens_image + text_len
+
+
+def _text_tokenizer(config, spm_path: str):
+  from beit3_jax.data.text import TextTokenizer
+  if config.task == 'classification':
+    return None
+  if not spm_path:
+    raise ValueError(f'data.spm_path is empty: task {config.task!r} needs the SentencePiece '
+                     'model of its texts (beit3.spm for converted unilm weights).')
+  tokenizer = TextTokenizer.from_file(spm_path)
+  if config.model.vocab_size < tokenizer.vocab_size:
+    raise ValueError(f'model.vocab_size={config.model.vocab_size} is smaller than the '
+                     f'{tokenizer.vocab_size} ids of {spm_path}.')
+  return tokenizer
+
+
 def build_job(config, workdir) -> tuple[loop.Job, Any]:
   """(the loop's job, the config the loop runs with)."""
-  from beit3_jax.data.text import TextTokenizer
+  if config.task not in TASKS:
+    raise ValueError(f'config.task={config.task!r}; known: {TASKS}.')
+  if config.get('mode', 'train') not in ('train', 'eval'):
+    raise ValueError(f"config.mode={config.mode!r}; expected 'train' or 'eval'.")
   objective = make_objective(config)
   tfds_dir, name, spm_path = resolve_source(config.data)
-  text_tokenizer = None
-  if config.task == 'vqa':
-    if not spm_path:
-      raise ValueError('data.spm_path is empty: give the SentencePiece model of the questions.')
-    text_tokenizer = TextTokenizer.from_file(spm_path)
-    if config.model.vocab_size < text_tokenizer.vocab_size:
-      raise ValueError(f'model.vocab_size={config.model.vocab_size} is smaller than the '
-                       f'{text_tokenizer.vocab_size} ids of {spm_path}.')
+  text_tokenizer = _text_tokenizer(config, spm_path)
   d = config.data
   train_source = tfds_sources.open_source(name, d.train_split, tfds_dir)
   train_data = make_data(config, train_source, True, config.seed, text_tokenizer)
-  eval_data = None
-  if config.get('eval_every', 0):
+  eval_data, evaluator = None, None
+  if config.get('eval_every', 0) or config.get('mode', 'train') == 'eval':
     eval_source = tfds_sources.open_source(name, d.eval_split, tfds_dir)
-    eval_data = lambda: make_data(config, eval_source, False, config.seed + 1,  # noqa: E731
-                                  text_tokenizer)
+    evaluator = make_evaluator(config, objective, eval_source, train_source, text_tokenizer)
+    if evaluator is None:
+      eval_data = lambda: make_data(config, eval_source, False,  # noqa: E731
+                                    config.seed + 1, text_tokenizer)
   run_config, init_line = prepare_init(config, workdir, objective)
   tx, schedule = make_optimizer(config.optimizer, config.total_steps, config.model.depth)
 
   b = int(config.batch_size)
-  text_len = d.text_len if config.task == 'vqa' else 0
-  forward = flops_lib.beit3_forward_flops(config.model, images=True, text_len=text_len)
-  tokens = b * (1 + num_patches(config.model) + text_len)
+  forward, tokens = task_flops(config)
   m = config.model
+  what = {'classification': f'{config.num_classes} classes',
+          'vqa': f'{len(answer_vocabulary(config))} answers'}.get(config.task, '')
   describe = [
       f'Model: {m.variant} D={m.embed_dim} depth={m.depth} heads={m.num_heads} '
       f'{m.img_size}px/{m.patch_size} vocab {m.vocab_size}; dtype {m.dtype}; '
       f'normalize_output={m.normalize_output}',
       f'Task: {config.task} ({type(objective).__name__}); data {name} '
       f'{d.train_split} / {d.eval_split} x{b} (TFDS dir {tfds_dir})'
-      + (f'; {len(answer_vocabulary(config))} answers, text {spm_path}'
-         if config.task == 'vqa' else f'; {config.num_classes} classes'),
+      + (f'; {what}' if what else '') + (f'; text {spm_path}' if text_tokenizer else ''),
   ]
   if init_line:
     describe.append(f'init_from: {init_line}')
   job = loop.Job(objective=objective, tx=tx, schedule=schedule, train_data=train_data,
                  eval_data=eval_data, frozen={}, frozen_shardings={},
-                 flops_per_step=3.0 * forward * b, examples_per_step=b, tokens_per_step=tokens,
-                 describe=describe)
+                 flops_per_step=3.0 * forward * b, examples_per_step=b,
+                 tokens_per_step=tokens * b, describe=describe, evaluator=evaluator)
   return job, run_config
 
 
 def run(config, workdir) -> dict:
+  """Trains (config.mode='train') or evaluates one checkpoint (config.mode='eval')."""
   job, run_config = build_job(config, workdir)
+  if config.get('mode', 'train') == 'eval':
+    return loop.evaluate_only(run_config, workdir, job)
   return loop.train(run_config, workdir, job)

@@ -50,6 +50,9 @@ class Job:
     examples_per_step, tokens_per_step: global counts per step.
     describe: lines printed before the first compile.
     on_finish: called with (state, workdir) at the end (e.g. to export a tokenizer).
+    evaluator: (params, mesh) -> validation metrics, for objectives whose metrics are not sums
+      of batches (retrieval ranks the whole split, captioning decodes and scores CIDEr);
+      replaces the eval step over `eval_data` when given.
   """
   objective: Any
   tx: Any
@@ -63,6 +66,7 @@ class Job:
   tokens_per_step: int
   describe: list[str] = dataclasses.field(default_factory=list)
   on_finish: Callable | None = None
+  evaluator: Callable[[Any, Any], dict] | None = None
 
 
 def _merge_init(fresh, loaded):
@@ -99,32 +103,83 @@ def evaluate(eval_step, state, eval_data: Callable[[], Iterator], mesh, batches:
   return objective.summarize(totals) if totals is not None else {}
 
 
+def _initial_state(config, job: Job, mesh, checkpointer, step: int | None = None):
+  """(state, shardings, where it came from): the checkpoint at `step` (default: the newest),
+  else fresh params with `init_from` put in, else fresh params."""
+  state, shardings = step_lib.create_state(job.objective, job.tx, mesh,
+                                           jax.random.key(config.seed), job.frozen,
+                                           job.frozen_shardings)
+  start = checkpointer.latest_step() if step is None else step
+  if start is not None:
+    abstract = checkpoints.abstract_like(step_lib.checkpoint_items(state),
+                                         step_lib.checkpoint_items(shardings))
+    restored = checkpointer.restore(start, abstract, job.train_data)
+    return (state.replace(**restored), shardings,
+            f'resumed from {checkpointer.directory / str(start)}')
+  if config.get('init_from'):
+    loaded, what = checkpoints.load_init_params(config.init_from, state.params,
+                                                shardings.params)
+    return state.replace(params=_merge_init(state.params, loaded)), shardings, \
+        f'initialised from {what}'
+  return state, shardings, 'fresh initialisation'
+
+
+def _validate(job: Job, eval_step, state, mesh, batches: int) -> dict[str, float]:
+  if job.evaluator is not None:
+    return job.evaluator(state.params, mesh)
+  return evaluate(eval_step, state, job.eval_data, mesh, batches, job.objective)
+
+
+def evaluate_only(config, workdir, job: Job) -> dict:
+  """`mode=eval`: validation metrics of one checkpoint of `workdir` (config.eval_step, -1 =
+  the newest; with no checkpoint, the `init_from` params at step 0), written to the workdir's
+  metrics files with the 'val' prefix at that step, as a training run's evaluations are."""
+  workdir = epath.Path(workdir)
+  mesh = sharding_lib.make_mesh(config.mesh_shape)
+  checkpointer = checkpoints.Checkpointer(workdir, every=0, keep=None)
+  wanted = int(config.get('eval_step', -1))
+  steps = checkpointer.all_steps()
+  if wanted >= 0 and wanted not in steps:
+    checkpointer.close()
+    raise ValueError(f'eval_step={wanted}: {checkpointer.directory} has checkpoints at '
+                     f'{sorted(steps) or "no step"}.')
+  if not steps and not config.get('init_from'):
+    checkpointer.close()
+    raise FileNotFoundError(f'mode=eval: {workdir} has no checkpoint and init_from is empty; '
+                            'give the run to evaluate (--workdir) or weights (--config.init_from).')
+  state, shardings, origin = _initial_state(config, job, mesh, checkpointer,
+                                            (wanted if wanted >= 0 else None) if steps else None)
+  checkpointer.close()
+  step = int(jax.device_get(state.step))
+  for line in job.describe:
+    print(line)
+  print(f'Evaluating params {origin} at step {step}')
+  eval_step = None
+  if job.evaluator is None:
+    batch = pipeline.to_global(next(job.eval_data()), mesh)
+    with sharding_lib.use_mesh(mesh):
+      eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(job.objective), mesh,
+                                         shardings, batch)
+  with sharding_lib.use_mesh(mesh):
+    summary = _validate(job, eval_step, state, mesh, config.eval_batches)
+  writer = MetricWriter(str(workdir), enabled=jax.process_index() == 0)
+  writer.write(step, summary, prefix='val')
+  writer.close()
+  return {'train': {}, 'val': summary, 'checkpoints': str(checkpointer.directory),
+          'metrics': str(workdir / 'metrics.jsonl'), 'tensorboard': str(workdir / 'tensorboard'),
+          'state': state}
+
+
 def train(config, workdir, job: Job) -> dict:
   """Runs (or resumes) the job in `workdir`; returns the final metrics and where outputs went."""
   workdir = epath.Path(workdir)
   mesh = sharding_lib.make_mesh(config.mesh_shape)
   process0 = jax.process_index() == 0
-  rng = jax.random.key(config.seed)
   objective = job.objective
 
-  state, shardings = step_lib.create_state(objective, job.tx, mesh, rng, job.frozen,
-                                           job.frozen_shardings)
   checkpointer = checkpoints.Checkpointer(workdir, every=config.checkpoint_every,
                                           keep=config.get('keep_checkpoints', 3))
-  start = checkpointer.latest_step()
-  if start is not None:
-    abstract = checkpoints.abstract_like(step_lib.checkpoint_items(state),
-                                         step_lib.checkpoint_items(shardings))
-    restored = checkpointer.restore(start, abstract, job.train_data)
-    state = state.replace(**restored)
-    origin = f'resumed from {checkpointer.directory / str(start)}'
-  elif config.get('init_from'):
-    loaded, what = checkpoints.load_init_params(config.init_from, state.params,
-                                                shardings.params)
-    state = state.replace(params=_merge_init(state.params, loaded))
-    origin = f'initialised from {what}'
-  else:
-    origin = 'fresh initialisation'
+  state, shardings, origin = _initial_state(config, job, mesh, checkpointer)
   first_step = int(jax.device_get(state.step))
   if first_step >= config.total_steps:
     print(f'The checkpoint is at step {first_step} >= total_steps={config.total_steps}: '
@@ -149,7 +204,7 @@ def train(config, workdir, job: Job) -> dict:
   with sharding_lib.use_mesh(mesh):
     jitted = step_lib.jit_train_step(train_step, mesh, shardings, batch)
     eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(objective), mesh, shardings,
-                                       batch) if job.eval_data else None
+                                       batch) if job.eval_data and not job.evaluator else None
     if first_step == 0 and hasattr(objective, 'first_batch_init'):
       params, extra = jax.jit(objective.first_batch_init)(state.params, state.extra,
                                                           state.frozen, batch)
@@ -187,10 +242,10 @@ def train(config, workdir, job: Job) -> dict:
           last[f'skipped/{stream}'] = float(sum(counts.values()))
         writer.write(done, last)
         history, t_log, steps_since_log = [], now, 0
-      if job.eval_data and eval_every and (done % eval_every == 0 or done == config.total_steps):
+      if ((job.eval_data or job.evaluator) and eval_every
+          and (done % eval_every == 0 or done == config.total_steps)):
         with sharding_lib.use_mesh(mesh):
-          summary = evaluate(eval_step, state, job.eval_data, mesh, config.eval_batches,
-                             objective)
+          summary = _validate(job, eval_step, state, mesh, config.eval_batches)
         writer.write(done, summary, prefix='val')
       stop = done == config.get('stop_at_step', 0)
       checkpointer.save(done, step_lib.checkpoint_items(state), job.train_data,

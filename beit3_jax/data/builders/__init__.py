@@ -4,6 +4,8 @@
   questions; NLVR2-style image pairs; a text corpus), rendered locally.
 - `karpathy_captions`: COCO and Flickr30k with Karpathy's splits, from the official files in a
   manual dir (captioning and retrieval).
+- `imagenet`: ImageNet-1k (ILSVRC2012) from the official tars or extracted folders in a manual
+  dir (classification; registered as `beit3_imagenet2012`).
 - `vqa_nlvr2`: VQAv2 (answer vocabulary and soft scores as unilm) and NLVR2, from the official
   files in a manual dir.
 

@@ -25,7 +25,7 @@ and a Sequence as a Python list):
 
 - image, image_a, image_b: uint8 (S, S, 3) arrays, stored as PNG.
 - captions: list of C bytes, C = `num_captions` (5) true descriptions of the image.
-- label: int, index into `synthetic_world.LABEL_NAMES` (the largest object's shape); in NLVR2,
+- label: int, index into `synthetic_world.LABEL_NAMES` (the largest object's colour); in NLVR2,
   1 = the statement is true of the pair (left = image_a, right = image_b).
 - qa: {'question': list of Q bytes, 'answer': list of Q bytes, 'answer_id': list of Q int64
   indices into `synthetic_world.ANSWERS`}, Q = `num_questions` (4).
@@ -65,8 +65,9 @@ from beit3_jax.data import synthetic_world as sw
 SPLITS = ('train', 'validation', 'test')
 _SPLIT_IDS = {split: i for i, split in enumerate(SPLITS)}
 DEFAULT_SEED = 0
-_VERSION = tfds.core.Version('1.0.0')
-_RELEASE_NOTES = {'1.0.0': 'First release.'}
+_VERSION = tfds.core.Version('1.1.0')
+_RELEASE_NOTES = {'1.0.0': 'First release.',
+                  '1.1.0': "label: the largest object's colour (ties: topmost), was its shape."}
 
 
 @dataclasses.dataclass(eq=False)

@@ -1,0 +1,23 @@
+"""Demo fine-tuning: NLVR2 on the built-in data's pairs of images, from the demo pretraining.
+
+Decides whether a statement ("both images contain a circle", "the left image has more objects
+than the right image", ...) is true of a pair of images with `NLVR2Classifier`, starting from
+the backbone of the demo pretraining run (configs/pretrain/demo.py in workdirs/demo; the head
+starts fresh). Every statement is true of half of its pairs, so the text alone predicts nothing.
+
+Command (from the repository root, after the demo pretraining):
+
+    .venv/bin/python -m beit3_jax.main --config=configs/finetune/nlvr2_demo.py \
+        --workdir=workdirs/finetune_nlvr2_demo
+
+Add `--config.init_from=''` to start from a random initialisation instead.
+RESULTS
+"""
+
+from beit3_jax.train.finetune import demo_config
+
+
+def get_config(arg=None):
+  del arg
+  config = demo_config('nlvr2')
+  return config
