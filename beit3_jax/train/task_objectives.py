@@ -45,8 +45,10 @@ def _summarize(sums, names: Mapping[str, str]) -> dict[str, float]:
     count = max(float(s['count']), 1.0)
     for key, name in names.items():
       metrics[f'{task}/{name}'] = float(s[key]) / count
-    if 'histogram' in s:
+    if 'histogram' in s:          # evaluation sums
       metrics[f'{task}/baseline_accuracy'] = float(np.max(np.asarray(s['histogram']))) / count
+    elif 'baseline_correct' in s:  # training steps (`reduce` kept only the histogram's max)
+      metrics[f'{task}/baseline_accuracy'] = float(s['baseline_correct']) / count
     metrics[f'{task}/examples'] = float(s['count'])
   return metrics
 
@@ -95,7 +97,9 @@ class Finetune:
     return params, extra
 
   def reduce(self, sums):
-    return reduce_sums(sums)
+    if all('histogram' in s for s in sums.values()):
+      return reduce_sums(sums)
+    return sums
 
 
 def _mix_boxes(rng, size: int, lam):
