@@ -4,14 +4,11 @@ keys present) and the per-example transforms give the schema's layouts."""
 import jax
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec
 
 import train_fixtures as fx
-from beit3_jax import sharding
 from beit3_jax.data import finetuning as ft_data
 from beit3_jax.data import pipeline, schema
-from beit3_jax.train import finetune
-from beit3_jax.train import step as step_lib
+from beit3_jax.train import task_objectives
 
 pytestmark = pytest.mark.usefixtures('fast_compile')
 
@@ -44,30 +41,9 @@ def _vqa_batch(seed=0):
                   'text_ids': ids, 'text_padding_mask': pad, 'answer_scores': scores}}
 
 
-def _train(objective, batch, steps=6):
-  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-  tx, schedule = fx.optimizer(total_steps=steps, lr=3e-3, warmup_steps=1)
-  state, shardings = step_lib.create_state(objective, tx, mesh, jax.random.key(0), {}, {})
-  batch = jax.device_put(batch, NamedSharding(mesh, PartitionSpec(('data', 'fsdp'))))
-  losses, tasks = [], []
-  with sharding.use_mesh(mesh):
-    jitted = step_lib.jit_train_step(step_lib.make_train_step(objective, tx, schedule), mesh,
-                                     shardings, batch)
-    for i in range(steps):
-      state, metrics = jitted(state, batch, jax.random.fold_in(jax.random.key(1), i))
-      metrics = jax.device_get(metrics)
-      losses.append(float(metrics['loss']))
-      tasks.append(metrics['tasks'])
-    eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(objective), mesh, shardings,
-                                       batch)
-    eval_sums = jax.device_get(eval_step(state.params, state.extra, state.frozen, batch))
-  summary = objective.summarize(jax.tree.map(lambda *x: np.sum(x, axis=0), *tasks))
-  return np.array(losses), summary, objective.summarize(eval_sums)
-
-
 def test_classification_objective_trains():
-  objective = finetune.ClassificationFinetune(_model_cfg(), num_classes=4, label_smoothing=0.1)
-  losses, train, val = _train(objective, _classification_batch())
+  objective = task_objectives.ClassificationFinetune(_model_cfg(), num_classes=4, label_smoothing=0.1)
+  losses, train, val = fx.train_objective(objective, _classification_batch())
   assert np.all(np.isfinite(losses))
   assert losses[0] == pytest.approx(np.log(4), abs=0.05)   # the head starts near zero
   assert losses[-1] < losses[0]
@@ -81,8 +57,8 @@ def test_classification_objective_trains():
 
 
 def test_vqa_objective_trains():
-  objective = finetune.VQAFinetune(_model_cfg(), num_answers=ANSWERS, text_len=fx.TEXT_LEN)
-  losses, train, val = _train(objective, _vqa_batch())
+  objective = task_objectives.VQAFinetune(_model_cfg(), num_answers=ANSWERS, text_len=fx.TEXT_LEN)
+  losses, train, val = fx.train_objective(objective, _vqa_batch())
   assert np.all(np.isfinite(losses))
   assert losses[0] == pytest.approx(ANSWERS * np.log(2), rel=0.2)   # BCE x answers at init
   assert losses[-1] < 0.9 * losses[0]

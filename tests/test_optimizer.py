@@ -105,3 +105,12 @@ def test_frozen_params_get_no_update_at_all():
 def test_head_sublayers_are_not_backbone_layers():
   assert opt.layer_id('head/layers_0/kernel', depth=12) == 13          # VQA head.0
   assert opt.layer_id('beit3/encoder/layers_3/ffn/A/fc1/kernel', depth=12) == 4
+
+
+def test_task_head_lr_weight_scales_only_the_head():
+  from beit3_jax.train.optimizer import lr_factor
+  assert lr_factor('head/layers_0/kernel', 12, 0.9, 20.0) == pytest.approx(20.0)
+  assert lr_factor('head/dense1/bias', 12, 1.0, 20.0) == 20.0
+  assert lr_factor('pooler/dense/kernel', 12, 0.9, 20.0) == 1.0        # unilm: only head.*
+  assert lr_factor('beit3/encoder/layers_3/ffn/A/fc1/kernel', 12, 0.9, 20.0) == \
+      pytest.approx(0.9 ** 9)                                          # layer id 4

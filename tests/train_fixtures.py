@@ -107,3 +107,30 @@ def batch(seed: int, b: int = 8, streams=('image', 'text', 'pair'), pair_image_m
   if 'pair' in streams:
     out['pair'] = {**_images(rng, b, pair_image_mask_ratio), **_texts(rng, b, 0.5)}
   return out
+
+
+def train_objective(objective, batch, steps=6, lr=3e-3):
+  """`steps` train steps of `objective` on one fixed batch on one device, then one eval step:
+  (losses (steps,), training summary of all steps, eval summary)."""
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec
+  from beit3_jax import sharding
+  from beit3_jax.train import step as step_lib
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  tx, schedule = optimizer(total_steps=steps, lr=lr, warmup_steps=1)
+  state, shardings = step_lib.create_state(objective, tx, mesh, jax.random.key(0), {}, {})
+  batch = jax.device_put(batch, NamedSharding(mesh, PartitionSpec(('data', 'fsdp'))))
+  losses, tasks = [], []
+  with sharding.use_mesh(mesh):
+    jitted = step_lib.jit_train_step(step_lib.make_train_step(objective, tx, schedule), mesh,
+                                     shardings, batch)
+    for i in range(steps):
+      state, metrics = jitted(state, batch, jax.random.fold_in(jax.random.key(1), i))
+      metrics = jax.device_get(metrics)
+      losses.append(float(metrics['loss']))
+      tasks.append(metrics['tasks'])
+    eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(objective), mesh, shardings,
+                                       batch)
+    eval_sums = jax.device_get(eval_step(state.params, state.extra, state.frozen, batch))
+  summary = objective.summarize(jax.tree.map(lambda *x: np.sum(x, axis=0), *tasks))
+  return np.array(losses), summary, objective.summarize(eval_sums)

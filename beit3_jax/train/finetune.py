@@ -105,7 +105,7 @@ def finetune_config(task: str = 'classification') -> ml_collections.ConfigDict:
   config.batch_size = 256
   config.optimizer = ml_collections.ConfigDict(dict(
       lr=5e-4, min_lr=1e-6, warmup_steps=500, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05,
-      clip_norm=0.0, layer_decay=0.65))
+      clip_norm=0.0, layer_decay=0.65, task_head_lr_weight=1.0))
   return config
 
 

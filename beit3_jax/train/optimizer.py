@@ -6,6 +6,7 @@
     -> adam scaling (b1, b2, eps)
     -> + weight_decay * param on every parameter not in the no-decay set
     -> x layer_decay ** (depth + 1 - layer_id(param))   (fine-tuning; 1.0 = off)
+       x task_head_lr_weight on the task head (`head/...`; unilm's VQA recipe: 20; 1.0 = off)
     -> x -learning_rate(step)
     and parameters matched by `frozen` get no update at all (not even weight decay).
 
@@ -86,10 +87,20 @@ def learning_rate_schedule(config, total_steps: int) -> optax.Schedule:
       decay_steps=int(total_steps), end_value=float(config.get('min_lr', 0.0)))
 
 
-def scale_by_layer_decay(layer_decay: float, depth: int) -> optax.GradientTransformation:
-  """Multiplies each update by layer_decay ** (depth + 1 - layer_id)."""
+def lr_factor(name: str, depth: int, layer_decay: float = 1.0,
+              task_head_lr_weight: float = 1.0) -> float:
+  """The learning-rate multiplier of the parameter at `name`: layer_decay ** (depth + 1 -
+  layer_id), times task_head_lr_weight for the task head (names starting with 'head/', as
+  unilm's `name.startswith("head")`)."""
+  factor = layer_decay ** (depth + 1 - layer_id(name, depth))
+  return factor * (task_head_lr_weight if name.startswith('head/') else 1.0)
+
+
+def scale_by_layer_decay(layer_decay: float, depth: int, task_head_lr_weight: float = 1.0
+                         ) -> optax.GradientTransformation:
+  """Multiplies each update by `lr_factor` of its parameter."""
   def factors(tree):
-    return _map_names(lambda n: layer_decay ** (depth + 1 - layer_id(n, depth)), tree)
+    return _map_names(lambda n: lr_factor(n, depth, layer_decay, task_head_lr_weight), tree)
 
   def update(updates, state, params=None):
     del params
@@ -119,8 +130,10 @@ def make_optimizer(config, total_steps: int, depth: int, *,
   if float(config.weight_decay) > 0:
     parts.append(optax.add_decayed_weights(float(config.weight_decay),
                                            mask=lambda p: _map_names(decays, p)))
-  if float(config.get('layer_decay', 1.0)) != 1.0:
-    parts.append(scale_by_layer_decay(float(config.layer_decay), depth))
+  layer_decay = float(config.get('layer_decay', 1.0))
+  head_weight = float(config.get('task_head_lr_weight', 1.0))
+  if layer_decay != 1.0 or head_weight != 1.0:
+    parts.append(scale_by_layer_decay(layer_decay, depth, head_weight))
   parts.append(optax.scale_by_learning_rate(schedule))
   tx = optax.chain(*parts)
   if frozen:

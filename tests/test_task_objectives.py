@@ -1,0 +1,231 @@
+"""The NLVR2, retrieval and captioning objectives train; captioning masking follows unilm;
+mixup/cutmix targets; the whole-split evaluators equal a direct computation; `mode=eval`
+re-evaluates a checkpoint into the same metrics file."""
+
+import json
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from flax.core import meta
+
+import train_fixtures as fx
+from beit3_jax import sharding
+from beit3_jax.data import finetuning as ft_data
+from beit3_jax.data import image_ops, pipeline, schema, synthetic_world
+from beit3_jax.data import text as text_lib
+from beit3_jax.models import heads
+from beit3_jax.tasks import metrics
+from beit3_jax.tasks.captioning import generate_captions
+from beit3_jax.train import loop, task_evaluation, task_objectives
+from beit3_jax.train.defaults import loop_fields
+
+pytestmark = pytest.mark.usefixtures('fast_compile')
+
+B = 8
+L = fx.TEXT_LEN
+
+
+def _cfg():
+  return fx.model_config(normalize_output=False)
+
+
+def _text(rng):
+  lengths = rng.integers(4, L + 1, size=B)
+  ids = rng.integers(4, 90, (B, L)).astype(np.int32)
+  pad = np.arange(L)[None, :] >= lengths[:, None]
+  ids[:, 0] = 0
+  ids[np.arange(B), lengths - 1] = 2
+  ids[pad] = 1
+  return ids, pad
+
+
+def _batch(task, seed=0):
+  rng = np.random.default_rng(seed)
+  s = _cfg().img_size
+  image = lambda: rng.integers(0, 256, (B, s, s, 3), dtype=np.uint8)  # noqa: E731
+  ids, pad = _text(rng)
+  if task == 'nlvr2':
+    out = {'image_a': image(), 'image_b': image(), 'text_ids': ids, 'text_padding_mask': pad,
+           'label': rng.integers(0, 2, B).astype(np.int32)}
+  elif task == 'retrieval':
+    out = {'image': image(), 'text_ids': ids, 'text_padding_mask': pad}
+  else:
+    masked = [ft_data.mask_caption(i, p, rng, 0.6, fx.MASK_ID, 3, fx.VOCAB)
+              for i, p in zip(ids, pad)]
+    out = {'image': image(), 'text_ids': np.stack([m[0] for m in masked]),
+           'text_padding_mask': pad, 'text_targets': ids,
+           'text_mask': np.stack([m[1] for m in masked])}
+  schema.check(task, out)
+  return {task: out}
+
+
+OBJECTIVES = {
+    'nlvr2': lambda: task_objectives.NLVR2Finetune(_cfg(), text_len=L),
+    'retrieval': lambda: task_objectives.RetrievalFinetune(_cfg(), text_len=L),
+    'captioning': lambda: task_objectives.CaptioningFinetune(_cfg(), 0.1, text_len=L),
+}
+
+
+@pytest.mark.parametrize('task', sorted(OBJECTIVES))
+def test_objective_trains(task):
+  objective = OBJECTIVES[task]()
+  losses, train, val = fx.train_objective(objective, _batch(task), steps=3, lr=3e-3)
+  assert np.all(np.isfinite(losses))
+  assert losses[-1] < losses[0]
+  assert {f'{task}/loss', f'{task}/baseline_accuracy', f'{task}/examples'} <= set(train)
+  assert set(val) == set(train)
+  if task == 'retrieval':
+    assert losses[0] == pytest.approx(np.log(B), rel=0.5)        # ~chance at init
+    assert val['retrieval/baseline_accuracy'] == 1 / B
+  if task == 'captioning':   # examples = masked tokens
+    assert val['captioning/examples'] == _batch(task)[task]['text_mask'].sum()
+  if task == 'nlvr2':
+    labels = _batch(task)['nlvr2']['label']
+    assert val['nlvr2/baseline_accuracy'] == np.max(np.bincount(labels, minlength=2)) / B
+
+
+def test_mask_caption_follows_unilm():
+  rng = np.random.default_rng(0)
+  ids = np.array([0, 11, 12, 13, 14, 15, 16, 17, 18, 2, 1, 1], np.int32)
+  pad = ids == 1
+  n = int((~pad).sum())
+  kinds = np.zeros(3)
+  for _ in range(400):
+    out, mask = ft_data.mask_caption(ids, pad, rng, 0.6, 101, 3, 102)
+    assert mask.sum() == max(1, min(round(n * 0.6), n - 1))
+    assert not mask[0] and not mask[pad].any()               # never <s>, never padding
+    assert np.array_equal(out[~mask], ids[~mask])
+    kinds += [np.sum(out[mask] == 101), np.sum(out[mask] == ids[mask]),
+              np.sum((out[mask] != 101) & (out[mask] != ids[mask]))]
+    assert np.all((out[mask] == 101) | (out[mask] == ids[mask])
+                  | ((out[mask] >= 3) & (out[mask] < 102)))
+  share = kinds / kinds.sum()
+  assert share[0] == pytest.approx(0.8, abs=0.03)
+  assert share[1] == pytest.approx(0.1 + 0.1 / 99, abs=0.03)   # kept, or drawn as itself
+  # A two-token caption (<s> </s>) masks its </s>.
+  out, mask = ft_data.mask_caption(np.array([0, 2, 1], np.int32), np.array([0, 0, 1], bool),
+                                   rng, 0.6, 101, 3, 102)
+  assert mask.tolist() == [False, True, False]
+
+
+def test_mixup_and_cutmix_targets():
+  images = jax.random.uniform(jax.random.key(0), (B, 32, 32, 3))
+  labels = np.arange(B) % 4
+  for mixup, cutmix in ((0.8, 0.0), (0.0, 1.0), (0.8, 1.0)):
+    objective = task_objectives.ClassificationFinetune(_cfg(), 4, 0.1, mixup=mixup,
+                                                       cutmix=cutmix)
+    for seed in range(4):
+      mixed, targets = objective._mix(images, labels, jax.random.key(seed))
+      targets = np.asarray(targets)
+      np.testing.assert_allclose(targets.sum(-1), 1.0, rtol=1e-6)
+      # Row 0 mixes label 0 (weight lam) with the reversed batch's row 0, label 3.
+      lam = ((targets[0, labels[0]] - targets[0, labels[-1]]) / 0.9 + 1) / 2
+      if cutmix and not mixup:   # every pixel is its own or the reversed batch's
+        own = np.isclose(mixed, images) | np.isclose(mixed, images[::-1])
+        assert own.all()
+        pasted = np.mean(~np.isclose(np.asarray(mixed)[0], np.asarray(images)[0]))
+        assert 1 - lam == pytest.approx(pasted, abs=1e-6)
+  off = task_objectives.ClassificationFinetune(_cfg(), 4, 0.1, mixup=0.8, mixup_prob=0.0)
+  mixed, targets = off._mix(images, labels, jax.random.key(0))
+  np.testing.assert_array_equal(mixed, images)
+  np.testing.assert_allclose(targets, np.eye(4)[labels] * 0.9 + 0.025, rtol=1e-6)
+
+
+@pytest.fixture(scope='module')
+def spm(tmp_path_factory):
+  rng = np.random.default_rng(0)
+  corpus = [synthetic_world.text_corpus_sentence(rng) for _ in range(300)]
+  path = str(tmp_path_factory.mktemp('spm') / 'tiny.spm')
+  text_lib.save_spm(text_lib.train_spm(corpus, vocab_size=fx.VOCAB - 2), path)
+  return path
+
+
+def _captioned_source(n=6, seed=0):
+  rng = np.random.default_rng(seed)
+  out = []
+  for i in range(n):
+    scene = synthetic_world.sample_scene(rng)
+    out.append({'image': synthetic_world.render(scene, 32),
+                'captions': [c.encode() for c in synthetic_world.captions(scene, rng, 3)]})
+  return out
+
+
+def _mesh():
+  return sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+
+
+def test_retrieval_evaluator_equals_direct_ranking(spm):
+  objective = task_objectives.RetrievalFinetune(_cfg(), text_len=L)
+  params = meta.unbox(objective.init_params(jax.random.key(0)))
+  source = _captioned_source()
+  tok = text_lib.TextTokenizer.from_file(spm)
+  inputs = ft_data.FinetuneInputs(image_size=32, train=False, text_len=L)
+  got = task_evaluation.retrieval_evaluator(objective, source, 0, 4, inputs, tok)(
+      params, _mesh())
+  images = np.stack([e['image'] for e in source])
+  texts = [c.decode() for e in source for c in e['captions']]
+  ids, pad = tok.encode_batch(texts, L)
+  out = jax.jit(objective.model.apply)({'params': params}, images=image_ops.normalize(images),
+                                       text_ids=ids, text_padding_mask=pad)
+  sim = np.asarray(out['image_features'], np.float64) @ np.asarray(out['text_features'],
+                                                                   np.float64).T
+  want = metrics.retrieval_recall(sim, np.repeat(np.arange(6), 3))
+  for k, v in want.items():
+    assert got[f'retrieval/{k}'] == pytest.approx(v)
+  assert got['retrieval/random_r1'] == pytest.approx(1 / 6)
+  assert got['retrieval/texts'] == 18
+
+
+def test_captioning_evaluator_scores_the_generated_captions(spm):
+  config = ml_collections.ConfigDict({'model': _cfg(), 'captioning': {
+      'beam_size': 2, 'length_penalty': 0.6, 'max_len': 6}})
+  model = heads.task_model('captioning', config.model)
+  params = meta.unbox(model.init(jax.random.key(1), **heads.task_example_inputs(
+      'captioning', config.model))['params'])
+  source = _captioned_source(5)
+  tok = text_lib.TextTokenizer.from_file(spm)
+  inputs = ft_data.FinetuneInputs(image_size=32, train=False, text_len=L)
+  baseline = task_evaluation.most_common_caption(source + [source[0]])
+  assert baseline == source[0]['captions'][0].decode()
+  got = task_evaluation.captioning_evaluator(
+      config, source, 0, 4, inputs, tok, baseline, image_mean=image_ops.BEIT3_MEAN,
+      image_std=image_ops.BEIT3_STD)(params, _mesh())
+  images = image_ops.normalize(np.stack([e['image'] for e in source]))
+  tokens = generate_captions(params, config.model, images, tok.bos_id, tok.eos_id, tok.pad_id,
+                             tok.mask_id, 6, 2, 0.6)
+  hyps = [tok.decode(t) for t in np.asarray(tokens)]
+  refs = [[c.decode() for c in e['captions']] for e in source]
+  assert got['captioning/cider'] == pytest.approx(metrics.cider_d(hyps, refs))
+  assert got['captioning/bleu4'] == pytest.approx(metrics.bleu4(hyps, refs))
+  assert got['captioning/baseline_cider'] == pytest.approx(
+      metrics.cider_d([baseline] * 5, refs))
+  assert got['captioning/images'] == 5
+
+
+def test_eval_mode_reevaluates_a_checkpoint(tmp_path):
+  objective = task_objectives.NLVR2Finetune(_cfg(), text_len=L)
+  batch = _batch('nlvr2')['nlvr2']
+  source = [jax.tree.map(lambda x: x[i], batch) for i in range(B)]
+  stream = lambda seed, epochs: pipeline.Mixture({'nlvr2': pipeline.Stream(  # noqa: E731
+      source, lambda e, rng: e, global_batch=B, seed=seed, num_epochs=epochs, read_threads=1)})
+  config = ml_collections.ConfigDict()
+  loop_fields(config)
+  config.update(total_steps=2, checkpoint_every=2, log_every=1, eval_every=2, eval_batches=2,
+                mesh_shape=(-1, 1, 1))
+  tx, schedule = fx.optimizer(total_steps=2, warmup_steps=1)
+
+  def job():
+    return loop.Job(objective=objective, tx=tx, schedule=schedule, train_data=stream(0, None),
+                    eval_data=lambda: stream(1, 1), frozen={}, frozen_shardings={},
+                    flops_per_step=1.0, examples_per_step=B, tokens_per_step=B)
+  trained = loop.train(config, tmp_path, job())
+  again = loop.evaluate_only(config, tmp_path, job())
+  assert again['val'] == pytest.approx(trained['val'])
+  rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+  val_rows = [r for r in rows if 'val/nlvr2/accuracy' in r]
+  assert [r['step'] for r in val_rows] == [2, 2]
+  config.eval_step = 5
+  with pytest.raises(ValueError, match='eval_step=5'):
+    loop.evaluate_only(config, tmp_path, job())
