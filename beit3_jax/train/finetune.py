@@ -111,15 +111,18 @@ def finetune_config(task: str = 'classification') -> ml_collections.ConfigDict:
 
 def demo_config(task: str) -> ml_collections.ConfigDict:
   """What the `configs/finetune/<task>_demo.py` configs share: the demo pretraining's model
-  (configs/pretrain/demo.py, without the final norm as unilm's task models) started from its
+  (configs/pretrain/demo.py; without the final norm for classification and VQA, as unilm's
+  models) started from its
   run in workdirs/demo, batches of 32 of the built-in data (64 px, 24 text tokens), AdamW
   with warmup + cosine. Each demo config sets its steps, learning rate and task fields."""
   from beit3_jax.models import get_config
   config = finetune_config(task)
   config.init_from = 'workdirs/demo'
+  # unilm drops the final norm for classification and VQA only.
   config.model = get_config('small', embed_dim=128, depth=4, num_heads=4, mlp_dim=512,
                             img_size=64, patch_size=8, vocab_size=128, max_text_positions=34,
-                            drop_path_rate=0.0, normalize_output=False)
+                            drop_path_rate=0.0,
+                            normalize_output=task not in ('classification', 'vqa'))
   config.data.source = BUILTIN_SOURCES[task]
   config.data.text_len = 24
   config.data.crop_scale = (0.8, 1.0)

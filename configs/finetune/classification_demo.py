@@ -23,4 +23,9 @@ def get_config(arg=None):
   config = demo_config('classification')
   config.num_classes = len(synthetic_world.LABEL_NAMES)
   config.class_names = tuple(synthetic_world.LABEL_NAMES)
+  # In 300 steps the plain view did better than augmenting (0.469 vs 0.397 validation
+  # accuracy with crop scale 0.8-1, flips and label smoothing 0.1).
+  config.data.crop_scale = (1.0, 1.0)
+  config.data.flip_prob = 0.0
+  config.label_smoothing = 0.0
   return config
