@@ -168,9 +168,11 @@ def run_training(job: str, config, workdir: str) -> dict:
     from beit3_jax.train import tokenizer_training
     result = tokenizer_training.run(config, workdir)
   train, val = result['train'], result['val']
-  print(f'Finished: loss {train.get("loss", float("nan")):.4f}' + ''.join(
-      f'; val {k} {v:.4f}' for k, v in sorted(val.items()) if 'accuracy' in k or 'usage' in k
-      or 'rec_loss' in k))
+  shown = ('accuracy', 'usage', 'rec_loss', 'cider', 'bleu4', '_r1', 'r_mean')
+  head = ('Evaluated' if config.get('mode', 'train') == 'eval'
+          else f'Finished: loss {train.get("loss", float("nan")):.4f}')
+  print(head + ''.join(f'; val {k} {v:.4f}' for k, v in sorted(val.items())
+                       if any(s in k for s in shown)))
   print(f'Checkpoints: {result["checkpoints"]}')
   print(f'Metrics:     {result["metrics"]} (TensorBoard: {result["tensorboard"]})')
   return result
@@ -193,7 +195,11 @@ def main(argv):
     workdir = os.path.abspath(workdir)
   print(f'Job: {job}; config {flags.FLAGS["config"].config_filename}; '
         f'workdir {workdir or "(none)"}')
-  if workdir:
+  if workdir and config.get('mode', 'train') == 'eval':
+    # Evaluation reads a run (or init_from) and adds val/ rows to its metrics; the run's own
+    # config.json stays as it is.
+    print(f'Evaluating with this config (mode=eval; {workdir}/config.json is left as it is)')
+  elif workdir:
     print(f'Saved the config to {save_run_config(config, workdir)}')
   if job == 'smoke':
     run_smoke(config, workdir)

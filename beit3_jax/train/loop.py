@@ -153,7 +153,7 @@ def evaluate_only(config, workdir, job: Job) -> dict:
   step = int(jax.device_get(state.step))
   for line in job.describe:
     print(line)
-  print(f'Evaluating params {origin} at step {step}')
+  print(f"Evaluating the params {origin.replace('resumed from', 'of')} at step {step}")
   eval_step = None
   if job.evaluator is None:
     batch = pipeline.to_global(next(job.eval_data()), mesh)

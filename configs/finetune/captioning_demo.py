@@ -14,7 +14,11 @@ Command (from the repository root, after the demo pretraining):
         --workdir=workdirs/finetune_captioning_demo
 
 Add `--config.init_from=''` to start from a random initialisation instead.
-RESULTS
+
+Measured 2026-11-28 on 2 cores (about 8 minutes): CIDEr-D 0.541 (BLEU-4 0.408) against 0.339
+(BLEU-4 0.357) for always emitting the most common training caption: 1.6x, short of the 2x
+issue 6 asks for. The model emits the same short caption ("there is one object") for most
+images: it has not learned to condition on the image yet.
 """
 
 from beit3_jax.train.finetune import demo_config
@@ -23,4 +27,7 @@ from beit3_jax.train.finetune import demo_config
 def get_config(arg=None):
   del arg
   config = demo_config('captioning')
+  config.total_steps = 600
+  config.checkpoint_every = 600
+  config.eval_every = 300
   return config

@@ -12,7 +12,12 @@ Command (from the repository root, after the demo pretraining):
         --workdir=workdirs/finetune_vqa_demo
 
 Add `--config.init_from=''` to start from a random initialisation instead.
-RESULTS
+
+Measured 2026-11-28 on 2 cores (about 6 minutes): validation accuracy 0.388 against 0.281 for
+the most frequent answer ("no") after 600 steps (0.313 after 300). That is +10.7 points; issue
+6 asks for +20, so this demo does not meet its target yet (the demo backbone does not use the
+image in its own pair MLM: pair accuracy 38.4% = text-only 39.2%, so grounding is learned here
+from scratch).
 """
 
 from beit3_jax.train.finetune import demo_config
@@ -21,4 +26,8 @@ from beit3_jax.train.finetune import demo_config
 def get_config(arg=None):
   del arg
   config = demo_config('vqa')
+  config.total_steps = 600
+  config.checkpoint_every = 600
+  config.eval_every = 300
+  config.optimizer.task_head_lr_weight = 10.0   # unilm's VQA recipe: 20
   return config
