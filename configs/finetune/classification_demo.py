@@ -11,7 +11,10 @@ Command (from the repository root, after the demo pretraining):
         --workdir=workdirs/finetune_classification_demo
 
 Add `--config.init_from=''` to start from a random initialisation instead.
-RESULTS
+
+Measured 2026-11-28 on 2 cores (300 steps of 32, about 3 minutes): validation accuracy 0.469
+(224 images) against 0.196 for the majority class: +27 points. From a random initialisation
+the same 300 steps reach 0.263.
 """
 
 from beit3_jax.data import synthetic_world
