@@ -205,10 +205,12 @@ def test_captioning_evaluator_scores_the_generated_captions(spm):
 
 
 def test_eval_mode_reevaluates_a_checkpoint(tmp_path):
-  objective = task_objectives.NLVR2Finetune(_cfg(), text_len=L)
-  batch = _batch('nlvr2')['nlvr2']
+  objective = task_objectives.ClassificationFinetune(_cfg(), 4)
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.integers(0, 256, (B, 32, 32, 3), dtype=np.uint8),
+           'label': (np.arange(B) % 4).astype(np.int32)}
   source = [jax.tree.map(lambda x: x[i], batch) for i in range(B)]
-  stream = lambda seed, epochs: pipeline.Mixture({'nlvr2': pipeline.Stream(  # noqa: E731
+  stream = lambda seed, epochs: pipeline.Mixture({'classification': pipeline.Stream(  # noqa: E731
       source, lambda e, rng: e, global_batch=B, seed=seed, num_epochs=epochs, read_threads=1)})
   config = ml_collections.ConfigDict()
   loop_fields(config)
@@ -224,7 +226,7 @@ def test_eval_mode_reevaluates_a_checkpoint(tmp_path):
   again = loop.evaluate_only(config, tmp_path, job())
   assert again['val'] == pytest.approx(trained['val'])
   rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
-  val_rows = [r for r in rows if 'val/nlvr2/accuracy' in r]
+  val_rows = [r for r in rows if 'val/classification/accuracy' in r]
   assert [r['step'] for r in val_rows] == [2, 2]
   config.eval_step = 5
   with pytest.raises(ValueError, match='eval_step=5'):
