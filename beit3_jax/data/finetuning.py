@@ -153,20 +153,29 @@ def caption_list(example, field: str = 'captions') -> list[str]:
   return [c for c in (_as_str(x).strip() for x in _as_list(get_field(example, field))) if c]
 
 
+def _caption_example(cfg: FinetuneInputs, tokenizer: TextTokenizer, example, rng,
+                     image_field: str, caption_field: str):
+  """(decoded image, ids, padding mask) of one caption of the example (picked with `rng`), or
+  a Skip. Callers take the view last, after any other draw from `rng`."""
+  captions = caption_list(example, caption_field)
+  if not captions:
+    return pipeline.Skip('no caption')
+  image = load_image(example, image_field)
+  if isinstance(image, pipeline.Skip):
+    return image
+  ids, pad = tokenizer.encode_sequence(captions[int(rng.integers(len(captions)))], cfg.text_len)
+  return image, ids.astype(np.int32), pad
+
+
 def retrieval_transform(cfg: FinetuneInputs, tokenizer: TextTokenizer, image_field: str = 'image',
                         caption_field: str = 'captions') -> pipeline.Transform:
   """(example with an image and caption(s), rng) -> the 'retrieval' layout (one caption)."""
   def transform(example, rng):
-    captions = caption_list(example, caption_field)
-    if not captions:
-      return pipeline.Skip('no caption')
-    image = load_image(example, image_field)
-    if isinstance(image, pipeline.Skip):
-      return image
-    ids, pad = tokenizer.encode_sequence(captions[int(rng.integers(len(captions)))],
-                                         cfg.text_len)
-    return {'image': view(cfg, image, rng), 'text_ids': ids.astype(np.int32),
-            'text_padding_mask': pad}
+    out = _caption_example(cfg, tokenizer, example, rng, image_field, caption_field)
+    if isinstance(out, pipeline.Skip):
+      return out
+    image, ids, pad = out
+    return {'image': view(cfg, image, rng), 'text_ids': ids, 'text_padding_mask': pad}
   return transform
 
 
@@ -194,19 +203,15 @@ def captioning_transform(cfg: FinetuneInputs, tokenizer: TextTokenizer, mask_pro
   """(example with an image and caption(s), rng) -> the 'captioning' layout: one caption,
   masked (`text_ids`), with `text_targets` (the caption) and `text_mask`."""
   def transform(example, rng):
-    captions = caption_list(example, caption_field)
-    if not captions:
-      return pipeline.Skip('no caption')
-    image = load_image(example, image_field)
-    if isinstance(image, pipeline.Skip):
-      return image
-    ids, pad = tokenizer.encode_sequence(captions[int(rng.integers(len(captions)))],
-                                         cfg.text_len)
+    out = _caption_example(cfg, tokenizer, example, rng, image_field, caption_field)
+    if isinstance(out, pipeline.Skip):
+      return out
+    image, ids, pad = out
     # unilm: random.randint(3, len(tokenizer) - 1), both ends included.
     masked, mask = mask_caption(ids, pad, rng, mask_prob, tokenizer.mask_id, 3,
                                 tokenizer.vocab_size)
     return {'image': view(cfg, image, rng), 'text_ids': masked, 'text_padding_mask': pad,
-            'text_targets': ids.astype(np.int32), 'text_mask': mask}
+            'text_targets': ids, 'text_mask': mask}
   return transform
 
 

@@ -38,17 +38,16 @@ Config fields (besides the loop's, `beit3_jax.train.defaults.loop_fields`); see
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
 
 from beit3_jax.data import builtin as builtin_lib
 from beit3_jax.data import finetuning as inputs_lib
-from beit3_jax.data import image_ops, tfds_sources
+from beit3_jax.data import tfds_sources
 from beit3_jax.models import heads, num_patches
 from beit3_jax.train import flops as flops_lib
 from beit3_jax.train import loop, task_evaluation, task_objectives
@@ -242,7 +241,7 @@ def make_evaluator(config, objective, eval_source, train_source, text_tokenizer)
 # init_from a pretraining run.
 
 
-def prepare_init(config, workdir, objective: Finetune):
+def prepare_init(config, workdir, objective: task_objectives.Finetune):
   """The config the loop should see: a pretraining checkpoint's backbone exported as a params
   directory under the workdir (once), so that the task head keeps its fresh init."""
   init = config.get('init_from') or ''

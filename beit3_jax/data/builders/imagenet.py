@@ -77,12 +77,12 @@ import dataclasses
 import os
 import posixpath
 import tarfile
-import time
 from typing import Iterator, Sequence
 
 import tensorflow_datasets as tfds
 
 from beit3_jax.data import paths
+from beit3_jax.data import local_files
 from beit3_jax.data.local_files import IMAGE_EXTENSIONS, AnnotationError
 
 TRAIN_TAR = 'ILSVRC2012_img_train.tar'
@@ -475,15 +475,10 @@ def prepare(manual_dir: str | os.PathLike | None = None,
   if manual_dir is None:
     raise FileNotFoundError(f'{builder.name} is not prepared under {builder.data_dir} and no '
                             f'manual_dir was given to build it from.\n{LAYOUT}')
-  print(f'Building {builder.name} from {manual_dir} into {builder.data_dir} ...', flush=True)
-  started = time.perf_counter()
-  tfds.disable_progress_bar()
-  builder.download_and_prepare(
-      file_format='array_record',
-      download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir)))
+  seconds = local_files.build_from_manual_dir(builder, manual_dir)
   sizes = {s: int(i.num_examples) for s, i in builder.info.splits.items()}
   classes = builder.info.features['label'].num_classes
   note = '' if classes == NUM_CLASSES else f' (ImageNet-1k has {NUM_CLASSES})'
   print(f'Built {builder.name} {sizes}, {classes} classes{note}, in '
-        f'{time.perf_counter() - started:.1f} s')
+        f'{seconds:.1f} s')
   return builder

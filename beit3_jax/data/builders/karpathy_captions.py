@@ -70,14 +70,13 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from typing import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from beit3_jax.data import paths
+from beit3_jax.data import local_files, paths
 
 SPLITS = {'train': ('train', 'restval'), 'validation': ('val',), 'test': ('test',)}
 _KARPATHY_SPLITS = frozenset(s for parts in SPLITS.values() for s in parts)
@@ -272,12 +271,7 @@ def prepare(name: str, manual_dir: str | os.PathLike | None = None,
   if manual_dir is None:
     raise ManualFileError(f'{builder.name} is not prepared under {builder.data_dir} and no '
                           f'manual_dir was given to build it from.\n{cls.LAYOUT}')
-  print(f'Building {builder.name} from {manual_dir} into {builder.data_dir} ...', flush=True)
-  started = time.perf_counter()
-  tfds.disable_progress_bar()
-  builder.download_and_prepare(
-      file_format='array_record',
-      download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir)))
+  seconds = local_files.build_from_manual_dir(builder, manual_dir)
   sizes = {s: int(i.num_examples) for s, i in builder.info.splits.items()}
-  print(f'Built {builder.name} {sizes} in {time.perf_counter() - started:.1f} s')
+  print(f'Built {builder.name} {sizes} in {seconds:.1f} s')
   return builder

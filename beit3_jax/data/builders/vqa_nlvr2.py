@@ -72,13 +72,13 @@ import dataclasses
 import hashlib
 import json
 import os
-import time
 from typing import Iterator, Mapping
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from beit3_jax.data import paths
+from beit3_jax.data import local_files
 from beit3_jax.data.local_files import AnnotationError, read_json_lines
 from beit3_jax.tasks import metrics
 
@@ -436,11 +436,6 @@ def prepare(name: str, manual_dir: str, data_dir: str | None = None,
   if builder.is_prepared():
     print(f'Reusing {what} at {builder.data_dir}')
     return builder
-  print(f'Building {what} from {manual_dir} into {builder.data_dir} ...', flush=True)
-  started = time.perf_counter()
-  tfds.disable_progress_bar()
-  builder.download_and_prepare(
-      file_format='array_record',
-      download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir)))
-  print(f'Built {what} in {time.perf_counter() - started:.1f} s')
+  seconds = local_files.build_from_manual_dir(builder, manual_dir, what)
+  print(f'Built {what} in {seconds:.1f} s')
   return builder
