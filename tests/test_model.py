@@ -11,6 +11,8 @@ from beit3_jax import models
 from beit3_jax.models import initializers
 from conftest import apply, tiny_config
 
+pytestmark = pytest.mark.usefixtures('fast_compile')   # compile-bound; no torch comparison here
+
 
 def inputs(cfg, batch=2, text_len=6, seed=0):
   rng = np.random.default_rng(seed)

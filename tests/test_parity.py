@@ -174,8 +174,9 @@ def perturbed_flax_params(cfg, seed=0):
   """Our own random init, with norms and tokens perturbed so no parameter is constant."""
   params = models.init_params(cfg, jax.random.key(seed))
   leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  leaves = [np.asarray(x + 0.1 * jax.random.normal(k, x.shape)) for x, k in zip(leaves, keys)]
+  rng = np.random.default_rng(seed + 1)   # numpy: one eager jax op per leaf compiles each shape
+  leaves = [(np.asarray(x) + 0.1 * rng.standard_normal(x.shape)).astype(np.float32)
+            for x in leaves]
   return jax.tree.unflatten(treedef, leaves)
 
 
@@ -186,8 +187,8 @@ def test_export_loads_into_torchscale_strict(name):
   state = convert.flax_to_torch(params, cfg)
   torch_model = ref.build_reference(cfg, seed=5)
   torch_model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
-  for mode in ('image', 'text', 'image+text_masked', 'captioning'):
-    assert_parity(cfg, params, torch_model, make_inputs(cfg, mode))
+  # One mode that routes both experts; every mode is compared in the parity tests above.
+  assert_parity(cfg, params, torch_model, make_inputs(cfg, 'image+text_masked'))
 
 
 @pytest.mark.parametrize('name', list(CONFIGS))
