@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from beit3_jax.data import pipeline
+from beit3_jax.data import image_ops, pipeline
 from beit3_jax.data.finetuning import FinetuneInputs, caption_list, view
 from beit3_jax.data.pretraining import load_image
 from beit3_jax.tasks import metrics
@@ -91,15 +91,19 @@ def retrieval_evaluator(objective, source, count: int, batch_size: int, inputs: 
   ids = np.stack([e[0] for e in encoded]).astype(np.int32)
   pad = np.stack([e[1] for e in encoded])
 
+  # Compiled once per evaluator; the params are an argument (a closure would bake them into
+  # every evaluation's program as constants and recompile each time).
+  image_fn = jax.jit(lambda params, b: objective.apply(
+      params, None, False, images=objective.images(b['image']))['image_features'])
+  text_fn = jax.jit(lambda params, b: objective.apply(
+      params, None, False, text_ids=b['text_ids'],
+      text_padding_mask=b['text_padding_mask'])['text_features'])
+
   def evaluate(params, mesh) -> dict[str, float]:
-    image_fn = jax.jit(lambda b: objective.apply(params, None, False, images=objective.images(
-        b['image']))['image_features'])
-    text_fn = jax.jit(lambda b: objective.apply(
-        params, None, False, text_ids=b['text_ids'],
-        text_padding_mask=b['text_padding_mask'])['text_features'])
-    image_features = _batched(image_fn, {'image': images}, batch_size, mesh)
-    text_features = _batched(text_fn, {'text_ids': ids, 'text_padding_mask': pad}, batch_size,
-                             mesh)
+    image_features = _batched(lambda b: image_fn(params, b), {'image': images}, batch_size,
+                              mesh)
+    text_features = _batched(lambda b: text_fn(params, b),
+                             {'text_ids': ids, 'text_padding_mask': pad}, batch_size, mesh)
     similarity = image_features.astype(np.float64) @ text_features.astype(np.float64).T
     out = {f'retrieval/{k}': v for k, v in
            metrics.retrieval_recall(similarity, text_to_image).items()}
@@ -128,7 +132,6 @@ def captioning_evaluator(config, source, count: int, batch_size: int, inputs: Fi
   """(params, mesh) -> {'captioning/cider', 'captioning/bleu4', 'captioning/baseline_cider',
   'captioning/baseline_bleu4', 'captioning/images'} over the first `count` examples of
   `source`, generating with config.captioning.{beam_size, length_penalty, max_len}."""
-  from beit3_jax.data import image_ops
   images, references = _read(source, count, inputs, image_field, caption_field)
   c = config.captioning
   ids = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.mask_id)

@@ -134,11 +134,14 @@ class ClassificationFinetune(Finetune):
     self.mixup, self.cutmix = float(mixup), float(cutmix)
     self.mixup_prob, self.switch_prob = float(mixup_prob), float(switch_prob)
 
+  def smoothed_targets(self, labels):
+    """(B, classes) float32: one-hot with label smoothing (timm's off / on values)."""
+    s = self.label_smoothing
+    return jax.nn.one_hot(labels, self.num_classes) * (1.0 - s) + s / self.num_classes
+
   def _mix(self, images, labels, rng):
     """(mixed float32 images, soft targets (B, classes))."""
-    n = self.num_classes
-    s = self.label_smoothing
-    one_hot = jax.nn.one_hot(labels, n) * (1.0 - s) + s / n
+    one_hot = self.smoothed_targets(labels)
     if self.mixup <= 0 and self.cutmix <= 0:
       return images, one_hot
     k_apply, k_switch, k_mix, k_cut, k_box = jax.random.split(rng, 5)
@@ -170,8 +173,7 @@ class ClassificationFinetune(Finetune):
     if train:
       images, targets = self._mix(images, labels, k_mix)
     else:
-      targets = jax.nn.one_hot(labels, self.num_classes) * (1.0 - self.label_smoothing) + \
-          self.label_smoothing / self.num_classes
+      targets = self.smoothed_targets(labels)
     logits = self.apply(params, k_model, train, images=images)
     logp = jax.nn.log_softmax(logits, axis=-1)
     ce = -jnp.sum(targets * logp, axis=-1)
