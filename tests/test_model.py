@@ -56,6 +56,8 @@ def test_get_config_rejects_unknown_fields_and_variants():
     models.get_config('base', num_heads=7)
   with pytest.raises(ValueError, match='init'):
     models.get_config('base', init='xavier')
+  with pytest.raises(ValueError, match='position_init_std'):
+    models.get_config('base', position_init_std=0.0)
   cfg = models.get_config('large', img_size=384, normalize_output=False)
   assert (cfg.embed_dim, cfg.img_size, cfg.normalize_output) == (1024, 384, False)
   with pytest.raises(AttributeError):
@@ -214,10 +216,10 @@ def test_shared_attention_has_one_projection_set():
   assert bool(jnp.isfinite(out).all())
 
 
-def _init_stats_config(scheme):
+def _init_stats_config(scheme, **overrides):
   return models.get_config('base', embed_dim=128, depth=4, num_heads=4, mlp_dim=256,
                            img_size=32, patch_size=8, vocab_size=300, max_text_positions=40,
-                           init=scheme)
+                           init=scheme, **overrides)
 
 
 def _std(x):
@@ -258,8 +260,10 @@ def test_init_torchscale_statistics():
 
 
 def test_init_beit_rescales_output_projections_by_layer():
-  cfg = _init_stats_config('beit')
+  cfg = _init_stats_config('beit', position_init_std=0.02)
   p = models.init_params(cfg, jax.random.key(0))
+  for table in 'AB':  # position_init_std replaces torchscale's N(0, 1) in both tables
+    assert abs(_std(p['encoder']['embed_positions'][table]['embedding']) / 0.02 - 1) < 0.05
   for i in range(4):
     layer = p['encoder'][f'layers_{i}']
     base = _std(layer['ffn']['A']['fc1']['kernel'])

@@ -33,6 +33,12 @@ _DEFAULTS = dict(
     # defaults + Magneto gain sqrt(log 2L)), or 'beit' (unilm's TN, then the output projections
     # of layer l scaled by 1/sqrt(2l), the paper's BEiT init).
     init='unilm',
+    # Std of the normal init of both position tables. 1.0 is torchscale's (nn.Embedding's
+    # default) and every scheme above keeps it; 0.02 is BEiT's and ViT's. From scratch, N(0, 1)
+    # positions swamp the patch and token embeddings (std ~0.3 and D**-0.5), so every CLS/BOS
+    # output starts out nearly the same (mean cosine 0.99 in the demo model) and contrastive
+    # and vision-language heads learn slowly or collapse; the demo configs use 0.02.
+    position_init_std=1.0,
     dtype='float32',          # compute dtype: 'float32' or 'bfloat16'. Params are float32.
     remat=False,              # rematerialise each layer in the backward pass (saves memory).
 )
@@ -91,6 +97,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'num_vl_layers={config.num_vl_layers} must lie in [0, depth={config.depth}].')
   if config.init not in INIT_SCHEMES:
     raise ValueError(f'init={config.init!r}; expected one of {INIT_SCHEMES}.')
+  if not config.position_init_std > 0:
+    raise ValueError(f'position_init_std={config.position_init_std} must be > 0.')
   if config.dtype not in DTYPES:
     raise ValueError(f'dtype={config.dtype!r}; expected one of {DTYPES}.')
   if config.max_text_positions < 3:

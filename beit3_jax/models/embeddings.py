@@ -85,10 +85,12 @@ class VisionEmbedding(nn.Module):
 
 
 class PositionTable(nn.Module):
-  """Learned positions `embedding` (num_rows, D), N(0, 1); looks up rows 2 .. 2 + length."""
+  """Learned positions `embedding` (num_rows, D), init N(0, init_std**2) (torchscale: std 1);
+  looks up rows 2 .. 2 + length."""
   num_rows: int
   embed_dim: int
   dtype: Any = jnp.float32
+  init_std: float = 1.0
 
   @nn.compact
   def __call__(self, length: int, positions: jax.Array | None = None) -> jax.Array:
@@ -99,7 +101,7 @@ class PositionTable(nn.Module):
     traced, out-of-range indices are clamped by the gather).
     """
     table = self.param('embedding', nn.with_logical_partitioning(
-        initializers.normal(1.0), ('posemb', 'embed')), (self.num_rows, self.embed_dim),
+        initializers.normal(self.init_std), ('posemb', 'embed')), (self.num_rows, self.embed_dim),
         jnp.float32)
     if positions is not None:
       rows = jnp.asarray(positions).astype(jnp.int32) + POSITION_OFFSET
@@ -120,6 +122,7 @@ class MultiwayPositions(nn.Module):
   num_text_rows: int
   embed_dim: int
   dtype: Any = jnp.float32
+  init_std: float = 1.0     # of both tables (config.position_init_std)
 
   @nn.compact
   def __call__(self, seq_len: int, split_position: int,
@@ -130,8 +133,9 @@ class MultiwayPositions(nn.Module):
     0-based positions (table B rows text_positions + 2; torchscale's `positions` minus 2);
     the result is then (B, seq_len, D). The vision span always uses rows 2 .. p + 1.
     """
-    vision = PositionTable(self.num_vision_rows, self.embed_dim, self.dtype, name='A')
-    text = PositionTable(self.num_text_rows, self.embed_dim, self.dtype, name='B')
+    vision = PositionTable(self.num_vision_rows, self.embed_dim, self.dtype, self.init_std,
+                           name='A')
+    text = PositionTable(self.num_text_rows, self.embed_dim, self.dtype, self.init_std, name='B')
     if self.is_initializing():  # a one-modality init still creates both tables
       vision(1), text(1)
     if split_position == -1:

@@ -198,8 +198,8 @@ class Encoder(nn.Module):
     seq_len = x.shape[1]
 
     pos = MultiwayPositions(num_patches(cfg) + 3, cfg.max_text_positions, cfg.embed_dim, dtype,
-                            name='embed_positions')(seq_len, split_position,
-                                                                   text_positions)
+                            cfg.get('position_init_std', 1.0),
+                            name='embed_positions')(seq_len, split_position, text_positions)
     x = x + pos
     if padding_mask is not None:
       x = x * (1 - padding_mask[..., None].astype(dtype))

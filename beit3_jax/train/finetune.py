@@ -120,7 +120,7 @@ def demo_config(task: str) -> ml_collections.ConfigDict:
   # unilm drops the final norm for classification and VQA only.
   config.model = get_config('small', embed_dim=128, depth=4, num_heads=4, mlp_dim=512,
                             img_size=64, patch_size=8, vocab_size=128, max_text_positions=34,
-                            drop_path_rate=0.0,
+                            drop_path_rate=0.0, position_init_std=0.02,
                             normalize_output=task not in ('classification', 'vqa'))
   config.data.source = BUILTIN_SOURCES[task]
   config.data.text_len = 24
