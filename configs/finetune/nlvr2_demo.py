@@ -12,9 +12,11 @@ Command (from the repository root, after the demo pretraining):
 
 Add `--config.init_from=''` to start from a random initialisation instead.
 
-Measured 2026-11-28 on 2 cores: this demo does NOT learn yet: after 300 steps (and 374 of a
-600-step run at lr 5e-4) the loss stays at ln 2 and the validation accuracy equals the
-majority class's, 0.5625. Open work for issue 6.
+Measured 2026-11-29 on 2 cores (300 steps, about 4 minutes): this demo does NOT learn yet. The
+loss stays at ln 2 and the validation accuracy equals the majority class's, 0.5625 (from a
+random initialisation: 0.571; a 600-step run at lr 3e-4 was still at ln 2 after 220 steps).
+Every statement needs the words matched with what is in both images, which nothing here has
+learned yet (see the README's Fine-tuning section). Open work for issue 6.
 """
 
 from beit3_jax.train.finetune import demo_config

@@ -13,12 +13,12 @@ Command (from the repository root, after the demo pretraining):
 
 Add `--config.init_from=''` to start from a random initialisation instead.
 
-Measured 2026-11-28 on 2 cores (about 6 minutes): validation accuracy 0.388 against 0.281 for
-the most frequent answer ("no") after 600 steps (0.313 after 300; a 1200-step run plateaus at
-0.402 / 0.397, the level the question types alone give). That is +10.7 points; issue
-6 asks for +20, so this demo does not meet its target yet (the demo backbone does not use the
-image in its own pair MLM: pair accuracy 38.4% = text-only 39.2%, so grounding is learned here
-from scratch). From a random initialisation the same 600 steps reach 0.304.
+Measured 2026-11-29 on 2 cores (about 5 minutes): validation accuracy 0.344 against 0.281 for
+the most frequent answer ("no") after 600 steps; at lr 3e-4, 0.348. That is +6.3 points; issue
+6 asks for +20, so this demo does not meet its target yet: the model has not learned to match
+the words of a question with what is in the image (see the README's Fine-tuning section). From
+a random initialisation the same 600 steps reach 0.317. (With the earlier demo backbone,
+pretrained with N(0, 1) position tables: 0.388, and 0.397 after 1200 steps.)
 """
 
 from beit3_jax.train.finetune import demo_config
