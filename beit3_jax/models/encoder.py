@@ -198,7 +198,7 @@ class Encoder(nn.Module):
     seq_len = x.shape[1]
 
     pos = MultiwayPositions(num_patches(cfg) + 3, cfg.max_text_positions, cfg.embed_dim, dtype,
-                            cfg.get('position_init_std', 1.0),
+                            cfg.position_init_std,
                             name='embed_positions')(seq_len, split_position, text_positions)
     x = x + pos
     if padding_mask is not None:

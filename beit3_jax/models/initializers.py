@@ -12,8 +12,8 @@ Three schemes, chosen by `config.init`:
   (1-based) attention `out_proj` and FFN `fc2` divided by sqrt(2 l).
 
 In every scheme the embeddings keep torchscale's init: the text table N(0, D**-0.5), the
-position tables N(0, 1) (unless `config.position_init_std` says otherwise), the patch convolution U(+-1/sqrt(C P P)) for weight and bias, the CLS
-and mask tokens 0.
+position tables N(0, 1) (std `config.position_init_std`, default 1), the patch convolution
+U(+-1/sqrt(C P P)) for weight and bias, the CLS and mask tokens 0.
 """
 
 from __future__ import annotations

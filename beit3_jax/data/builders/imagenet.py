@@ -81,8 +81,7 @@ from typing import Iterator, Sequence
 
 import tensorflow_datasets as tfds
 
-from beit3_jax.data import paths
-from beit3_jax.data import local_files
+from beit3_jax.data import local_files, paths
 from beit3_jax.data.local_files import IMAGE_EXTENSIONS, AnnotationError
 
 TRAIN_TAR = 'ILSVRC2012_img_train.tar'

@@ -77,8 +77,7 @@ from typing import Iterator, Mapping
 import numpy as np
 import tensorflow_datasets as tfds
 
-from beit3_jax.data import paths
-from beit3_jax.data import local_files
+from beit3_jax.data import local_files, paths
 from beit3_jax.data.local_files import AnnotationError, read_json_lines
 from beit3_jax.tasks import metrics
 
