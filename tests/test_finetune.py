@@ -92,3 +92,63 @@ def test_transforms_give_the_schema_layouts():
   assert out['answer_scores'].sum() == 1.0 and out['answer_scores'][:2].sum() == 1.0
   bad = {**example, 'qa': {'question': [b'q?'], 'answer': [b'maybe']}}
   assert isinstance(transform(bad, np.random.default_rng(0)), pipeline.Skip)
+
+
+class _WordTokenizer:
+  """A stand-in with the TextTokenizer interface the transforms use: one id per word."""
+
+  def encode_sequence(self, text, max_len):
+    ids = np.full((max_len,), 1, np.int32)
+    n = min(len(text.split()), max_len - 2)
+    ids[0], ids[1:n + 1], ids[n + 1] = 0, 5, 2
+    return ids, np.arange(max_len) >= n + 2
+
+
+def test_vqa_transform_soft_scores():
+  """VQAv2 targets: answer_ids / answer_scores become the soft-score vector; a question without
+  any scored answer is skipped in training and kept (all zeros) in evaluation; an id outside
+  the vocabulary is an error that names the field."""
+  import io
+  from PIL import Image
+  png = io.BytesIO()
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(
+      png, format='PNG')
+  answers = ('yes', 'no', '2', 'red')
+  example = {'image_bytes': png.getvalue(), 'question': b'how many dogs?',
+             'multiple_choice_answer': b'2', 'answer_ids': np.array([2, 0], np.int64),
+             'answer_scores': np.array([1.0, 0.3], np.float32)}
+  fields = ('image_bytes', 'question', 'multiple_choice_answer', 'answer_ids', 'answer_scores')
+  for train in (True, False):
+    cfg = ft_data.FinetuneInputs(image_size=32, train=train, text_len=fx.TEXT_LEN)
+    transform = ft_data.vqa_transform(cfg, _WordTokenizer(), answers, *fields)
+    out = transform(example, np.random.default_rng(1))
+    schema.check('vqa', jax.tree.map(lambda x: np.stack([x, x]), out))
+    np.testing.assert_allclose(out['answer_scores'], [0.3, 0.0, 1.0, 0.0])
+    unanswered = {**example, 'answer_ids': np.zeros((0,), np.int64),
+                  'answer_scores': np.zeros((0,), np.float32)}
+    kept = transform(unanswered, np.random.default_rng(1))
+    if train:
+      assert isinstance(kept, pipeline.Skip)
+    else:
+      np.testing.assert_array_equal(kept['answer_scores'], np.zeros(4, np.float32))
+    with pytest.raises(ValueError, match="'answer_ids' is outside the answer vocabulary of 4"):
+      transform({**example, 'answer_ids': np.array([7, 0])}, np.random.default_rng(1))
+  with pytest.raises(ValueError, match='need both fields'):
+    ft_data.vqa_transform(cfg, _WordTokenizer(), answers, 'image_bytes', 'question', '', '',
+                          'answer_scores')
+
+
+def test_vqa_baseline_with_soft_scores():
+  """The baseline is the accuracy of always giving the answer with the largest summed score."""
+  objective = task_objectives.VQAFinetune(_model_cfg(), num_answers=ANSWERS, text_len=fx.TEXT_LEN)
+  batch = _vqa_batch()
+  scores = np.zeros_like(np.asarray(batch['vqa']['answer_scores']))
+  scores[:, 1] = 0.6
+  scores[0, 2] = 1.0
+  batch['vqa']['answer_scores'] = scores
+  params = objective.init_params(jax.random.key(0))
+  _, (sums, _) = objective.loss(params, {}, {}, batch, jax.random.key(1),
+                                objective.normalizers(batch), train=False)
+  metrics = objective.summarize(jax.device_get(sums))
+  assert metrics['vqa/baseline_accuracy'] == pytest.approx(0.6)
+  assert 0.0 <= metrics['vqa/accuracy'] <= 1.0

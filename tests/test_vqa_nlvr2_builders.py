@@ -117,6 +117,31 @@ def test_vqa_vocabulary(vqa):
   assert builder.builder_config.name == 'min_count1_num_holdout_images1'
 
 
+def test_vqa_recipe_fields_give_the_soft_scores(vqa):
+  """The VQA recipe's data.fields on prepared examples: the transform's target vector holds
+  unilm's soft score of every in-vocabulary answer (the training target and the metric)."""
+  from beit3_jax.data import finetuning as ft_data
+  from beit3_jax.train import finetune_recipes
+
+  class Tok:
+    def encode_sequence(self, text, max_len):
+      return np.zeros((max_len,), np.int32), np.zeros((max_len,), bool)
+
+  builder, data_dir, _ = vqa
+  vocab = vn.load_answer_vocabulary(builder)
+  f = finetune_recipes.vqa('base', vn.vocabulary_path(builder)).data.fields
+  cfg = ft_data.FinetuneInputs(image_size=32, train=False, text_len=8)
+  transform = ft_data.vqa_transform(cfg, Tok(), vocab, f.image, f.question, f.answer,
+                                    f.answer_ids, f.answer_scores)
+  rows = {r[0]: r for r in TRAIN + VAL}
+  examples = _read(f'beit3_vqav2/{builder.builder_config.name}', 'train', data_dir)
+  for e in examples:
+    expected = metrics.answer_scores([a['answer'] for a in rows[int(e['question_id'])][4]], vocab)
+    out = transform(e, np.random.default_rng(0))
+    assert {vocab[i]: float(v) for i, v in enumerate(out['answer_scores']) if v} == (
+        pytest.approx(expected))
+
+
 def test_vqa_splits_and_scores(vqa):
   builder, data_dir, _ = vqa
   name = f'beit3_vqav2/{builder.builder_config.name}'

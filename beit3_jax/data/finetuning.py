@@ -7,11 +7,13 @@ on the host and are normalised on the device (0.5 / 0.5, `image_ops.normalize`).
 - train (the VL recipe of unilm `beit3/datasets.py`): random resized crop (scale
   `crop_scale`, default 0.5-1) -> horizontal flip (p 0.5);
 - eval: a plain resize to (image_size, image_size).
-- VQA text: `<s>` question `</s>` padded to `text_len` (the .spm `TextTokenizer`); the answer
-  becomes a soft-score vector over the answer vocabulary (1.0 on the right answer, the
-  built-in data having one answer per question). An example of the built-in data holds
-  several questions; each pass picks one with the example's rng (train and eval alike, so the
-  validation batches are the same every time for a fixed seed).
+- VQA text: `<s>` question `</s>` padded to `text_len` (the .spm `TextTokenizer`). The target
+  is a soft-score vector over the answer vocabulary: either unilm's VQAv2 scores (the
+  example's `answer_ids` + `answer_scores` fields, 0.3 / 0.6 / 0.9 / 1.0 by annotator count,
+  as `beit3_jax.data.builders.vqa_nlvr2` stores them) or 1.0 on the one answer given (the
+  built-in data). An example of the built-in data holds several questions; each pass picks
+  one with the example's rng (train and eval alike, so the validation batches are the same
+  every time for a fixed seed).
 
 - NLVR2: both images get the view (independent crops), the statement is encoded once.
 - Retrieval: one caption per pass (the example's rng picks it); evaluation reads every caption
@@ -91,31 +93,77 @@ def _as_list(value) -> list:
 
 def vqa_transform(cfg: FinetuneInputs, tokenizer: TextTokenizer, answers: Sequence[str],
                   image_field: str = 'image', question_field: str = 'qa/question',
-                  answer_field: str = 'qa/answer') -> pipeline.Transform:
+                  answer_field: str = 'qa/answer', answer_ids_field: str = '',
+                  answer_scores_field: str = '') -> pipeline.Transform:
   """(example with an image and question(s) + answer(s), rng) -> the 'vqa' layout:
-  {'image', 'text_ids', 'text_padding_mask', 'answer_scores' (A,) float32 one-hot}.
+  {'image', 'text_ids', 'text_padding_mask', 'answer_scores' (A,) float32}.
 
-  Answers are matched to `answers` by their text (so any answer vocabulary works).
+  Targets, by the fields given:
+    answer_scores_field (and answer_ids_field) set: soft scores. The example holds one
+      question; `answer_ids` are indices into `answers` and `answer_scores` their scores
+      (unilm's VQAv2 targets). In training a question without any scored answer is skipped
+      (unilm drops those); in evaluation it is kept with all-zero scores, so it counts as
+      wrong, as in the official VQA accuracy.
+    otherwise: one-hot on `answer_field`, matched to `answers` by its text (so any answer
+      vocabulary works); an answer outside the vocabulary is skipped.
+
+  Raises (when called):
+    ValueError: an answer id outside `answers` (the data was built with another vocabulary),
+      or soft scores with several questions per example.
   """
   index = {a: i for i, a in enumerate(answers)}
+  soft = bool(answer_scores_field)
+  if soft and not answer_ids_field:
+    raise ValueError('VQA soft scores need both fields: answer_ids and answer_scores '
+                     '(config.data.fields).')
+
+  def targets(example, questions):
+    if not soft:
+      given = [_as_str(a).strip() for a in _as_list(get_field(example, answer_field))]
+      if len(questions) != len(given):
+        return pipeline.Skip('no question')
+      return given
+    if len(questions) != 1:
+      raise ValueError(f'VQA soft scores ({answer_ids_field!r}, {answer_scores_field!r}) need '
+                       f'one question per example; this one has {len(questions)} in '
+                       f'{question_field!r}.')
+    ids = np.asarray(get_field(example, answer_ids_field), np.int64).reshape(-1)
+    scores = np.asarray(get_field(example, answer_scores_field), np.float32).reshape(-1)
+    if len(ids) != len(scores):
+      return pipeline.Skip('answer_ids and answer_scores differ in length')
+    if len(ids) and (ids.min() < 0 or ids.max() >= len(answers)):
+      raise ValueError(f'Answer id {int(ids.max() if ids.max() >= len(answers) else ids.min())} '
+                       f'in {answer_ids_field!r} is outside the answer vocabulary of '
+                       f'{len(answers)} answers: config.answers is not the vocabulary the data '
+                       'was built with (its answer_vocabulary.json).')
+    if cfg.train and not len(ids):
+      return pipeline.Skip('no answer in the vocabulary')
+    vector = np.zeros((len(answers),), np.float32)
+    vector[ids] = scores
+    return [vector]
 
   def transform(example, rng):
     questions = [_as_str(q).strip() for q in _as_list(get_field(example, question_field))]
-    given = [_as_str(a).strip() for a in _as_list(get_field(example, answer_field))]
-    if not questions or len(questions) != len(given):
+    if not questions:
       return pipeline.Skip('no question')
+    given = targets(example, questions)
+    if isinstance(given, pipeline.Skip):
+      return given
     k = int(rng.integers(len(questions)))
     question, answer = questions[k], given[k]
     if not question:
       return pipeline.Skip('empty question')
-    if answer not in index:
-      return pipeline.Skip('answer not in vocabulary')
+    if soft:
+      scores = answer
+    else:
+      if answer not in index:
+        return pipeline.Skip('answer not in vocabulary')
+      scores = np.zeros((len(answers),), np.float32)
+      scores[index[answer]] = 1.0
     image = load_image(example, image_field)
     if isinstance(image, pipeline.Skip):
       return image
     ids, pad = tokenizer.encode_sequence(question, cfg.text_len)
-    scores = np.zeros((len(answers),), np.float32)
-    scores[index[answer]] = 1.0
     return {'image': view(cfg, image, rng), 'text_ids': ids.astype(np.int32),
             'text_padding_mask': pad, 'answer_scores': scores}
   return transform

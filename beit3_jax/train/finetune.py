@@ -161,7 +161,8 @@ def make_objective(config) -> task_objectives.Finetune:
 # manual-dir builders of beit3_jax.data.builders use the same). data.fields overrides them.
 DEFAULT_FIELDS = {
     'classification': {'image': 'image', 'label': 'label'},
-    'vqa': {'image': 'image', 'question': 'qa/question', 'answer': 'qa/answer'},
+    'vqa': {'image': 'image', 'question': 'qa/question', 'answer': 'qa/answer',
+            'answer_ids': '', 'answer_scores': ''},   # '': one-hot on `answer`
     'nlvr2': {'image_a': 'image_a', 'image_b': 'image_b', 'statement': 'statement',
               'label': 'label'},
     'retrieval': {'image': 'image', 'captions': 'captions'},
@@ -199,7 +200,8 @@ def make_transform(config, train: bool, text_tokenizer=None):
     return inputs_lib.classification_transform(cfg, config.num_classes, f['image'], f['label'])
   if task == 'vqa':
     return inputs_lib.vqa_transform(cfg, text_tokenizer, answer_vocabulary(config), f['image'],
-                                    f['question'], f['answer'])
+                                    f['question'], f['answer'], f['answer_ids'],
+                                    f['answer_scores'])
   if task == 'nlvr2':
     return inputs_lib.nlvr2_transform(cfg, text_tokenizer, f['image_a'], f['image_b'],
                                       f['statement'], f['label'])

@@ -214,7 +214,9 @@ class VQAFinetune(Finetune):
     score = jnp.take_along_axis(scores, predicted[:, None], axis=-1)[:, 0]
     sums = {'bce': bce, 'score': jnp.sum(score),
             'count': jnp.asarray(n, jnp.float32),
-            'histogram': _histogram(jnp.argmax(scores, axis=-1), self.num_answers)}
+            # Summed target scores: its max / count is the accuracy of always giving the
+            # most frequent answer, for one-hot and soft (VQAv2) targets alike.
+            'histogram': jnp.sum(scores, axis=0)}
     return bce / normalizers[self.task], ({self.task: sums}, extra)
 
   def summarize(self, sums) -> dict[str, float]:

@@ -21,8 +21,8 @@ evaluation server scores test-dev, this job reports the held-out validation spli
 not comparable). This repository has not run it.
 
 Deviations from unilm (all of them in `vqa`): optimizer.task_head_lr_weight stays 1.0 (unilm:
-20, its head trains at 6e-4; here at 3e-5 like the backbone); no RandAugment; one-hot targets,
-not the soft scores of the 10 answers; the warmup starts at 0; bfloat16 compute.
+20, its head trains at 6e-4; here at 3e-5 like the backbone); no RandAugment; the
+warmup starts at 0; bfloat16 compute. The targets are unilm's soft scores of the 10 answers.
 """
 
 from beit3_jax.train import finetune_recipes
