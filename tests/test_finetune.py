@@ -152,3 +152,40 @@ def test_vqa_baseline_with_soft_scores():
   metrics = objective.summarize(jax.device_get(sums))
   assert metrics['vqa/baseline_accuracy'] == pytest.approx(0.6)
   assert 0.0 <= metrics['vqa/accuracy'] <= 1.0
+
+
+def test_init_from_a_pretraining_checkpoint_reads_only_the_backbone(tmp_path):
+  """A fine-tuning model started from a pretraining run: its `beit3` leaves come from the
+  checkpoint (nothing is copied into the workdir), the task heads stay None (fresh init);
+  a checkpoint of the same model gives every leaf; a backbone of another shape is refused
+  with the leaves named."""
+  import flax
+  import orbax.checkpoint as ocp
+  from beit3_jax.train import checkpoints
+
+  objective = task_objectives.VQAFinetune(_model_cfg(), num_answers=ANSWERS, text_len=fx.TEXT_LEN)
+  params = flax.linen.meta.unbox(objective.init_params(jax.random.key(0)))
+  shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), params)
+  backbone = jax.tree.map(lambda x: np.asarray(x) + 1.0, params['beit3'])
+  pretraining = {'beit3': backbone, 'mlm_head': {'kernel': np.ones((4, 3), np.float32)}}
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(tmp_path / 'pre' / 'checkpoints' / '7' / 'state', {'params': pretraining})
+    ckpt.save(tmp_path / 'same' / 'checkpoints' / '2' / 'state', {'params': params})
+
+  loaded, what = checkpoints.load_init_params(str(tmp_path / 'pre'), params, shardings)
+  assert 'backbone' in what and "['head', 'pooler'] start fresh" in what
+  for got, want in zip(jax.tree.leaves(loaded['beit3']), jax.tree.leaves(backbone)):
+    np.testing.assert_array_equal(np.asarray(got), want)
+  assert all(v is None for v in jax.tree.leaves(loaded['head'], is_leaf=lambda x: x is None))
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['pre', 'same']
+
+  loaded, _ = checkpoints.load_init_params(str(tmp_path / 'same'), params, shardings)
+  for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+  wider = dict(pretraining, beit3=jax.tree.map(lambda x: np.zeros(x.shape[:-1] + (x.shape[-1] + 1,),
+                                                                  x.dtype), backbone))
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(tmp_path / 'wide' / 'checkpoints' / '1' / 'state', {'params': wider})
+  with pytest.raises(ValueError, match='does not fit the model .*mis-shaped'):
+    checkpoints.load_init_params(str(tmp_path / 'wide'), params, shardings)

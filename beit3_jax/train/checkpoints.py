@@ -12,7 +12,10 @@ stopped. Restoring reads each array straight into the shardings of the current m
 checkpoint written on one mesh shape restores on another.
 
 `init_from` starts a new run from existing weights (the optimizer starts fresh):
-  - a workdir of ours (its newest checkpoint) or one step directory `<workdir>/checkpoints/<N>`;
+  - a workdir of ours (its newest checkpoint) or one step directory `<workdir>/checkpoints/<N>`:
+    all of its params if it is a checkpoint of the same model, else only its `beit3` backbone
+    (e.g. a pretraining run under a fine-tuning model; only the backbone is read, and the
+    task heads keep their fresh init);
   - a params directory (`beit3_jax.params_io`: config.json + params/), e.g. the convert CLI's
     output for a PyTorch checkpoint; a backbone-only tree goes under the model's `beit3`.
 """
@@ -113,13 +116,7 @@ def load_init_params(init_from: str, abstract_params, shardings) -> tuple[Any, s
     raise FileNotFoundError(f'init_from={init_from!r} does not exist.')
   step_dir = params_io.find_step_dir(path)
   if step_dir is not None:
-    target = {'params': abstract_like(abstract_params, shardings)}
-    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-    with ocp.PyTreeCheckpointer() as checkpointer:
-      restored = checkpointer.restore(
-          step_dir / 'state', args=ocp.args.PyTreeRestore(
-              item=target, restore_args=restore_args, partial_restore=True))
-    return restored['params'], f'params of checkpoint {step_dir}'
+    return _restore_checkpoint_params(step_dir, abstract_params, shardings, init_from)
   if (path / params_io.CONFIG_FILE).exists():
     if params_io.read_kind(path) != 'beit3':
       raise ValueError(f'init_from={init_from!r} holds a {params_io.read_kind(path)} '
@@ -131,6 +128,49 @@ def load_init_params(init_from: str, abstract_params, shardings) -> tuple[Any, s
   raise FileNotFoundError(
       f'init_from={init_from!r}: no checkpoint ({CHECKPOINT_DIR}/<step>/state) and no params '
       f'directory ({params_io.CONFIG_FILE} + params/) there.')
+
+
+def _restore_checkpoint_params(step_dir, abstract_params, shardings, source: str):
+  """The params of a training checkpoint, read straight into `shardings`.
+
+  A checkpoint of the same model gives every leaf. Another model's checkpoint with a `beit3`
+  backbone (a pretraining run: {'beit3', 'mim_head', 'mlm_head'}, or another task) gives only
+  the backbone -- nothing else is read -- and the other heads come back as None leaves, so
+  they keep their fresh init.
+  """
+  from beit3_jax.convert import flatten_params, unflatten_params
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    stored = checkpointer.metadata(step_dir / 'state').item_metadata.tree['params']
+  want, have = flatten_params(abstract_params), flatten_params(stored)
+  if set(want) <= set(have):
+    keys = set(want)
+    what = f'params of checkpoint {step_dir}'
+  elif 'beit3' in stored and 'beit3' in abstract_params:
+    keys = {k for k in want if k.startswith('beit3/')}
+    fresh = sorted(set(abstract_params) - {'beit3'})
+    what = f'the backbone (beit3) of checkpoint {step_dir}; {fresh} start fresh'
+  else:
+    raise ValueError(f'init_from={source!r}: its checkpoint {step_dir} holds params '
+                     f'{sorted(stored)}, which neither match the model\'s {sorted(abstract_params)} '
+                     'nor hold a `beit3` backbone.')
+  missing = sorted(k for k in keys if k not in have)
+  misshaped = [(k, tuple(have[k].shape), tuple(want[k].shape)) for k in sorted(keys)
+               if k in have and tuple(have[k].shape) != tuple(want[k].shape)]
+  if missing or misshaped:
+    raise ValueError(f'init_from={source!r} (checkpoint {step_dir}) does not fit the model '
+                     f'(config.model): missing {missing[:8]}, mis-shaped (stored, model) '
+                     f'{misshaped[:8]}.')
+  flat_shardings = flatten_params(shardings)
+  target = unflatten_params({k: jax.ShapeDtypeStruct(want[k].shape, want[k].dtype,
+                                                     sharding=flat_shardings[k]) for k in keys})
+  target = {'params': target}
+  restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    restored = checkpointer.restore(
+        step_dir / 'state', args=ocp.args.PyTreeRestore(
+            item=target, restore_args=restore_args, partial_restore=True))
+  got = flatten_params(restored['params'])
+  return unflatten_params({k: got.get(k) for k in want}), what
 
 
 def _place_params(loaded, abstract_params, shardings, source: str):

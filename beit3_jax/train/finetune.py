@@ -19,10 +19,10 @@ batch when training, of the evaluated validation batches in evaluation).
 Losses are summed over examples and divided by the whole batch's example count, so gradient
 accumulation (`micro_batches`) gives the whole batch's gradient.
 
-`init_from` may be a pretraining workdir (params {'beit3', 'mim_head', 'mlm_head'}): only its
-`beit3` backbone is taken (exported once to `<workdir>/init_backbone`, a params directory),
-and the task head keeps its fresh init. A params directory (the convert CLI's output) or a
-fine-tuning checkpoint of the same task is handed to the loop as it is.
+`init_from` may be a pretraining workdir (params {'beit3', 'mim_head', 'mlm_head'}) or another
+task's: only its `beit3` backbone is read and the task head keeps its fresh init
+(`checkpoints.load_init_params`). A fine-tuning checkpoint of the same task gives every
+param; a params directory (the convert CLI's output) gives what it holds.
 
 Config fields (besides the loop's, `beit3_jax.train.defaults.loop_fields`); see
 `finetune_config()`:
@@ -38,12 +38,8 @@ Config fields (besides the loop's, `beit3_jax.train.defaults.loop_fields`); see
 
 from __future__ import annotations
 
-from typing import Any
 
-import jax
 import ml_collections
-import numpy as np
-from etils import epath
 
 from beit3_jax.data import builtin as builtin_lib
 from beit3_jax.data import finetuning as inputs_lib
@@ -55,7 +51,6 @@ from beit3_jax.train.defaults import loop_fields
 from beit3_jax.train.optimizer import make_optimizer
 
 TASKS = heads.TASKS
-INIT_BACKBONE_DIR = 'init_backbone'
 
 
 def finetune_config(task: str = 'classification') -> ml_collections.ConfigDict:
@@ -243,43 +238,6 @@ def make_evaluator(config, objective, eval_source, train_source, text_tokenizer)
 # init_from a pretraining run.
 
 
-def prepare_init(config, workdir, objective: task_objectives.Finetune):
-  """The config the loop should see: a pretraining checkpoint's backbone exported as a params
-  directory under the workdir (once), so that the task head keeps its fresh init."""
-  init = config.get('init_from') or ''
-  if not init:
-    return config, None
-  from beit3_jax import params_io
-  from beit3_jax.convert import flatten_params, unflatten_params
-  from beit3_jax.models import abstract_params
-  workdir = epath.Path(workdir)
-  if params_io.find_step_dir(workdir) is not None:
-    return config, None          # the loop resumes; init_from is not used
-  if params_io.find_step_dir(init) is None:
-    return config, None          # a params directory: the loop places it under `beit3`
-  tree, step_dir = params_io.load_training_params(init)
-  model_keys = set(jax.eval_shape(objective.init_params, jax.random.key(0)))
-  if set(tree) == model_keys:
-    return config, None          # a checkpoint of the same model: the loop restores it all
-  if 'beit3' not in tree:
-    raise ValueError(f'init_from={init!r}: its params have {sorted(tree)}, no `beit3`.')
-  want = flatten_params(abstract_params(config.model, boxed=False))
-  have = flatten_params(tree['beit3'])
-  missing = sorted(k for k in want if k not in have)
-  misshaped = sorted(k for k in want if k in have and tuple(np.shape(have[k]))
-                     != tuple(want[k].shape))
-  if missing or misshaped:
-    raise ValueError(f'init_from={init!r}: its backbone does not fit config.model: missing '
-                     f'{missing[:8]}, mis-shaped {misshaped[:8]}.')
-  target = workdir / INIT_BACKBONE_DIR
-  if jax.process_index() == 0:
-    params_io.save_params(target, unflatten_params({k: np.asarray(have[k]) for k in want}),
-                          config.model, overwrite=True)
-  new = config.copy_and_resolve_references()
-  new.init_from = str(target)
-  return new, f'backbone of {step_dir} (exported to {target})'
-
-
 # ------------------------------------------------------------------------------------------
 # The job.
 
@@ -313,8 +271,8 @@ def _text_tokenizer(config, spm_path: str):
   return tokenizer
 
 
-def build_job(config, workdir) -> tuple[loop.Job, Any]:
-  """(the loop's job, the config the loop runs with)."""
+def build_job(config) -> loop.Job:
+  """The loop's job for a fine-tuning config."""
   if config.task not in TASKS:
     raise ValueError(f'config.task={config.task!r}; known: {TASKS}.')
   if config.get('mode', 'train') not in ('train', 'eval'):
@@ -332,7 +290,6 @@ def build_job(config, workdir) -> tuple[loop.Job, Any]:
     if evaluator is None:
       eval_data = lambda: make_data(config, eval_source, False,  # noqa: E731
                                     config.seed + 1, text_tokenizer)
-  run_config, init_line = prepare_init(config, workdir, objective)
   tx, schedule = make_optimizer(config.optimizer, config.total_steps, config.model.depth)
 
   b = int(config.batch_size)
@@ -348,18 +305,16 @@ def build_job(config, workdir) -> tuple[loop.Job, Any]:
       f'{d.train_split} / {d.eval_split} x{b} (TFDS dir {tfds_dir})'
       + (f'; {what}' if what else '') + (f'; text {spm_path}' if text_tokenizer else ''),
   ]
-  if init_line:
-    describe.append(f'init_from: {init_line}')
   job = loop.Job(objective=objective, tx=tx, schedule=schedule, train_data=train_data,
                  eval_data=eval_data, frozen={}, frozen_shardings={},
                  flops_per_step=3.0 * forward * b, examples_per_step=b,
                  tokens_per_step=tokens * b, describe=describe, evaluator=evaluator)
-  return job, run_config
+  return job
 
 
 def run(config, workdir) -> dict:
   """Trains (config.mode='train') or evaluates one checkpoint (config.mode='eval')."""
-  job, run_config = build_job(config, workdir)
+  job = build_job(config)
   if config.get('mode', 'train') == 'eval':
-    return loop.evaluate_only(run_config, workdir, job)
-  return loop.train(run_config, workdir, job)
+    return loop.evaluate_only(config, workdir, job)
+  return loop.train(config, workdir, job)
