@@ -131,9 +131,10 @@ def vqa_transform(cfg: FinetuneInputs, tokenizer: TextTokenizer, answers: Sequen
     scores = np.asarray(get_field(example, answer_scores_field), np.float32).reshape(-1)
     if len(ids) != len(scores):
       return pipeline.Skip('answer_ids and answer_scores differ in length')
-    if len(ids) and (ids.min() < 0 or ids.max() >= len(answers)):
-      raise ValueError(f'Answer id {int(ids.max() if ids.max() >= len(answers) else ids.min())} '
-                       f'in {answer_ids_field!r} is outside the answer vocabulary of '
+    outside = ids[(ids < 0) | (ids >= len(answers))]
+    if len(outside):
+      raise ValueError(f'Answer id {int(outside[0])} in {answer_ids_field!r} is outside the '
+                       f'answer vocabulary of '
                        f'{len(answers)} answers: config.answers is not the vocabulary the data '
                        'was built with (its answer_vocabulary.json).')
     if cfg.train and not len(ids):

@@ -143,26 +143,17 @@ def _restore_checkpoint_params(step_dir, abstract_params, shardings, source: str
     stored = checkpointer.metadata(step_dir / 'state').item_metadata.tree['params']
   want, have = flatten_params(abstract_params), flatten_params(stored)
   if set(want) <= set(have):
-    keys = set(want)
+    target = abstract_like(abstract_params, shardings)
     what = f'params of checkpoint {step_dir}'
   elif 'beit3' in stored and 'beit3' in abstract_params:
-    keys = {k for k in want if k.startswith('beit3/')}
+    target = {'beit3': abstract_like(abstract_params['beit3'], shardings['beit3'])}
     fresh = sorted(set(abstract_params) - {'beit3'})
     what = f'the backbone (beit3) of checkpoint {step_dir}; {fresh} start fresh'
   else:
     raise ValueError(f'init_from={source!r}: its checkpoint {step_dir} holds params '
                      f'{sorted(stored)}, which neither match the model\'s {sorted(abstract_params)} '
                      'nor hold a `beit3` backbone.')
-  missing = sorted(k for k in keys if k not in have)
-  misshaped = [(k, tuple(have[k].shape), tuple(want[k].shape)) for k in sorted(keys)
-               if k in have and tuple(have[k].shape) != tuple(want[k].shape)]
-  if missing or misshaped:
-    raise ValueError(f'init_from={source!r} (checkpoint {step_dir}) does not fit the model '
-                     f'(config.model): missing {missing[:8]}, mis-shaped (stored, model) '
-                     f'{misshaped[:8]}.')
-  flat_shardings = flatten_params(shardings)
-  target = unflatten_params({k: jax.ShapeDtypeStruct(want[k].shape, want[k].dtype,
-                                                     sharding=flat_shardings[k]) for k in keys})
+  _check_fits(flatten_params(target), have, f'{source!r} (checkpoint {step_dir})')
   target = {'params': target}
   restore_args = ocp.checkpoint_utils.construct_restore_args(target)
   with ocp.PyTreeCheckpointer() as checkpointer:
@@ -171,6 +162,17 @@ def _restore_checkpoint_params(step_dir, abstract_params, shardings, source: str
             item=target, restore_args=restore_args, partial_restore=True))
   got = flatten_params(restored['params'])
   return unflatten_params({k: got.get(k) for k in want}), what
+
+
+def _check_fits(want, have, source: str) -> None:
+  """ValueError naming the leaves of `want` (flat name -> shaped) that `have` lacks or holds in
+  another shape."""
+  missing = sorted(k for k in want if k not in have)
+  misshaped = [(k, tuple(np.shape(have[k])), tuple(want[k].shape)) for k in sorted(want)
+               if k in have and tuple(np.shape(have[k])) != tuple(want[k].shape)]
+  if missing or misshaped:
+    raise ValueError(f'init_from={source} does not fit the model (config.model): missing '
+                     f'{missing[:8]}, mis-shaped (stored, model) {misshaped[:8]}.')
 
 
 def _place_params(loaded, abstract_params, shardings, source: str):
@@ -182,12 +184,8 @@ def _place_params(loaded, abstract_params, shardings, source: str):
   if 'beit3' in {k.split('/')[0] for k in want} and not any(k.startswith('beit3/') for k in have):
     have = {f'beit3/{k}': v for k, v in have.items()}
   shard = flatten_params(shardings)
-  missing = sorted(k for k in want if k.startswith('beit3/') and k not in have)
-  misshaped = sorted(k for k in want if k in have and tuple(np.shape(have[k])) !=
-                     tuple(want[k].shape))
-  if missing or misshaped:
-    raise ValueError(f'init_from={source!r} does not fit the model: missing {missing[:8]}, '
-                     f'mis-shaped {[(k, np.shape(have[k]), want[k].shape) for k in misshaped][:8]}.')
+  _check_fits({k: v for k, v in want.items() if k.startswith('beit3/') or k in have}, have,
+              repr(source))
   out = {k: jax.device_put(np.asarray(have[k], want[k].dtype), shard[k]) if k in have else None
          for k in want}
   return unflatten_params(out)

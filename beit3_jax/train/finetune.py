@@ -38,7 +38,6 @@ Config fields (besides the loop's, `beit3_jax.train.defaults.loop_fields`); see
 
 from __future__ import annotations
 
-
 import ml_collections
 
 from beit3_jax.data import builtin as builtin_lib
@@ -232,10 +231,6 @@ def make_evaluator(config, objective, eval_source, train_source, text_tokenizer)
       config, eval_source, n, int(config.batch_size), inputs, text_tokenizer, baseline,
       image_mean=objective.image_mean, image_std=objective.image_std, image_field=f['image'],
       caption_field=f['captions'])
-
-
-# ------------------------------------------------------------------------------------------
-# init_from a pretraining run.
 
 
 # ------------------------------------------------------------------------------------------
