@@ -8,6 +8,7 @@ import pytest
 
 import train_fixtures as fx
 from beit3_jax.data import finetuning as ft_data
+from beit3_jax import models
 from beit3_jax.data import pipeline, schema
 from beit3_jax.train import task_objectives
 
@@ -181,3 +182,35 @@ def test_init_from_a_pretraining_checkpoint_reads_only_the_backbone(tmp_path):
     ckpt.save(tmp_path / 'wide' / 'checkpoints' / '1' / 'state', {'params': wider})
   with pytest.raises(ValueError, match='does not fit the model .*mis-shaped'):
     checkpoints.load_init_params(str(tmp_path / 'wide'), params, shardings)
+
+
+def test_init_from_resizes_the_vision_position_table(tmp_path):
+  """A backbone stored for another image size (a 2G x 2G patch grid) starts a model at G x G:
+  the position table is resized bicubically (`positions.resize_table`), every other leaf is
+  read as stored; the same for a checkpoint and for a params directory."""
+  import flax
+  import orbax.checkpoint as ocp
+  from beit3_jax import params_io
+  from beit3_jax.models import positions
+  from beit3_jax.train import checkpoints
+
+  cfg = _model_cfg()
+  objective = task_objectives.VQAFinetune(cfg, num_answers=ANSWERS, text_len=fx.TEXT_LEN)
+  params = flax.linen.meta.unbox(objective.init_params(jax.random.key(0)))
+  shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), params)
+  big_cfg = models.get_config(**{**cfg.to_dict(), 'img_size': 2 * cfg.img_size})
+  backbone = flax.linen.meta.unbox(models.init_params(big_cfg, jax.random.key(1)))
+  table = np.asarray(backbone['encoder']['embed_positions']['A']['embedding'])
+  want_table = positions.resize_table(table, models.num_patches(cfg) + 3)
+  assert want_table.shape == params['beit3']['encoder']['embed_positions']['A']['embedding'].shape
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(tmp_path / 'pre' / 'checkpoints' / '3' / 'state', {'params': {'beit3': backbone}})
+  params_io.save_params(tmp_path / 'dir', backbone, big_cfg)
+  g = cfg.img_size // cfg.patch_size
+  for source in ('pre', 'dir'):
+    loaded, what = checkpoints.load_init_params(str(tmp_path / source), params, shardings)
+    assert f'resized from {2 * g}x{2 * g} to {g}x{g} patches' in what, what
+    got = loaded['beit3']['encoder']['embed_positions']['A']['embedding']
+    np.testing.assert_allclose(np.asarray(got), want_table, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(loaded['beit3']['text_embed']['embedding']),
+                                  np.asarray(backbone['text_embed']['embedding']))

@@ -8,6 +8,7 @@ reproduces that resize exactly (up to float32 rounding) without torch.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import numpy as np
@@ -89,6 +90,31 @@ def _replace_leaf(tree: Mapping, path: tuple[str, ...], value: Any) -> Mapping:
 
 
 _TABLE_PATH = ('encoder', 'embed_positions', 'A', 'embedding')
+# The table's flat name in a backbone's params (`convert.flatten_params`).
+TABLE_NAME = '/'.join(_TABLE_PATH)
+
+
+def square_grid_side(rows: int) -> int | None:
+  """G if a vision table of `rows` rows holds a G x G patch grid (rows = G**2 + 3), else None."""
+  g = math.isqrt(max(rows - NUM_PREFIX_ROWS, 0))
+  return g if g > 0 and g * g + NUM_PREFIX_ROWS == rows else None
+
+
+def resize_table(table: np.ndarray, new_rows: int) -> np.ndarray:
+  """A vision position table (G**2 + 3, D) -> (G'**2 + 3, D) with new_rows = G'**2 + 3: the 3
+  prefix rows kept, the patch grid resized with `resize_grid_bicubic`. float32 NumPy.
+
+  Raises:
+    ValueError: either row count is not a square grid plus the 3 prefix rows.
+  """
+  table = np.asarray(table, np.float32)
+  g, new_g = square_grid_side(table.shape[0]), square_grid_side(new_rows)
+  if table.ndim != 2 or g is None or new_g is None:
+    raise ValueError(f'Cannot resize a vision position table of shape {table.shape} to '
+                     f'{new_rows} rows: both must be G * G patch rows + {NUM_PREFIX_ROWS}.')
+  grid = table[NUM_PREFIX_ROWS:].reshape(g, g, -1)
+  patches = resize_grid_bicubic(grid, (new_g, new_g)).reshape(new_g * new_g, -1)
+  return np.concatenate([table[:NUM_PREFIX_ROWS], patches], axis=0)
 
 
 def resize_vision_positions(params: Mapping, config, new_img_size: int):
@@ -128,9 +154,6 @@ def resize_vision_positions(params: Mapping, config, new_img_size: int):
     raise ValueError(f'Vision position table has shape {table.shape}; config '
                      f'(img_size={config.img_size}, patch_size={p}, '
                      f'embed_dim={config.embed_dim}) expects {expected}.')
-  g, new_g = config.img_size // p, new_img_size // p
-  grid = table[NUM_PREFIX_ROWS:].reshape(g, g, -1)
-  patches = resize_grid_bicubic(grid, (new_g, new_g)).reshape(new_g * new_g, -1)
-  new_table = np.concatenate([table[:NUM_PREFIX_ROWS], patches], axis=0)
+  new_table = resize_table(table, (new_img_size // p) ** 2 + NUM_PREFIX_ROWS)
   new_config = config_from_dict({**config.to_dict(), 'img_size': new_img_size})
   return _replace_leaf(params, _TABLE_PATH, new_table), new_config

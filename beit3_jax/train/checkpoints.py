@@ -18,6 +18,9 @@ checkpoint written on one mesh shape restores on another.
     task heads keep their fresh init);
   - a params directory (`beit3_jax.params_io`: config.json + params/), e.g. the convert CLI's
     output for a PyTorch checkpoint; a backbone-only tree goes under the model's `beit3`.
+A vision position table stored for another image size (another patch grid) is resized
+bicubically to the model's, as unilm's `load_model_and_may_interpolate` does; every other
+leaf must have the model's shape.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 import grain.checkpoint as grain_checkpoint
+
+from beit3_jax.models import positions
 
 CHECKPOINT_DIR = 'checkpoints'
 
@@ -123,8 +128,7 @@ def load_init_params(init_from: str, abstract_params, shardings) -> tuple[Any, s
                        'checkpoint, not BEiT-3 weights.')
     model_cfg = params_io.load_model_config(str(path))
     loaded = params_io.load_params(str(path), model_cfg)
-    return _place_params(loaded, abstract_params, shardings, init_from), (
-        f'params directory {path}')
+    return _place_params(loaded, abstract_params, shardings, init_from, f'params directory {path}')
   raise FileNotFoundError(
       f'init_from={init_from!r}: no checkpoint ({CHECKPOINT_DIR}/<step>/state) and no params '
       f'directory ({params_io.CONFIG_FILE} + params/) there.')
@@ -153,15 +157,49 @@ def _restore_checkpoint_params(step_dir, abstract_params, shardings, source: str
     raise ValueError(f'init_from={source!r}: its checkpoint {step_dir} holds params '
                      f'{sorted(stored)}, which neither match the model\'s {sorted(abstract_params)} '
                      'nor hold a `beit3` backbone.')
-  _check_fits(flatten_params(target), have, f'{source!r} (checkpoint {step_dir})')
-  target = {'params': target}
+  flat_target = flatten_params(target)
+  resize = _position_table_resize(flat_target, have)
+  if resize:
+    # Read the stored table as it is (replicated), resize it on the host below.
+    model_leaf = flat_target[resize]
+    flat_target[resize] = jax.ShapeDtypeStruct(
+        tuple(have[resize].shape), model_leaf.dtype,
+        sharding=jax.sharding.NamedSharding(model_leaf.sharding.mesh, jax.sharding.PartitionSpec())
+        if isinstance(model_leaf.sharding, jax.sharding.NamedSharding) else model_leaf.sharding)
+    what += '; ' + _resize_note(have[resize].shape, model_leaf.shape)
+  _check_fits(flat_target, have, f'{source!r} (checkpoint {step_dir})')
+  target = {'params': unflatten_params(flat_target)}
   restore_args = ocp.checkpoint_utils.construct_restore_args(target)
   with ocp.PyTreeCheckpointer() as checkpointer:
     restored = checkpointer.restore(
         step_dir / 'state', args=ocp.args.PyTreeRestore(
             item=target, restore_args=restore_args, partial_restore=True))
   got = flatten_params(restored['params'])
+  if resize:
+    got[resize] = jax.device_put(
+        positions.resize_table(np.asarray(got[resize]), want[resize].shape[0]).astype(
+            want[resize].dtype), model_leaf.sharding)
   return unflatten_params({k: got.get(k) for k in want}), what
+
+
+def _position_table_resize(want, have) -> str | None:
+  """The flat name of the vision position table when `want` (the model) and `have` (the
+  stored tree) hold it with different patch grids of the same width -- another image size,
+  which unilm resizes bicubically when it loads weights -- else None."""
+  name = f'beit3/{positions.TABLE_NAME}'
+  if name not in want or name not in have:
+    return None
+  (rows, width), (stored_rows, stored_width) = want[name].shape, np.shape(have[name])
+  if rows == stored_rows or width != stored_width:
+    return None
+  grids = positions.square_grid_side(rows), positions.square_grid_side(stored_rows)
+  return name if None not in grids else None
+
+
+def _resize_note(stored_shape, model_shape) -> str:
+  g, new_g = (positions.square_grid_side(s[0]) for s in (stored_shape, model_shape))
+  return (f'vision position table resized from {g}x{g} to {new_g}x{new_g} patches '
+          '(bicubic, as unilm)')
 
 
 def _check_fits(want, have, source: str) -> None:
@@ -175,17 +213,22 @@ def _check_fits(want, have, source: str) -> None:
                      f'{missing[:8]}, mis-shaped (stored, model) {misshaped[:8]}.')
 
 
-def _place_params(loaded, abstract_params, shardings, source: str):
+def _place_params(loaded, abstract_params, shardings, source: str, what: str):
   """Puts a loaded tree into the model's tree: a backbone-only tree fills `beit3`; the
-  heads the checkpoint lacks keep their fresh init (returned as None leaves to fill)."""
+  heads the checkpoint lacks keep their fresh init (returned as None leaves to fill).
+  Returns (params, `what` plus a note on a resized position table)."""
   from beit3_jax.convert import flatten_params, unflatten_params
   want = flatten_params(abstract_params)
   have = flatten_params(loaded)
   if 'beit3' in {k.split('/')[0] for k in want} and not any(k.startswith('beit3/') for k in have):
     have = {f'beit3/{k}': v for k, v in have.items()}
   shard = flatten_params(shardings)
+  resize = _position_table_resize(want, have)
+  if resize:
+    what += '; ' + _resize_note(np.shape(have[resize]), want[resize].shape)
+    have = {**have, resize: positions.resize_table(have[resize], want[resize].shape[0])}
   _check_fits({k: v for k, v in want.items() if k.startswith('beit3/') or k in have}, have,
               repr(source))
   out = {k: jax.device_put(np.asarray(have[k], want[k].dtype), shard[k]) if k in have else None
          for k in want}
-  return unflatten_params(out)
+  return unflatten_params(out), what

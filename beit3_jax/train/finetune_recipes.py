@@ -27,26 +27,17 @@ What every recipe shares:
   its backbone is taken, the heads start fresh.
 
 Position tables. unilm's pretrained weights are 224 px; the recipes at 384 or 480 px start
-from them with the vision position table resized (bicubic, as unilm's
-`load_model_and_may_interpolate`; init_from does not resize by itself). For a backbone (SIZE:
-base or large, PX: the recipe's image size):
+from them as they are: init_from resizes the vision position table on load (bicubic, as
+unilm's `load_model_and_may_interpolate`) when the stored one is for another image size, and
+prints so. Every other leaf must have the model's shape. Convert once (SIZE: base or large):
     python -m beit3_jax.convert to-flax beit3_SIZE_patch16_224.pth ckpt/beit3_SIZE \
         --variant SIZE
-    python -c "from beit3_jax import params_io; \
-        from beit3_jax.models import resize_vision_positions as r; \
-        c = params_io.load_model_config('ckpt/beit3_SIZE'); \
-        p, c = r(params_io.load_params('ckpt/beit3_SIZE', c), c, PX); \
-        params_io.save_params('ckpt/beit3_SIZE_PX', p, c)"
-(for a pretraining workdir of ours instead: `params_io.load_training_params(workdir)[0]
-['beit3']` and `params_io.load_model_config(workdir)`). For weights with task heads (the
-ITC-tuned retrieval weights):
+and pass ckpt/beit3_SIZE as init_from (a pretraining workdir of ours is resized the same way).
+For weights with task heads (the ITC-tuned retrieval weights):
     python -m beit3_jax.convert to-flax beit3_SIZE_itc_patch16_224.pth ckpt/beit3_SIZE_itc \
         --variant SIZE --task retrieval
-    python -c "from beit3_jax import params_io; \
-        from beit3_jax.models import resize_vision_positions as r; \
-        t, p, c, s = params_io.load_task_params('ckpt/beit3_SIZE_itc'); \
-        p['beit3'], c = r(p['beit3'], c, PX); \
-        params_io.save_params('ckpt/beit3_SIZE_itc_PX', p, c, task=t, head_sizes=s)"
+and pass ckpt/beit3_SIZE_itc. For a resized copy on disk, `models.resize_vision_positions`
+does it by hand.
 
 Deviations from unilm in every recipe: the warmup starts at 0, not at warmup_lr 1e-6; bfloat16
 compute instead of DeepSpeed fp16. Each task function lists its own; unilm's recipes use no
@@ -331,8 +322,8 @@ def vqa(size: str, arg=None) -> ml_collections.ConfigDict:
   vocabulary, `answer_vocabulary.json`:
       python -c "from beit3_jax.data.builders import vqa_nlvr2; \
           vqa_nlvr2.prepare('vqav2', manual_dir='/data/vqa', data_dir='/data/beit3')"
-  Weights: unilm's beit3_<size>_patch16_224.pth as ckpt/beit3_<size>_480, resized to 480 px
-  (the module's "Position tables").
+  Weights: unilm's beit3_<size>_patch16_224.pth converted as ckpt/beit3_<size>; its position
+  table is resized to 480 px on load (the module's "Position tables").
 
   Deviations: optimizer.task_head_lr_weight stays 1.0, so the head trains at the backbone's
   lr (unilm's --task_head_lr_weight 20 gives it 20x; without, accuracy may suffer;
@@ -404,8 +395,9 @@ def retrieval(size: str, dataset: str | None = None) -> ml_collections.ConfigDic
   beit3_jax/data/builders/karpathy_captions.py):
       python -c "from beit3_jax.data.builders import karpathy_captions as k; \
           k.prepare('coco', manual_dir='/data/coco')"   # or 'flickr30k', '/data/flickr30k'
-  Weights: unilm's ITC-tuned weights with their retrieval heads as ckpt/beit3_<size>_itc_384,
-  resized to 384 px (the module's "Position tables"). From a backbone only
+  Weights: unilm's ITC-tuned weights converted with their retrieval heads as
+  ckpt/beit3_<size>_itc; its position table is resized to 384 px on load (the module's
+  "Position tables"). From a backbone only
   (beit3_<size>_patch16_224.pth or a pretraining workdir) the heads start fresh, and unilm's
   ITC intermediate tuning is missing.
 
@@ -441,8 +433,8 @@ def captioning(size: str) -> ml_collections.ConfigDict:
   the references, close to but not the COCO caption evaluation toolkit's PTB tokenisation.
 
   Data: the TFDS data set `beit3_coco_karpathy` as for `retrieval` (COCO). Weights: unilm's
-  beit3_<size>_patch16_224.pth as ckpt/beit3_<size>_480, resized to 480 px, the same as for
-  `vqa`.
+  beit3_<size>_patch16_224.pth converted as ckpt/beit3_<size>, the same as for `vqa`; its
+  position table is resized to 480 px on load.
 
   Deviations: no RandAugment (2 ops, magnitude 7); no drop-worst (unilm drops the 20%
   highest-loss tokens after 12,000 steps); label smoothing puts eps / V on every class (unilm

@@ -5,13 +5,13 @@ epochs (22,130 steps), drop path 0.1, mask prob 0.7, 32 text tokens, activation 
 (here model.remat). The recipe's sources, the steps, the data and the deviations:
 `captioning` and `CAPTIONING` in beit3_jax/train/finetune_recipes.py.
 
-Prepare the TFDS data set `beit3_coco_karpathy` as `retrieval` says and make
-ckpt/beit3_base_480 as for configs/finetune/vqa_base.py: unilm's beit3_base_patch16_224.pth
-converted and resized to 480 px ("Position tables" in the module). Get unilm's `beit3.spm` too.
+Prepare the TFDS data set `beit3_coco_karpathy` as `retrieval` says and convert unilm's
+beit3_base_patch16_224.pth to ckpt/beit3_base as for configs/finetune/vqa_base.py (its
+position table is resized to 480 px on load). Get unilm's `beit3.spm` too.
 
 Command:
     python -m beit3_jax.main --config=configs/finetune/captioning_base.py \
-        --workdir=workdirs/coco_captioning_base --config.init_from=ckpt/beit3_base_480 \
+        --workdir=workdirs/coco_captioning_base --config.init_from=ckpt/beit3_base \
         --config.data.spm_path=/path/to/beit3.spm
 Score the Karpathy test split afterwards with
     ... --config.mode=eval --config.data.eval_split=test

@@ -7,13 +7,15 @@ weights. The recipe's sources, the steps, the data and the deviations: `retrieva
 `RETRIEVAL` in beit3_jax/train/finetune_recipes.py.
 
 Prepare the TFDS data set `beit3_coco_karpathy` (or `beit3_flickr30k_karpathy`) as `retrieval`
-says and make ckpt/beit3_base_itc_384: unilm's beit3_base_itc_patch16_224.pth converted with its
-retrieval heads and resized to 384 px ("Position tables" in the module). Get unilm's
-`beit3.spm` too.
+says and convert unilm's beit3_base_itc_patch16_224.pth with its retrieval heads to
+ckpt/beit3_base_itc (its position table is resized to 384 px on load):
+    python -m beit3_jax.convert to-flax beit3_base_itc_patch16_224.pth ckpt/beit3_base_itc \
+        --variant base --task retrieval
+Get unilm's `beit3.spm` too.
 
 Command (COCO; append `:flickr30k` to the config path for Flickr30k):
     python -m beit3_jax.main --config=configs/finetune/retrieval_base.py \
-        --workdir=workdirs/coco_retrieval_base --config.init_from=ckpt/beit3_base_itc_384 \
+        --workdir=workdirs/coco_retrieval_base --config.init_from=ckpt/beit3_base_itc \
         --config.data.spm_path=/path/to/beit3.spm
 Score the Karpathy test split (5k COCO / 1k Flickr30k images) afterwards with
     ... --config.mode=eval --config.data.eval_split=test

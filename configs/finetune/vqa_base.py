@@ -6,14 +6,16 @@ unilm's base command (get_started_for_vqav2.md): lr 3e-5, drop path 0.1; with bo
 and `VQA` in beit3_jax/train/finetune_recipes.py.
 
 Prepare the TFDS data set `beit3_vqav2/default` in /data/beit3 as `vqa` says (it writes the
-answer vocabulary this config reads) and make ckpt/beit3_base_480: unilm's
-beit3_base_patch16_224.pth converted and resized to 480 px ("Position tables" in the module).
+answer vocabulary this config reads) and convert unilm's beit3_base_patch16_224.pth to
+ckpt/beit3_base (its position table is resized to 480 px on load):
+    python -m beit3_jax.convert to-flax beit3_base_patch16_224.pth ckpt/beit3_base \
+        --variant base
 Get unilm's `beit3.spm` too.
 
 Command (after `:` the data dir the data was prepared in, or an answer_vocabulary.json, see
 `vqa`; without it the built-in data's 18 answers stand in, with a warning: do not train so):
     python -m beit3_jax.main --config=configs/finetune/vqa_base.py:/data/beit3 \
-        --workdir=workdirs/vqav2_base --config.init_from=ckpt/beit3_base_480 \
+        --workdir=workdirs/vqav2_base --config.init_from=ckpt/beit3_base \
         --config.data.spm_path=/path/to/beit3.spm
 
 Expect (beit3_reference.md §6, unilm README): VQAv2 test-dev 77.65 (VQA accuracy; the

@@ -7,14 +7,16 @@ recipe's sources, the steps, the data and the deviations: `vqa` and `VQA` in
 beit3_jax/train/finetune_recipes.py.
 
 Prepare the TFDS data set `beit3_vqav2/default` in /data/beit3 as `vqa` says (it writes the
-answer vocabulary this config reads) and make ckpt/beit3_large_480: unilm's
-beit3_large_patch16_224.pth converted and resized to 480 px ("Position tables" in the module).
+answer vocabulary this config reads) and convert unilm's beit3_large_patch16_224.pth to
+ckpt/beit3_large (its position table is resized to 480 px on load):
+    python -m beit3_jax.convert to-flax beit3_large_patch16_224.pth ckpt/beit3_large \
+        --variant large
 Get unilm's `beit3.spm` too.
 
 Command (after `:` the data dir the data was prepared in, or an answer_vocabulary.json, see
 `vqa`; without it the built-in data's 18 answers stand in, with a warning: do not train so):
     python -m beit3_jax.main --config=configs/finetune/vqa_large.py:/data/beit3 \
-        --workdir=workdirs/vqav2_large --config.init_from=ckpt/beit3_large_480 \
+        --workdir=workdirs/vqav2_large --config.init_from=ckpt/beit3_large \
         --config.data.spm_path=/path/to/beit3.spm
 
 Expect (beit3_reference.md §6, unilm README): VQAv2 test-dev 81.85 (VQA accuracy; the
