@@ -1,14 +1,15 @@
 """Fine-tuning: the classification and VQA objectives train (loss finite and falling, metric
 keys present), the per-example transforms give the schema's layouts (VQA: one-hot and VQAv2
-soft scores), and init_from a pretraining checkpoint reads only its backbone."""
+soft scores), and init_from a pretraining checkpoint reads only its backbone, resizing its
+vision position table to the model's image size."""
 
 import jax
 import numpy as np
 import pytest
 
 import train_fixtures as fx
-from beit3_jax.data import finetuning as ft_data
 from beit3_jax import models
+from beit3_jax.data import finetuning as ft_data
 from beit3_jax.data import pipeline, schema
 from beit3_jax.train import task_objectives
 
