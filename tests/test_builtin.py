@@ -1,11 +1,13 @@
 """Preparing the built-in data (tiny sizes): the data sets, the demo .spm, reuse."""
 
 import os
+import shutil
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from beit3_jax.data import builtin, paths, synthetic_world
+from beit3_jax.data import builtin, paths, synthetic_world, tfds_sources
+from beit3_jax.data.builders import synthetic_world_builder
 from beit3_jax.data import text as text_lib
 
 
@@ -31,6 +33,15 @@ def test_prepare_builds_once_then_reuses(tmp_path, capsys, monkeypatch):
   rng = np.random.default_rng(5)
   for _ in range(20):
     assert tokenizer.unk_id not in tokenizer.encode(synthetic_world.text_corpus_sentence(rng))
+
+  # The names pin this code's version: a newer build in the same data dir (from a newer
+  # checkout) is not read in its place.
+  version = str(synthetic_world_builder.SyntheticWorld.VERSION)
+  assert data.names['images'].endswith(':' + version)
+  folder = tfds_sources.dataset_dir(data.names['images'], data.tfds_dir)
+  shutil.copytree(folder, folder.parent / '99.0.0')
+  assert tfds_sources.dataset_dir(data.names['images'], data.tfds_dir) == folder
+  assert tfds_sources.dataset_dir(data.names['images'].split(':')[0], data.tfds_dir).name == '99.0.0'
 
 
 def test_config_data_dir_wins_over_env(tmp_path, monkeypatch):

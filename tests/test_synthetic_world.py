@@ -193,6 +193,9 @@ def oracle(scene, question):
     return yn(obj(scene, m[1], m[2]).size == m[3])
   if question == 'how many objects are there?':
     return sw.NUMBER_WORDS[len(objs)]
+  if m := re.fullmatch(r'what (colour|shape) is the large object\?', question):
+    (o,) = [o for o in objs if o.size == 'large']  # asked only when exactly one is large
+    return o.colour if m[1] == 'colour' else o.shape
   if m := re.fullmatch(rf'how many ({COLOUR_RE}) objects are there\?', question):
     return sw.NUMBER_WORDS[sum(o.colour == m[1] for o in objs)]
   if m := re.fullmatch(rf'how many ({SHAPE_RE})s are there\?', question):
@@ -228,6 +231,25 @@ def test_questions_have_correct_answers_in_the_vocabulary():
   assert {'what colour', 'what shape', 'how many', 'is there', 'is the'} <= set(kinds)
   assert 0.35 < np.mean(exists) < 0.65  # absent things asked about half the time
   assert len(set(sw.ANSWERS)) == len(sw.ANSWERS)
+
+
+def test_question_kinds():
+  asked = {kind: 0 for kind in sw.QUESTION_KINDS}
+  for i, scene in enumerate(scenes(300)):
+    groups = sw.question_candidates(scene)
+    assert set(groups) <= set(sw.QUESTION_KINDS)
+    large = [o for o in scene.objects if o.size == 'large']
+    assert ('large_colour' in groups) == ('large_shape' in groups) == (len(large) == 1)
+    for kind, qas in groups.items():
+      asked[kind] += 1
+      for question, answer in qas:
+        assert answer == oracle(scene, question), question
+    # Restricted to the matching kinds, no readout question is asked.
+    for question, _ in sw.questions(scene, sw.example_rng(3, i), n=4, kinds=sw.MATCHING_KINDS):
+      assert 'large object' not in question
+  assert all(asked.values()), asked
+  with pytest.raises(ValueError, match="Unknown question kinds \\['colours'\\]"):
+    sw.questions(scenes(1)[0], sw.example_rng(0), kinds=('colours',))
 
 
 # ----------------------------------------------------------------------------- NLVR2

@@ -34,7 +34,7 @@ SPM_VOCAB_SIZE = 256
 class BuiltinData:
   """Where the built-in data lives."""
   tfds_dir: str
-  names: dict[str, str]        # 'images' / 'nlvr2' / 'text' -> TFDS name (with config)
+  names: dict[str, str]        # 'images' / 'nlvr2' / 'text' -> TFDS 'name/config:version'
   spm_path: str
 
 
@@ -52,7 +52,9 @@ def prepare_builtin(data_dir: str | None = None, image_size: int = 64, *,
   """
   builders = synthetic_world_builder.prepare(data_dir=data_dir, image_size=image_size,
                                              num_examples=num_examples, seed=seed)
-  names = {which: f'{b.name}/{b.builder_config.name}' for which, b in builders.items()}
+  # The version is pinned: a data dir may also hold a build of another version of the code, and
+  # a name without one reads the newest there.
+  names = {which: f'{b.name}/{b.builder_config.name}:{b.version}' for which, b in builders.items()}
   spm_path = os.path.join(paths.spm_dir(data_dir), SPM_NAME)
   if os.path.exists(spm_path):
     if verbose:

@@ -15,8 +15,12 @@ scene is computed from those, so every BEiT-3 task is learnable:
     text_corpus_sentence(rng)               # 'a square has four corners'
 
 `caption_candidates` and `question_candidates` list everything true that can be said or asked
-about a scene; `nlvr2_scenes` gives the scenes behind an NLVR2 example and `nlvr2_truth` decides
-any statement of `NLVR2_STATEMENTS` on two scenes. Every NLVR2 statement is true of half of the
+about a scene. Questions come in two families: MATCHING_KINDS name objects by their attributes
+("what colour is the circle?", "is there a red square?"), so the answer needs the words matched
+with the image; READOUT_KINDS ("what colour is the large object?", "how many objects are
+there?") need only the question's type to know what to read off the image. `nlvr2_scenes`
+gives the scenes behind an NLVR2 example and `nlvr2_truth` decides any statement of
+`NLVR2_STATEMENTS` on two scenes. Every NLVR2 statement is true of half of the
 pairs it comes with, so the text alone predicts nothing.
 
 Geometry: positions are object centres in units of the image side, x from the left and y from
@@ -361,8 +365,19 @@ def captions(scene: Scene, rng: np.random.Generator, n: int = 5) -> list[str]:
 # ----------------------------------------------------------------------------- questions
 
 
+# Questions that name objects, so the answer needs the question's words matched with what is in
+# the image ("is there a red object?"): every kind but the readout ones below.
+MATCHING_KINDS = ('colour', 'shape', 'size', 'count', 'exists_shape', 'exists_colour',
+                  'exists_thing', 'relation')
+# Questions whose type alone says what to read off the image: the large object's colour or
+# shape (asked when exactly one object is large), the number of objects.
+READOUT_KINDS = ('large_colour', 'large_shape', 'number')
+QUESTION_KINDS = MATCHING_KINDS + READOUT_KINDS
+
+
 def question_candidates(scene: Scene) -> dict[str, list[tuple[str, str]]]:
-  """Every (question, answer) this module can ask about a scene, grouped by kind."""
+  """Every (question, answer) this module can ask about a scene, grouped by kind
+  (QUESTION_KINDS; a kind with nothing to ask about this scene is left out)."""
   objs = scene.objects
   yn = lambda b: 'yes' if b else 'no'  # noqa: E731
   out: dict[str, list[tuple[str, str]]] = {
@@ -397,17 +412,27 @@ def question_candidates(scene: Scene) -> dict[str, list[tuple[str, str]]]:
       for pair in decidable:
         for rel in pair:
           out['relation'].append((f'is the {a.name} {rel} the {b.name}?', yn(rel in true)))
+  large = [o for o in objs if o.size == 'large']
+  if len(large) == 1:
+    out['large_colour'] = [('what colour is the large object?', large[0].colour)]
+    out['large_shape'] = [('what shape is the large object?', large[0].shape)]
+  out['number'] = [('how many objects are there?', count_word(len(objs)))]
   return {kind: qas for kind, qas in out.items() if qas}
 
 
-def questions(scene: Scene, rng: np.random.Generator, n: int = 4) -> list[tuple[str, str]]:
+def questions(scene: Scene, rng: np.random.Generator, n: int = 4,
+              kinds: Sequence[str] = QUESTION_KINDS) -> list[tuple[str, str]]:
   """n (question, answer) pairs; every answer is in ANSWERS.
 
-  Each question picks a kind (see `question_candidates`) uniformly, then an answer uniformly among
-  that kind's possible answers (so "is there ...?" is "no" half the time), then a question with
-  that answer. Distinct questions while possible.
+  Each question picks one of `kinds` (see `question_candidates`) uniformly among those with
+  something to ask about this scene, then an answer uniformly among that kind's possible answers
+  (so "is there ...?" is "no" half the time), then a question with that answer. Distinct
+  questions while possible.
   """
-  groups = question_candidates(scene)
+  unknown = set(kinds) - set(QUESTION_KINDS)
+  if unknown:
+    raise ValueError(f'Unknown question kinds {sorted(unknown)}; expected some of {QUESTION_KINDS}.')
+  groups = {k: qas for k, qas in question_candidates(scene).items() if k in kinds}
   kinds = sorted(groups)
   picked: list[tuple[str, str]] = []
   for _ in range(20 * n):
@@ -535,7 +560,9 @@ def text_corpus_sentence(rng: np.random.Generator) -> str:
   if r < 0.5:
     return captions(sample_scene(rng), rng, n=1)[0]
   if r < 0.65:
-    question, answer = questions(sample_scene(rng), rng, n=1)[0]
+    # MATCHING_KINDS only: the corpus predates the readout kinds, and keeping it the same
+    # keeps the demo pretraining's data (and figures) the same.
+    question, answer = questions(sample_scene(rng), rng, n=1, kinds=MATCHING_KINDS)[0]
     return f'{question} {answer}'
   if r < 0.8:
     return _FACTS[int(rng.integers(len(_FACTS)))]

@@ -65,9 +65,11 @@ from beit3_jax.data import synthetic_world as sw
 SPLITS = ('train', 'validation', 'test')
 _SPLIT_IDS = {split: i for i, split in enumerate(SPLITS)}
 DEFAULT_SEED = 0
-_VERSION = tfds.core.Version('1.1.0')
+_VERSION = tfds.core.Version('1.2.0')
 _RELEASE_NOTES = {'1.0.0': 'First release.',
-                  '1.1.0': "label: the largest object's colour (ties: topmost), was its shape."}
+                  '1.1.0': "label: the largest object's colour (ties: topmost), was its shape.",
+                  '1.2.0': 'qa: also the readout kinds (the large object\'s colour and shape, '
+                           'the number of objects); images and captions unchanged.'}
 
 
 @dataclasses.dataclass(eq=False)
