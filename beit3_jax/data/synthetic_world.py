@@ -20,8 +20,8 @@ about a scene. Questions come in two families: MATCHING_KINDS name objects by th
 with the image; READOUT_KINDS ("what colour is the large object?", "how many objects are
 there?") need only the question's type to know what to read off the image. `nlvr2_scenes`
 gives the scenes behind an NLVR2 example and `nlvr2_truth` decides any statement of
-`NLVR2_STATEMENTS` on two scenes. Every NLVR2 statement is true of half of the
-pairs it comes with, so the text alone predicts nothing.
+`NLVR2_STATEMENTS` on two scenes. Every NLVR2 statement is true of half of the pairs it comes
+with, so the text alone predicts nothing.
 
 Geometry: positions are object centres in units of the image side, x from the left and y from
 the top (so "above" means a smaller y). An object's size is its extent (the side of its bounding
@@ -370,7 +370,8 @@ def captions(scene: Scene, rng: np.random.Generator, n: int = 5) -> list[str]:
 MATCHING_KINDS = ('colour', 'shape', 'size', 'count', 'exists_shape', 'exists_colour',
                   'exists_thing', 'relation')
 # Questions whose type alone says what to read off the image: the large object's colour or
-# shape (asked when exactly one object is large), the number of objects.
+# shape (asked when exactly one object is large), the number of objects (also one of the
+# 'count' questions).
 READOUT_KINDS = ('large_colour', 'large_shape', 'number')
 QUESTION_KINDS = MATCHING_KINDS + READOUT_KINDS
 
@@ -431,14 +432,15 @@ def questions(scene: Scene, rng: np.random.Generator, n: int = 4,
   """
   unknown = set(kinds) - set(QUESTION_KINDS)
   if unknown:
-    raise ValueError(f'Unknown question kinds {sorted(unknown)}; expected some of {QUESTION_KINDS}.')
+    raise ValueError(f'Unknown question kinds {sorted(unknown)}; expected some of '
+                     f'{QUESTION_KINDS}.')
   groups = {k: qas for k, qas in question_candidates(scene).items() if k in kinds}
-  kinds = sorted(groups)
+  available = sorted(groups)
   picked: list[tuple[str, str]] = []
   for _ in range(20 * n):
     if len(picked) == n:
       break
-    qas = groups[kinds[int(rng.integers(len(kinds)))]]
+    qas = groups[available[int(rng.integers(len(available)))]]
     answers = sorted({a for _, a in qas})
     answer = answers[int(rng.integers(len(answers)))]
     with_answer = [qa for qa in qas if qa[1] == answer]
