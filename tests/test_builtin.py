@@ -7,8 +7,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from beit3_jax.data import builtin, paths, synthetic_world, tfds_sources
-from beit3_jax.data.builders import synthetic_world_builder
 from beit3_jax.data import text as text_lib
+from beit3_jax.data.builders import synthetic_world_builder
 
 
 def test_prepare_builds_once_then_reuses(tmp_path, capsys, monkeypatch):
@@ -41,7 +41,8 @@ def test_prepare_builds_once_then_reuses(tmp_path, capsys, monkeypatch):
   folder = tfds_sources.dataset_dir(data.names['images'], data.tfds_dir)
   shutil.copytree(folder, folder.parent / '99.0.0')
   assert tfds_sources.dataset_dir(data.names['images'], data.tfds_dir) == folder
-  assert tfds_sources.dataset_dir(data.names['images'].split(':')[0], data.tfds_dir).name == '99.0.0'
+  unpinned = data.names['images'].split(':')[0]
+  assert tfds_sources.dataset_dir(unpinned, data.tfds_dir).name == '99.0.0'
 
 
 def test_config_data_dir_wins_over_env(tmp_path, monkeypatch):
