@@ -68,7 +68,7 @@ DEFAULT_SEED = 0
 _VERSION = tfds.core.Version('1.2.0')
 _RELEASE_NOTES = {'1.0.0': 'First release.',
                   '1.1.0': "label: the largest object's colour (ties: topmost), was its shape.",
-                  '1.2.0': 'qa: also the readout kinds (the large object\'s colour and shape, '
+                  '1.2.0': "qa: also the readout kinds (the large object's colour and shape, "
                            'the number of objects); images and captions unchanged.'}
 
 
