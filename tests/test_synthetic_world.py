@@ -256,11 +256,16 @@ def test_question_kinds():
 
 
 def test_nlvr2_truth_is_balanced_and_images_render():
-  examples = [sw.nlvr2_scenes(sw.example_rng(4, i)) for i in range(200)]
-  assert 0.4 <= np.mean([truth for *_, truth in examples]) <= 0.6
-  for left, right, statement, truth in examples:
-    assert sw.nlvr2_truth(statement, left, right) == truth
-  assert len({statement for _, _, statement, _ in examples}) > 50
+  for kinds in (sw.NLVR2_KINDS, sw.NLVR2_MATCHING_KINDS):
+    examples = [sw.nlvr2_scenes(sw.example_rng(4, i), kinds=kinds) for i in range(300)]
+    assert 0.4 <= np.mean([truth for *_, truth in examples]) <= 0.6
+    for left, right, statement, truth in examples:
+      assert sw.nlvr2_truth(statement, left, right) == truth
+    asked = {statement for _, _, statement, _ in examples}
+    possible = {s for k in kinds for s in sw.NLVR2_STATEMENTS[k]}
+    assert asked <= possible and len(asked) >= min(len(possible), 50)
+    if kinds == sw.NLVR2_KINDS:  # the default: every threshold statement (12), nothing else
+      assert sw.NLVR2_KINDS == sw.NLVR2_THRESHOLD_KINDS and asked == possible
   image_a, image_b, statement, truth = sw.nlvr2_example(sw.example_rng(4, 0), size=64)
   assert image_a.shape == image_b.shape == (64, 64, 3) and image_a.dtype == np.uint8
   assert isinstance(statement, str) and isinstance(truth, bool)
@@ -269,6 +274,19 @@ def test_nlvr2_truth_is_balanced_and_images_render():
   again = sw.nlvr2_example(sw.example_rng(4, 0), size=64)
   np.testing.assert_array_equal(image_b, again[1])
   assert (statement, truth) == again[2:]
+
+
+def test_nlvr2_kinds_and_given_truth():
+  for want in (True, False):
+    for i in range(20):
+      left, right, statement, truth = sw.nlvr2_scenes(sw.example_rng(5, i), truth=want)
+      assert truth is want and sw.nlvr2_truth(statement, left, right) is want
+  statements = {sw.nlvr2_scenes(sw.example_rng(6, i), kinds=('more',))[2] for i in range(10)}
+  assert statements == {'the left image has more objects than the right image'}
+  with pytest.raises(ValueError, match="Unknown NLVR2 statement kinds \\['fewest'\\]"):
+    sw.nlvr2_scenes(sw.example_rng(0), kinds=('more', 'fewest'))
+  with pytest.raises(ValueError, match='none given'):
+    sw.nlvr2_scenes(sw.example_rng(0), kinds=())
 
 
 def test_nlvr2_statements_on_hand_built_scenes():
@@ -296,6 +314,15 @@ def test_nlvr2_statements_on_hand_built_scenes():
       'the left image has more objects than the right image': False,
       'the left image has fewer objects than the right image': True,
       'the two images have the same number of objects': False,
+      # Threshold kinds (left: 2 objects, 1 large; right: 3 objects, 1 large).
+      'there are at least five objects in total': True,
+      'there are at least six objects in total': False,
+      'there are at least two large objects in total': True,
+      'there are at least three large objects in total': False,
+      'there is at least one large object in total': True,
+      'both images have at least two objects': True,
+      'both images have at least three objects': False,
+      'one of the images has at least three objects': True,
   }
   for statement, value in expected.items():
     assert sw.nlvr2_truth(statement, left, right) is value, statement
@@ -385,6 +412,12 @@ def test_tiny_build_nlvr2_and_text(tiny_build):
     assert ex['image_a'].shape == ex['image_b'].shape == (64, 64, 3)
     assert ex['image_a'].dtype == np.uint8
     assert ex['statement'].decode('utf-8') and ex['label'] in (0, 1)
+  # Labels alternate, true first, so every split is balanced; the statement decides them.
+  assert [src[i]['label'] for i in range(len(src))] == [1, 0, 1, 0]
+  rng = sw.example_rng(swb.DEFAULT_SEED, 1, 1, 3)
+  left, right, statement, truth = sw.nlvr2_scenes(rng, truth=False)
+  assert src[3]['statement'].decode('utf-8') == statement
+  np.testing.assert_array_equal(src[3]['image_b'], sw.render(right, 64))
   text = source(data_dir, 'text', 'train')
   assert len(text) == 16
   assert all(text[i]['text'].decode('utf-8') for i in range(16))
