@@ -412,7 +412,8 @@ def test_tiny_build_nlvr2_and_text(tiny_build):
     assert ex['image_a'].shape == ex['image_b'].shape == (64, 64, 3)
     assert ex['image_a'].dtype == np.uint8
     assert ex['statement'].decode('utf-8') and ex['label'] in (0, 1)
-  # Labels alternate, true first, so every split is balanced; the statement decides them.
+  # Labels alternate, true first, so every split is balanced; example i holds the scenes that
+  # nlvr2_scenes gives for its label from the example's own random stream.
   assert [src[i]['label'] for i in range(len(src))] == [1, 0, 1, 0]
   rng = sw.example_rng(swb.DEFAULT_SEED, 1, 1, 3)
   left, right, statement, truth = sw.nlvr2_scenes(rng, truth=False)
