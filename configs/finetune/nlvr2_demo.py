@@ -5,7 +5,7 @@ total", "both images have at least two objects", "the left image has more object
 right image": `synthetic_world.NLVR2_KINDS`) is true, with `NLVR2Classifier`, starting from the
 backbone of the demo pretraining run (configs/pretrain/demo.py in workdirs/demo; the head
 starts fresh). Every statement is true of half of its pairs, so the text alone predicts
-nothing, and the labels alternate, so the validation majority class scores 50%.
+nothing, and the labels alternate, so the validation majority class scores about 50%.
 
 As in the VQA demo, the images are fine-tuned at 32 px (`init_from` resizes the vision position
 table) and the backbone trains at lr 1e-4 with the head at 10x: at lr 1e-3 this demo stays at
