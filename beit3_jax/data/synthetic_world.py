@@ -488,8 +488,8 @@ def _nlvr2_statements() -> dict[str, dict[str, Callable[[Scene, Scene], bool]]]:
         lambda l, r, m=m: min(_count(l), _count(r)) >= m)
     out['one_at_least'][f'one of the images has at least {count_word(m)} objects'] = (
         lambda l, r, m=m: max(_count(l), _count(r)) >= m)
-  out['more']['the left image has more objects than the right image'] = (
-      lambda l, r: _count(l) > _count(r))
+  out['more'] = {'the left image has more objects than the right image':
+                 lambda l, r: _count(l) > _count(r)}
   # Matching kinds: objects named by shape or colour, exact numbers, comparisons both ways.
   for shape in SHAPES:
     for m in (1, 2, 3):
@@ -515,8 +515,7 @@ def _nlvr2_statements() -> dict[str, dict[str, Callable[[Scene, Scene], bool]]]:
       out['one_side'][f'the right image contains {thing}'] = (
           lambda l, r, c=colour, s=shape: _has(r, c, s))
   out['compare'] = {
-      'the left image has more objects than the right image': out['more'][
-          'the left image has more objects than the right image'],
+      **out['more'],
       'the left image has fewer objects than the right image': lambda l, r: _count(l) < _count(r),
       'the two images have the same number of objects': lambda l, r: _count(l) == _count(r)}
   return out
