@@ -1,19 +1,54 @@
 #!/usr/bin/env bash
 # Creates (or reuses) the virtual environment .venv in the repository root and installs
-# beit3_jax into it, editable, with the extras named as arguments.
+# beit3_jax into it, editable, with the extras named as arguments, at the exact versions that
+# CI tests: pip install -c constraints.txt (setup.cfg itself only gives compatible ranges;
+# see docs/dependencies.md).
 #
 #   bash launch/setup_venv.sh            # the package: jax (CPU), flax, optax, orbax, tfds, ...
 #   bash launch/setup_venv.sh test       # + pytest, torch 2.13.0 (CPU) and torchscale 0.3.0
 #   bash launch/setup_venv.sh tpu        # + jax[tpu], on a TPU VM (run on every host)
 #   bash launch/setup_venv.sh torch tpu  # several extras at once
 #
-# Environment: PYTHON (default python3, >= 3.10), VENV (default <repo>/.venv).
+# Environment: PYTHON (a Python >= 3.11; default: the first of python3, python3.13, python3.12,
+# python3.11 that is one), VENV (default <repo>/.venv).
 # Only package registries are used; nothing else is downloaded.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${VENV:-$repo/.venv}"
-python="${PYTHON:-python3}"
+constraints="$repo/constraints.txt"
+
+# Prints "X.Y.Z" of the Python given, and succeeds only if it is >= 3.11 (jax 0.10 needs 3.11).
+python_version_ok() {
+  "$1" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3]); sys.exit(sys.version_info < (3, 11))' 2>/dev/null
+}
+
+if [ -n "${PYTHON:-}" ]; then
+  python="$PYTHON"
+  if ! command -v "$python" >/dev/null 2>&1; then
+    echo "setup_venv.sh: PYTHON=$python not found; beit3_jax needs Python >= 3.11" >&2; exit 1
+  fi
+  if ! version="$(python_version_ok "$python")"; then
+    echo "setup_venv.sh: PYTHON=$python ($(command -v "$python")) is Python ${version:-of unknown version};" \
+      "beit3_jax needs Python >= 3.11 (jax 0.10). Set PYTHON to a Python 3.11 or newer." >&2
+    exit 1
+  fi
+else
+  python=""
+  for candidate in python3 python3.13 python3.12 python3.11; do
+    if command -v "$candidate" >/dev/null 2>&1 && python_version_ok "$candidate" >/dev/null; then
+      python="$candidate"; break
+    fi
+  done
+  if [ -z "$python" ]; then
+    found="python3 is missing"
+    command -v python3 >/dev/null 2>&1 \
+      && found="python3 ($(command -v python3)) is $(python3 --version 2>&1)"
+    echo "setup_venv.sh: no Python >= 3.11 among python3, python3.13, python3.12, python3.11" \
+      "($found); beit3_jax needs Python >= 3.11 (jax 0.10). Set PYTHON to one." >&2
+    exit 1
+  fi
+fi
 
 extras=""
 for extra in "$@"; do
@@ -24,13 +59,17 @@ for extra in "$@"; do
 done
 
 if [ ! -x "$venv/bin/python" ]; then
-  echo "Creating $venv with $("$python" --version 2>&1)"
+  echo "Creating $venv with $("$python" --version 2>&1) ($(command -v "$python"))"
   "$python" -m venv "$venv"
+elif ! version="$(python_version_ok "$venv/bin/python")"; then
+  echo "setup_venv.sh: the existing $venv has Python ${version:-of unknown version};" \
+    "beit3_jax needs Python >= 3.11. Remove it (rm -r $venv) or set VENV." >&2
+  exit 1
 fi
 target="$repo"
 [ -n "$extras" ] && target="$repo[$extras]"
-echo "Installing beit3_jax${extras:+[$extras]} into $venv"
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$target"
+echo "Installing beit3_jax${extras:+[$extras]} into $venv (versions from constraints.txt)"
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -c "$constraints" -e "$target"
 # torchscale's pin of timm pulls torchvision, whose PyPI wheel does not load beside the CPU
 # torch ("operator torchvision::nms does not exist") and then breaks transformers' vision
 # models. Nothing here uses torchvision: remove a copy that cannot be imported.
