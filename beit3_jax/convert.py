@@ -51,6 +51,15 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from beit3_jax import param_tree, params_io, tasks
+from beit3_jax.models import abstract_params, count_params, get_config
+from beit3_jax.tokenizers import convert as vqkd_convert
+from beit3_jax.tokenizers import get_vqkd_config
+from beit3_jax.torch_layout import (ConversionError, Report, mismatch_error, to_flax_layout,
+                                    to_torch_layout, torch_layout_shape)
+from beit3_jax.torch_layout import layout_kind as _layout_kind
+from beit3_jax.torch_files import as_numpy, load_state_dict, save_state_dict, unwrap_state_dict
+
 # (regex on the Flax path, layout kind). First match wins.
 _LAYOUT_RULES: tuple[tuple[str, str], ...] = (
     (r'(^|/)out_proj(/[A-Z])?/kernel$', 'linear_in2'),
@@ -64,24 +73,9 @@ UNILM_PREFIX = 'beit3.'
 LAYOUTS = ('torchscale', 'unilm')
 
 
-class ConversionError(ValueError):
-  """A state dict that does not fit the model: lists every bad key."""
-
-
-@dataclasses.dataclass
-class Report:
-  """What a conversion did: the number of tensors converted and the keys deliberately skipped."""
-  converted: int = 0
-  skipped: list[str] = dataclasses.field(default_factory=list)
-
-
-def layout_kind(flax_path: str, rules=None) -> str:
-  """The layout kind of a Flax path: the first rule (regex, kind) of `rules` (default: the
-  backbone's table) that matches it."""
-  for pattern, kind in (_LAYOUT_RULES if rules is None else rules):
-    if re.search(pattern, flax_path):
-      return kind
-  raise AssertionError(flax_path)
+def layout_kind(flax_path: str) -> str:
+  """The layout kind of a backbone's Flax path (the table above)."""
+  return _layout_kind(flax_path, _LAYOUT_RULES)
 
 
 def torch_key(flax_path: str) -> str:
@@ -90,59 +84,10 @@ def torch_key(flax_path: str) -> str:
   return re.sub(r'\.(kernel|scale|embedding)$', '.weight', key)
 
 
-def torch_layout_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-  if kind in ('linear_in1', 'linear_in2'):
-    n_in = 1 if kind == 'linear_in1' else 2
-    return (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
-  if kind == 'conv':
-    return (shape[3], shape[2], shape[0], shape[1])
-  if kind == 'flat':
-    return (math.prod(shape),)
-  return tuple(shape)
-
-
-def to_torch_layout(kind: str, x: np.ndarray) -> np.ndarray:
-  if kind in ('linear_in1', 'linear_in2'):
-    n_in = 1 if kind == 'linear_in1' else 2
-    return np.ascontiguousarray(x.reshape(math.prod(x.shape[:n_in]), -1).T)
-  if kind == 'conv':
-    return np.ascontiguousarray(x.transpose(3, 2, 0, 1))
-  if kind == 'flat':
-    return x.reshape(-1)
-  return x
-
-
-def to_flax_layout(kind: str, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-  if kind in ('linear_in1', 'linear_in2'):
-    return np.ascontiguousarray(w.T).reshape(shape)
-  if kind == 'conv':
-    return np.ascontiguousarray(w.transpose(2, 3, 1, 0))
-  return w.reshape(shape)
-
-
-def flatten_params(tree) -> dict[str, Any]:
-  flat = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    flat['/'.join(str(getattr(p, 'key', p)) for p in path)] = leaf
-  return flat
-
-
-def unflatten_params(flat: Mapping[str, Any]) -> dict:
-  tree: dict = {}
-  for path, leaf in flat.items():
-    node = tree
-    *parents, name = path.split('/')
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[name] = leaf
-  return tree
-
-
 def expected_torch_shapes(config, *, layout: str = 'torchscale') -> dict[str, tuple[int, ...]]:
   """torch key -> shape of every backbone tensor of a model config."""
-  from beit3_jax.models import abstract_params
   prefix = _prefix(layout)
-  flat = flatten_params(abstract_params(config, boxed=False))
+  flat = param_tree.flatten(abstract_params(config, boxed=False))
   return {prefix + torch_key(p): torch_layout_shape(layout_kind(p), tuple(x.shape))
           for p, x in flat.items()}
 
@@ -151,25 +96,6 @@ def _prefix(layout: str) -> str:
   if layout not in LAYOUTS:
     raise ValueError(f'layout={layout!r}; expected one of {LAYOUTS}.')
   return UNILM_PREFIX if layout == 'unilm' else ''
-
-
-def as_numpy(value) -> np.ndarray:
-  if hasattr(value, 'detach'):  # a torch tensor
-    value = value.detach().cpu()
-    if str(value.dtype) == 'torch.bfloat16':
-      value = value.float()
-    return value.numpy()
-  return np.asarray(value)
-
-
-def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
-  """The tensors of a checkpoint, unwrapped from a `model` / `module` (unilm) or `state_dict`
-  (BEiT v2 tokenizers) key."""
-  for wrapper in ('model', 'module', 'state_dict'):
-    inner = checkpoint.get(wrapper) if isinstance(checkpoint, Mapping) else None
-    if isinstance(inner, Mapping):
-      return dict(inner)
-  return dict(checkpoint)
 
 
 def describe_state_dict(state_dict: Mapping[str, Any]) -> str:
@@ -203,22 +129,6 @@ def _describe_config(config) -> str:
           f'normalize_output={config.normalize_output}')
 
 
-def mismatch_error(what: str, missing, unexpected, misshaped, config_description: str,
-                   checkpoint_description: str | None = None) -> ConversionError:
-  """One ConversionError listing every missing, unexpected and mis-shaped key."""
-  lines = [f'{what} does not fit the model config ({config_description}):']
-  if missing:
-    lines.append(f'  missing ({len(missing)}): ' + ', '.join(missing))
-  if unexpected:
-    lines.append(f'  unexpected ({len(unexpected)}): ' + ', '.join(unexpected))
-  if misshaped:
-    lines.append(f'  wrong shape ({len(misshaped)}): ' + ', '.join(
-        f'{k} {got} (expected {want})' for k, got, want in misshaped))
-  if checkpoint_description is not None:
-    lines.append(f'  the checkpoint looks like: {checkpoint_description}')
-  return ConversionError('\n'.join(lines))
-
-
 def torch_to_flax(state_dict: Mapping[str, Any], config, *, skip: Sequence[str] = (),
                   report: Report | None = None) -> dict:
   """Backbone params (plain float32 numpy arrays, Flax layout) from a torch state dict.
@@ -234,13 +144,12 @@ def torch_to_flax(state_dict: Mapping[str, Any], config, *, skip: Sequence[str] 
   Raises:
     ConversionError: listing every missing, unexpected and mis-shaped key.
   """
-  from beit3_jax.models import abstract_params
   sd = unwrap_state_dict(state_dict)
   report = report if report is not None else Report()
   prefix = UNILM_PREFIX if any(k.startswith(UNILM_PREFIX) for k in sd) else ''
   # With the unilm layout, keys outside `beit3.` (heads) are not backbone keys.
   backbone = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-  flat = flatten_params(abstract_params(config, boxed=False))
+  flat = param_tree.flatten(abstract_params(config, boxed=False))
   out, missing, misshaped = {}, [], []
   for path, leaf in flat.items():
     kind = layout_kind(path)
@@ -267,7 +176,7 @@ def torch_to_flax(state_dict: Mapping[str, Any], config, *, skip: Sequence[str] 
     raise mismatch_error('The state dict', missing, unexpected, misshaped,
                          _describe_config(config), describe_state_dict(backbone))
   report.converted = len(out)
-  return unflatten_params(out)
+  return param_tree.unflatten(out)
 
 
 def flax_to_torch(params, config, *, layout: str = 'torchscale') -> dict[str, np.ndarray]:
@@ -281,17 +190,10 @@ def flax_to_torch(params, config, *, layout: str = 'torchscale') -> dict[str, np
   Raises:
     ConversionError: the params tree does not match the config (every bad path listed).
   """
-  from beit3_jax.models import abstract_params
   prefix = _prefix(layout)
-  flat = flatten_params(jax.device_get(nn.meta.unbox(params)))
-  want = flatten_params(abstract_params(config, boxed=False))
-  missing = sorted(set(want) - set(flat))
-  unexpected = sorted(set(flat) - set(want))
-  misshaped = [(p, tuple(np.shape(flat[p])), tuple(want[p].shape)) for p in want
-               if p in flat and tuple(np.shape(flat[p])) != tuple(want[p].shape)]
-  if missing or unexpected or misshaped:
-    raise mismatch_error('The params tree', missing, unexpected, misshaped,
-                         _describe_config(config))
+  flat = param_tree.flatten(jax.device_get(nn.meta.unbox(params)))
+  param_tree.check_fits(abstract_params(config, boxed=False), flat, 'The params tree',
+                        f'the model config ({_describe_config(config)})', error=ConversionError)
   return {prefix + torch_key(p): np.array(to_torch_layout(layout_kind(p), np.asarray(x)))
           for p, x in flat.items()}
 
@@ -304,7 +206,7 @@ def heads_to_torch(heads) -> dict[str, np.ndarray]:
   E.g. `mim_head/kernel` (D, 8192) -> `mim_head.weight` (8192, D).
   """
   out = {}
-  for path, x in flatten_params(jax.device_get(nn.meta.unbox(heads))).items():
+  for path, x in param_tree.flatten(jax.device_get(nn.meta.unbox(heads))).items():
     x = np.asarray(x)
     key = re.sub(r'(^|/)layers_(\d+)(?=/)', r'\1\2', path).replace('/', '.')
     if key.endswith('.kernel'):
@@ -317,7 +219,7 @@ def heads_to_torch(heads) -> dict[str, np.ndarray]:
 
 def heads_to_flax(state_dict: Mapping[str, Any], abstract_heads) -> dict:
   """The inverse of `heads_to_torch` for the head leaves of `abstract_heads` (shapes)."""
-  want = flatten_params(abstract_heads)
+  want = param_tree.flatten(abstract_heads)
   back = {}
   for path, leaf in want.items():
     key = re.sub(r'(^|/)layers_(\d+)(?=/)', r'\1\2', path).replace('/', '.')
@@ -330,7 +232,7 @@ def heads_to_flax(state_dict: Mapping[str, Any], abstract_heads) -> dict:
     if tuple(w.shape) != tuple(leaf.shape):
       raise ConversionError(f'{key}: shape {w.shape}, expected {tuple(leaf.shape)}.')
     back[path] = w
-  return unflatten_params(back)
+  return param_tree.unflatten(back)
 
 
 def model_to_torch(params, config, *, layout: str = 'unilm') -> dict[str, np.ndarray]:
@@ -366,53 +268,49 @@ def model_to_flax(state_dict: Mapping[str, Any], config, abstract_params) -> dic
   return {'beit3': torch_to_flax(backbone, config), **heads_to_flax(rest, heads)}
 
 
-# The unilm key that marks each task's head (`beit3_jax.models.heads`), checked in this order;
-# 'pretraining' (mim_head + mlm_head) comes before captioning, whose only head is mlm_head.
-_TASK_SIGNATURES: tuple[tuple[str, str], ...] = (
-    ('pretraining', 'mim_head.weight'),
-    ('vqa', 'pooler.dense.weight'),
-    ('nlvr2', 'head.dense1.weight'),
-    ('retrieval', 'vision_head.weight'),
-    ('classification', 'fc_norm.weight'),
-    ('captioning', 'mlm_head.weight'),
-)
+# The unilm key of BEiT-3's pretraining heads; captioning's only head, mlm_head, is one of them,
+# so a state dict with mim_head is a pretraining one whatever else it holds.
+_PRETRAINING_KEY = 'mim_head.weight'
 
 
 def guess_task(state_dict: Mapping[str, Any]) -> str | None:
-  """The task whose head keys a unilm state dict holds: a name of `heads.TASKS`,
-  'pretraining' (BEiT-3 pretraining heads), or None (no head: a bare backbone)."""
+  """The task whose head keys a unilm state dict holds (each task's `unilm_head_key`, see
+  `beit3_jax.tasks`), 'pretraining' (BEiT-3 pretraining heads), or None (no head: a bare
+  backbone)."""
   sd = unwrap_state_dict(state_dict)
-  for task, key in _TASK_SIGNATURES:
-    if key in sd:
-      return task
+  if _PRETRAINING_KEY in sd:
+    return 'pretraining'
+  for name in tasks.names():
+    key = tasks.get(name).unilm_head_key
+    if key and key in sd:
+      return name
   return None
 
 
 def head_sizes_of(task: str, state_dict: Mapping[str, Any]) -> dict[str, int]:
-  """The head sizes of a unilm fine-tuned state dict of `task`, read off its head weights:
-  classification {'num_classes': rows of head.weight}, vqa {'num_answers': rows of
-  head.3.weight}, other tasks {}. Raises ConversionError if the head weight is not there."""
+  """The head sizes of a unilm fine-tuned state dict of `task`, read off its head weights (the
+  rows of each of the task's `unilm_head_sizes` keys, e.g. classification {'num_classes': rows
+  of head.weight}). Raises ConversionError if a head weight is not there."""
   sd = unwrap_state_dict(state_dict)
-  key, name = {'classification': ('head.weight', 'num_classes'),
-               'vqa': ('head.3.weight', 'num_answers')}.get(task, (None, None))
-  if key is None:
-    return {}
-  if key not in sd or len(np.shape(sd[key])) != 2:
-    guess = guess_task(sd)
-    hint = f'; it looks like a {guess} checkpoint' if guess else ''
-    raise ConversionError(f'A {task} state dict has a 2-D {key} (the head, whose rows are the '
-                          f'{name.split("_")[1]}); this one has none{hint}.')
-  return {name: int(np.shape(sd[key])[0])}
+  sizes = {}
+  for name, key in tasks.get(task).unilm_head_sizes.items():
+    if key not in sd or len(np.shape(sd[key])) != 2:
+      guess = guess_task(sd)
+      hint = f'; it looks like a {guess} checkpoint' if guess else ''
+      raise ConversionError(f'A {task} state dict has a 2-D {key} (the head, whose rows are the '
+                            f'{name.split("_")[1]}); this one has none{hint}.')
+    sizes[name] = int(np.shape(sd[key])[0])
+  return sizes
 
 
 def task_to_flax(state_dict: Mapping[str, Any], task: str, config,
                  report: Report | None = None) -> tuple[dict, dict[str, int]]:
   """(params, head sizes) of a unilm fine-tuned state dict: the backbone under `beit3.` and the
-  head keys of `task` beside it (`beit3_jax.models.heads`).
+  head keys of `task` beside it (the task's model, `beit3_jax.tasks`).
 
   Args:
     state_dict: unilm keys -> tensors or arrays, optionally wrapped in `model` / `module`.
-    task: a name of `heads.TASKS`.
+    task: a registered task's name (`beit3_jax.tasks`).
     config: the backbone's model config.
     report: filled with the number of tensors converted.
 
@@ -424,10 +322,7 @@ def task_to_flax(state_dict: Mapping[str, Any], task: str, config,
     ConversionError: keys not in the unilm layout, or not those of `task`'s model (the message
       names the task the keys look like when it is another one).
   """
-  from beit3_jax import params_io
-  from beit3_jax.models.heads import TASKS
-  if task not in TASKS:
-    raise ValueError(f'task={task!r}; known: {TASKS}.')
+  spec = tasks.get(task)
   sd = unwrap_state_dict(state_dict)
   if not any(k.startswith(UNILM_PREFIX) for k in sd):
     raise ConversionError(f'--task {task} reads the unilm layout (the backbone under '
@@ -437,63 +332,15 @@ def task_to_flax(state_dict: Mapping[str, Any], task: str, config,
   if guess != task:
     what = f'a {guess} checkpoint' if guess else 'a bare backbone (no head keys)'
     raise ConversionError(f'The state dict looks like {what}, not {task}'
-                          + (f': convert it with --task {guess}.' if guess in TASKS else '.'))
+                          + (f': convert it with --task {guess}.' if guess in tasks.names()
+                             else '.'))
   head_sizes = head_sizes_of(task, sd)
-  abstract = params_io.abstract_task_params(task, config, head_sizes)
+  abstract = spec.abstract_params(config, head_sizes)
   params = model_to_flax(sd, config, abstract)
   params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
   if report is not None:
-    report.converted = len(flatten_params(params))
+    report.converted = len(param_tree.flatten(params))
   return params, head_sizes
-
-
-# ----------------------------------------------------------------------------- files
-
-
-def load_state_dict(path: str) -> dict[str, np.ndarray]:
-  """Tensors of a .safetensors or .pth/.pt/.bin file as numpy arrays (unwrapped, see above).
-
-  .pth files are read with `torch.load(weights_only=True)`: no arbitrary objects are unpickled.
-  """
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'No checkpoint at {path}.')
-  if path.endswith('.safetensors'):
-    from safetensors.numpy import load_file
-    return load_file(path)
-  if path.endswith(('.pth', '.pt', '.bin')):
-    torch = _import_torch()
-    checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    return {k: as_numpy(v) for k, v in unwrap_state_dict(checkpoint).items()
-            if hasattr(v, 'shape')}
-  raise ValueError(f'{path}: expected a .safetensors or .pth/.pt/.bin file.')
-
-
-def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str, *, wrap_model: bool = False,
-                    overwrite: bool = False) -> None:
-  """Writes tensors to .safetensors or .pth (`wrap_model`: as {'model': ...}, like unilm)."""
-  if os.path.exists(path) and not overwrite:
-    raise FileExistsError(f'{path} exists; pass overwrite=True (--overwrite) to replace it.')
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  # (np.ascontiguousarray alone would turn a 0-d tensor, e.g. unilm's logit_scale, into (1,).)
-  arrays = {k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in state_dict.items()}
-  if path.endswith('.safetensors'):
-    from safetensors.numpy import save_file
-    save_file(arrays, path)
-  elif path.endswith(('.pth', '.pt', '.bin')):
-    torch = _import_torch()
-    tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
-    torch.save({'model': tensors} if wrap_model else tensors, path)
-  else:
-    raise ValueError(f'{path}: expected a .safetensors or .pth/.pt/.bin file name.')
-
-
-def _import_torch():
-  try:
-    import torch
-  except ImportError as e:
-    raise ImportError('Reading or writing .pth files needs torch: pip install "beit3_jax[torch]"'
-                      ' (or use .safetensors).') from e
-  return torch
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -513,9 +360,6 @@ def _parse_overrides(items: Sequence[str]) -> dict:
 
 
 def _model_config(args, fallback_dir: str | None = None):
-  from beit3_jax import params_io
-  from beit3_jax.models import get_config
-  from beit3_jax.tokenizers import get_vqkd_config
   make = get_vqkd_config if args.model == 'vqkd' else get_config
   overrides = _parse_overrides(args.set)
   if args.variant and args.config:
@@ -553,16 +397,14 @@ def _infer_normalize_output(args, state_dict) -> None:
 
 
 def _task_hint(state_dict) -> str:
-  from beit3_jax.models.heads import TASKS
   guess = guess_task(state_dict)
-  if guess in TASKS:
+  if guess in tasks.names():
     return (f'\nIt looks like a unilm {guess} checkpoint: convert it with --task {guess} to keep '
             'its head, or leave the head keys out with --skip to keep only the backbone.')
   return ''
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  from beit3_jax.models.heads import TASKS
   parser = argparse.ArgumentParser(prog='python -m beit3_jax.convert', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest='command', required=True)
@@ -584,7 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name == 'to-flax':
       p.add_argument('--skip', action='append', default=[], metavar='REGEX',
                      help='leave out matching keys on purpose (they are listed)')
-      p.add_argument('--task', choices=TASKS, default=None,
+      p.add_argument('--task', choices=tasks.names(), default=None,
                      help='a unilm fine-tuned checkpoint: keep its head (sizes read off the '
                      'head weights; normalize_output=False when it has no final encoder norm)')
     else:
@@ -592,10 +434,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                      help="'unilm' prefixes the backbone with beit3. and wraps it in 'model' "
                      "(default: torchscale; unilm for a model with a task head)")
   args = parser.parse_args(argv)
-
-  from beit3_jax import params_io
-  from beit3_jax.models import count_params
-  from beit3_jax.tokenizers import convert as vqkd_convert
   training = args.command == 'to-torch' and params_io.is_training_checkpoint(args.input)
   if training and args.model is None:
     step_dir = params_io.find_step_dir(args.input)
@@ -651,7 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif training:
       sd = model_to_torch(params, config, layout=args.layout)
     elif args.model == 'vqkd':
-      params, vq_stats, _ = params_io.load_vqkd(args.input, config)
+      params, vq_stats, _ = params_io.load_vqkd_params(args.input, config)
       sd = vqkd_convert.vqkd_flax_to_torch(params, vq_stats, config)
     elif task is not None:
       params = params_io.load_params(args.input, config)

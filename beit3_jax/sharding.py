@@ -104,5 +104,16 @@ def init_sharded(init_fn: Callable[[jax.Array], Any], mesh: Mesh, rng: jax.Array
     return jax.jit(unboxed_init, out_shardings=shardings)(rng)
 
 
+def batch_spec(rules=LOGICAL_RULES) -> PartitionSpec:
+  """The PartitionSpec of a batch array: its leading (example) axis goes where `rules` put the
+  logical axis 'batch' ((data, fsdp) with `LOGICAL_RULES`), every other axis is replicated."""
+  return nn.logical_to_mesh_axes(('batch',), rules)
+
+
+def batch_sharding(mesh: Mesh, rules=LOGICAL_RULES) -> NamedSharding:
+  """`batch_spec` over `mesh`: how every input batch (and each of its leaves) is laid out."""
+  return NamedSharding(mesh, batch_spec(rules))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())

@@ -1,7 +1,7 @@
 """Speed of the BEiT-3 backbone: a forward and a full training step, JAX vs torchscale, on CPU.
 
-What it measures (defaults = the workload of shared/notes/cpu_speed.md and the "Reference
-speed" of shared/notes/torchscale_reference.md):
+What it measures (the defaults are the workload of an earlier measurement of ours on an AMD
+Zen 5 machine, which timed a JAX BEiT-3 train step against torchscale 0.3.0's BEiT3):
 
   BEiT-3 `--variant base` (beit3_jax.models.get_config), `--batch 4` pairs of one 224x224 image
   (1 CLS + 196 patches = 197 tokens) and `--text_len 64` text tokens (S = 261, 1044 tokens a
@@ -36,8 +36,9 @@ Analytic FLOP count (matmuls only; biases, norms, softmax, GELU and AdamW are no
     forward = 2 N T  +  4 depth B S^2 D  +  2 D V B T_text     (linears, QK^T and AV, head)
     train   = 3 x forward = 6 N T + 12 depth B S^2 D + 6 D V B T_text
 
-  Base at the defaults: 532 + 30 + 75 = 638 GFLOP a train step, 213 GFLOP a forward
-  ("about 637 GFLOP" in the notes). GFLOP/s = that count / median seconds.
+  Base at the defaults: 532 + 30 + 75 = 638 GFLOP a train step, 213 GFLOP a forward (the
+  earlier AMD Zen 5 measurement estimated about 637 GFLOP). GFLOP/s = that count / median
+  seconds.
 
 Also printed: parameter counts, devices, whether GLIBC_TUNABLES is set, XLA's
 `compiled.memory_analysis()` of the JAX train step (argument / output / alias / temp bytes)
@@ -51,12 +52,12 @@ Run (from the repository root):
 
 Set `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` for the best JAX CPU speed: XLA:CPU mmaps its
 temporaries afresh every step, and with transparent huge pages the page faults drop tenfold
-(-19 to -21 % per JAX train step in shared/notes/cpu_speed.md; no effect on torch). It must be
-set before the process starts; the script prints whether it is.
+(-19 to -21 % per JAX train step in an earlier measurement on an AMD Zen 5 machine; no effect
+on torch). It must be set before the process starts; the script prints whether it is.
 
-What to expect on our 2-core CPU machines, base, batch 4, fp32. The notes (measured on an AMD
-Zen 5 host): torchscale ~4.2 s a train step and ~1.25 s a forward, peak RSS 5.65 GiB; a tuned
-JAX step 2.08 s, a plain first JAX port 3.30 s. Measured with this script on 2026-11-28 (jax
+What to expect on our 2-core CPU machines, base, batch 4, fp32. An earlier measurement of
+ours on a 2-core AMD Zen 5 host: torchscale ~4.2 s a train step and ~1.25 s a forward, peak
+RSS 5.65 GiB; a tuned JAX step 2.08 s, a plain first JAX port 3.30 s. Measured with this script on 2026-11-28 (jax
 0.10.2, torch 2.13.0) on a 2-core *Intel Xeon* KVM guest (AVX-512/AMX; a 2048^3 fp32 matmul
 runs at ~270 GFLOP/s in XLA and ~290 in torch/MKL there), three full runs back to back:
 
@@ -65,9 +66,10 @@ runs at ~270 GFLOP/s in XLA and ~290 in torch/MKL there), three full runs back t
     JAX/torch train 0.96-1.25x; peak RSS 6.9 GiB JAX alone, 9.0 GiB with both models alive.
 
 Neither the host (Intel, where torch's MKL is fast) nor the model (beit3_jax's plain port:
-3-D dot_generals, no custom VJPs) is the notes' setup, and their 2x over torch does not show
-here. GLIBC_TUNABLES=...hugetlb=1 made no difference that the noise (+-20 % between identical
-runs) could show on this host (THP `madvise`). Full table: benchmarks/README.md.
+3-D dot_generals, no custom VJPs) is the setup of that earlier AMD measurement, and its 2x
+over torch does not show here. GLIBC_TUNABLES=...hugetlb=1 made no difference that the noise
+(+-20 % between identical runs) could show on this host (THP `madvise`). Full table:
+benchmarks/README.md.
 
 The "cpu/wall" column (process CPU s / wall s over the timed calls) and the load averages
 show whether another process took a core. With the cores free: torch rows 1.9-2.0, the JAX

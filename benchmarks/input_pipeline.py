@@ -28,8 +28,8 @@ What it measures
                one caption each, written to a JSONL and built with
                `local_files.build_image_text`; they feed the image and pair streams (JPEG
                bytes decoded per example), the synthetic sentences the text stream. This is
-               the case to compare with shared/notes/input_pipeline.md (which decoded
-               ~0.28 MP COCO-like JPEGs).
+               the case to compare with an earlier measurement of ours on an AMD Zen 5
+               machine (which decoded ~0.28 MP COCO-like JPEGs of 97 KB mean).
   The tokenizer is a unigram sentencepiece model trained on `--num_sentences`
   `synthetic_world.text_corpus_sentence` sentences (`--vocab_size` 500, or the largest size
   below it that trains).
@@ -66,7 +66,7 @@ machine; data go to a temporary folder unless `--data_dir` is given (builds ther
     .venv/bin/python benchmarks/input_pipeline.py --wait_quiet 300 --retries 2   # shared machine
     .venv/bin/python benchmarks/input_pipeline.py --cases jpeg224 --repeats 1 --seconds 5  # quick
     .venv/bin/python benchmarks/input_pipeline.py --cases jpeg224 \\
-        --jpeg_sizes 500x375,640x427,480x640,640x480   # the notes' ~0.28 MP mix
+        --jpeg_sizes 500x375,640x427,480x640,640x480   # the Zen 5 run's ~0.28 MP mix
 
 Other processes on the cores change the numbers a lot: the load average is printed at the start
 and end, each run prints the CPU other processes used meanwhile (`others`) and is marked BUSY
@@ -90,8 +90,10 @@ medians of 2 quiet runs of 10 s (ex/s = all three streams; img/s = image + pair 
   v4-8 arithmetic: 97.68 GFLOP per example (1:1:1 mean of image 107.63, text 35.72, pair
   149.69), so 50% MFU of 4 x 275 TFLOP/s needs 5,631 examples/s (3,754 img/s). At jpeg224's
   126.4 examples/s per core (2 cores / 2) that is 44.5 cores of this machine, 89 TPU-host vCPUs
-  with the notes' 0.5 derating (37% of a 240-vCPU v4 host) -- 2.2x the notes' anchor of
-  ~20 cores (3,533 img/s at 176 img/s/core). Run-to-run spread of one row: up to +-15%.
+  with an assumed 0.5 derating (a TPU-host vCPU, an SMT thread of an older EPYC, counted as half
+  a core; 37% of a 240-vCPU v4 host) -- 2.2x the ~20 cores that an earlier measurement of ours
+  on an AMD Zen 5 machine gave (a demand of 3,533 img/s at 176 img/s/core). Run-to-run spread of
+  one row: up to +-15%.
 """
 
 from __future__ import annotations
@@ -132,8 +134,9 @@ def _sizes(text: str) -> list[tuple[int, int]]:
 
 def synthetic_photo(rng, width: int, height: int):
   """A photo-like uint8 (H, W, 3) image: a colour gradient, octave noise, a few soft shapes and
-  sensor noise. At q90 4:2:0 it takes ~0.34 byte/pixel (~64 KB at 500x375), like the notes'
-  photo-like files (97 KB at 0.28 MP), not the few KB of flat synthetic art."""
+  sensor noise. At q90 4:2:0 it takes ~0.34 byte/pixel (~64 KB at 500x375), like the
+  photo-like files of an earlier AMD Zen 5 measurement (97 KB at 0.28 MP), not the few KB of
+  flat synthetic art."""
   import numpy as np
   from PIL import Image, ImageDraw, ImageFilter
   yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
@@ -421,7 +424,7 @@ def v4_8_arithmetic(per_core: dict, derate: float, host_vcpus: int) -> dict:
             'demand_images_s': images, 'cores': {}}
   if per_core:
     print(f'cores = demand / measured examples/s per core (224 px rows); x{1 / derate:.0f} for a '
-          f'TPU-host vCPU (SMT thread of an older EPYC, the notes\' derating {derate}); '
+          f'TPU-host vCPU (SMT thread of an older EPYC, assumed derating {derate}); '
           f'v4 host = {host_vcpus} vCPU')
     print(f'{"per-core rate used":<40} {"ex/s/core":>9} {"img/s/core":>10} {"cores":>6} '
           f'{"vCPU derated":>12} {"% of host":>9}')
@@ -431,8 +434,8 @@ def v4_8_arithmetic(per_core: dict, derate: float, host_vcpus: int) -> dict:
       result['cores'][label] = {'ex_per_core': rate, 'cores': cores, 'vcpus': vcpus}
       print(f'{label:<40} {rate:>9.1f} {rate * 2 / 3:>10.1f} {cores:>6.1f} {vcpus:>12.1f} '
             f'{100 * vcpus / host_vcpus:>8.1f}%')
-    print('notes\' anchor: 3,533 img/s / 176 img/s/core = ~20 cores (40 vCPU derated, 17% of '
-          'the host) for the reference-faithful transform with grain w2')
+    print('earlier AMD Zen 5 anchor: 3,533 img/s / 176 img/s/core = ~20 cores (40 vCPU '
+          'derated, 17% of the host) for the reference-faithful transform with grain w2')
   return result
 
 
@@ -471,7 +474,7 @@ def main(argv=None) -> int:
   parser.add_argument('--num_sentences', type=int, default=2000, help='tokenizer training text')
   parser.add_argument('--vocab_size', type=int, default=500)
   parser.add_argument('--derate', type=float, default=0.5,
-                      help='speed of a TPU-host vCPU relative to a core here (the notes: 0.5)')
+                      help='speed of a TPU-host vCPU relative to a core here (assumed: 0.5)')
   parser.add_argument('--host_vcpus', type=int, default=240, help='vCPUs of a v4 TPU host')
   parser.add_argument('--json', default=None, help='also write all results to this file')
   parser.add_argument('--_worker', default=None, help=argparse.SUPPRESS)

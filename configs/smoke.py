@@ -11,17 +11,8 @@ Another variant: `--config=configs/smoke.py:small` (or :large, :giant); a field:
 `--config.model.img_size=384`, `--config.model.dtype=bfloat16`.
 """
 
-import ml_collections
-
-from beit3_jax.models.config import get_config as model_config
+from beit3_jax.defaults import smoke_config
 
 
 def get_config(arg: str = 'base'):
-  config = ml_collections.ConfigDict()
-  config.job = 'smoke'
-  config.model = model_config(arg)
-  config.mesh_shape = (-1, 1, 1)   # (data, fsdp, tensor); -1 = the rest of the devices
-  config.seed = 0
-  config.batch_size = 1
-  config.sentence = 'a large red circle left of a small blue square'
-  return config
+  return smoke_config(arg or 'base')   # every field: beit3_jax.defaults.smoke_fields

@@ -20,7 +20,6 @@ prints. The same sweep may be run again (each command reruns in its own workdir)
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import re
@@ -32,6 +31,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)  # configs import beit3_jax
 
+from beit3_jax import defaults  # noqa: E402
+
 
 class SweepError(Exception):
   pass
@@ -40,10 +41,7 @@ class SweepError(Exception):
 def load_config_module(path: str):
   if not os.path.isfile(path):
     raise SweepError(f'{path}: no such config file')
-  spec = importlib.util.spec_from_file_location('_sweep_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return defaults.config_module(path)
 
 
 def call_with_arg(fn, arg):

@@ -14,7 +14,7 @@ import torch
 from flax import traverse_util
 
 import torchscale_ref as ref
-from beit3_jax import convert, models, params_io
+from beit3_jax import convert, models, params_io, torch_files
 from conftest import tiny_config
 
 
@@ -237,28 +237,28 @@ def test_expected_shapes_of_tiny_equal_its_state_dict(cfg, sd):
 
 def test_safetensors_round_trip(sd, tmp_path):
   path = str(tmp_path / 'w.safetensors')
-  convert.save_state_dict(sd, path)
-  assert_state_dicts_equal(convert.load_state_dict(path), sd)
+  torch_files.save_state_dict(sd, path)
+  assert_state_dicts_equal(torch_files.load_state_dict(path), sd)
 
 
 @pytest.mark.parametrize('wrap_model', [False, True])
 def test_pth_round_trip(sd, tmp_path, wrap_model):
   path = str(tmp_path / 'w.pth')
-  convert.save_state_dict(sd, path, wrap_model=wrap_model)
+  torch_files.save_state_dict(sd, path, wrap_model=wrap_model)
   raw = torch.load(path, map_location='cpu', weights_only=True)
   assert (set(raw) == {'model'}) if wrap_model else (set(raw) == set(sd))
-  assert_state_dicts_equal(convert.load_state_dict(path), sd)
+  assert_state_dicts_equal(torch_files.load_state_dict(path), sd)
 
 
 @pytest.mark.parametrize('name', ['w.safetensors', 'w.pth'])
 def test_save_refuses_to_overwrite(sd, tmp_path, name):
   path = str(tmp_path / name)
-  convert.save_state_dict(sd, path)
+  torch_files.save_state_dict(sd, path)
   with pytest.raises(FileExistsError):
-    convert.save_state_dict(sd, path)
+    torch_files.save_state_dict(sd, path)
   small = {'x': np.arange(3, dtype=np.float32)}
-  convert.save_state_dict(small, path, overwrite=True)
-  assert_state_dicts_equal(convert.load_state_dict(path), small)
+  torch_files.save_state_dict(small, path, overwrite=True)
+  assert_state_dicts_equal(torch_files.load_state_dict(path), small)
 
 
 def test_pth_with_pickled_object_is_not_unpickled(sd, tmp_path):
@@ -266,17 +266,17 @@ def test_pth_with_pickled_object_is_not_unpickled(sd, tmp_path):
   torch.save({'model': {k: torch.from_numpy(v) for k, v in sd.items()}, 'args': NotATensor()},
              path)
   with pytest.raises(pickle.UnpicklingError, match='[Ww]eights only load failed'):
-    convert.load_state_dict(path)
+    torch_files.load_state_dict(path)
 
 
 def test_load_state_dict_bad_paths(tmp_path):
   with pytest.raises(FileNotFoundError):
-    convert.load_state_dict(str(tmp_path / 'nope.pth'))
+    torch_files.load_state_dict(str(tmp_path / 'nope.pth'))
   (tmp_path / 'w.npz').write_bytes(b'')
   with pytest.raises(ValueError, match='safetensors'):
-    convert.load_state_dict(str(tmp_path / 'w.npz'))
+    torch_files.load_state_dict(str(tmp_path / 'w.npz'))
   with pytest.raises(ValueError, match='safetensors'):
-    convert.save_state_dict({}, str(tmp_path / 'w.npz'), overwrite=True)
+    torch_files.save_state_dict({}, str(tmp_path / 'w.npz'), overwrite=True)
 
 
 # ----------------------------------------------------------------------------- params_io
@@ -349,7 +349,7 @@ def test_load_model_config_missing(tmp_path):
 
 def test_cli_end_to_end(cfg, sd, params, tmp_path, capsys):
   src = str(tmp_path / 'in.pth')
-  convert.save_state_dict(sd, src)
+  torch_files.save_state_dict(sd, src)
   outdir = str(tmp_path / 'flax')
   sets = [a for k, v in tiny_overrides().items() for a in ('--set', f'{k}={v}')]
   assert convert.main(['to-flax', src, outdir, '--variant', 'base', *sets]) == 0
@@ -365,7 +365,7 @@ def test_cli_end_to_end(cfg, sd, params, tmp_path, capsys):
   assert convert.main(['to-torch', outdir, out_st]) == 0
   printed = capsys.readouterr().out
   assert 'as base' in printed and f'{models.count_params(params):,} parameters' in printed
-  assert_state_dicts_equal(convert.load_state_dict(out_st), sd)
+  assert_state_dicts_equal(torch_files.load_state_dict(out_st), sd)
 
   # unilm layout: {'model': {'beit3.' + key: tensor}}.
   out_pth = str(tmp_path / 'out_unilm.pth')
@@ -393,7 +393,7 @@ def test_cli_config_dir_and_skip(cfg, sd, params, tmp_path, capsys):
   (cfg_dir / 'config.json').write_text(
       __import__('json').dumps({'model': cfg.to_dict(), 'learning_rate': 1e-3}))
   src = str(tmp_path / 'in_unilm.pth')
-  convert.save_state_dict({**{'beit3.' + k: v for k, v in sd.items()},
+  torch_files.save_state_dict({**{'beit3.' + k: v for k, v in sd.items()},
                            'mim_head.weight': np.zeros((101, 48), np.float32)},
                           src, wrap_model=True)
   outdir = str(tmp_path / 'flax')
@@ -408,12 +408,12 @@ def test_cli_config_dir_and_skip(cfg, sd, params, tmp_path, capsys):
 
   out = str(tmp_path / 'out.safetensors')
   assert convert.main(['to-torch', outdir, out, '--config', outdir]) == 0
-  assert_state_dicts_equal(convert.load_state_dict(out), sd)
+  assert_state_dicts_equal(torch_files.load_state_dict(out), sd)
 
 
 def test_cli_needs_a_model(sd, tmp_path):
   src = str(tmp_path / 'in.safetensors')
-  convert.save_state_dict(sd, src)
+  torch_files.save_state_dict(sd, src)
   with pytest.raises(SystemExit, match='--variant'):
     convert.main(['to-flax', src, str(tmp_path / 'out')])
   with pytest.raises(SystemExit, match='not both'):

@@ -11,7 +11,7 @@ import train_fixtures as fx
 from beit3_jax import models
 from beit3_jax.data import finetuning as ft_data
 from beit3_jax.data import pipeline, schema
-from beit3_jax.train import task_objectives
+from beit3_jax.tasks import classification, vqa
 
 pytestmark = pytest.mark.usefixtures('fast_compile')
 
@@ -45,7 +45,7 @@ def _vqa_batch(seed=0):
 
 
 def test_classification_objective_trains():
-  objective = task_objectives.ClassificationFinetune(_model_cfg(), num_classes=4, label_smoothing=0.1)
+  objective = classification.ClassificationFinetune(_model_cfg(), num_classes=4, label_smoothing=0.1)
   losses, train, val = fx.train_objective(objective, _classification_batch())
   assert np.all(np.isfinite(losses))
   assert losses[0] == pytest.approx(np.log(4), abs=0.05)   # the head starts near zero
@@ -60,7 +60,7 @@ def test_classification_objective_trains():
 
 
 def test_vqa_objective_trains():
-  objective = task_objectives.VQAFinetune(_model_cfg(), num_answers=ANSWERS, text_len=fx.TEXT_LEN)
+  objective = vqa.VQAFinetune(_model_cfg(), num_answers=ANSWERS, text_len=fx.TEXT_LEN)
   batch = _vqa_batch()
   soft = np.zeros_like(batch['vqa']['answer_scores'])   # soft (VQAv2-like) targets
   soft[:, 1] = 0.6
@@ -84,8 +84,8 @@ def test_transforms_give_the_schema_layouts():
                     'answer': [b'red', b'two'], 'answer_id': [0, 1]}}
   for train in (True, False):
     cfg = ft_data.FinetuneInputs(image_size=32, train=train, text_len=fx.TEXT_LEN)
-    out = ft_data.classification_transform(cfg, 4)(example, np.random.default_rng(1))
-    schema.check('classification', jax.tree.map(lambda x: np.stack([x, x]), out))
+    out = classification.transform(cfg, 4)(example, np.random.default_rng(1))
+    schema.check(classification.TASK.batch_fields, jax.tree.map(lambda x: np.stack([x, x]), out))
     assert out['image'].shape == (32, 32, 3) and out['label'] == 2
 
   class Tok:   # a stand-in with the TextTokenizer interface used by the transform
@@ -96,9 +96,9 @@ def test_transforms_give_the_schema_layouts():
       return ids, np.arange(max_len) >= n + 2
 
   cfg = ft_data.FinetuneInputs(image_size=32, train=True, text_len=fx.TEXT_LEN)
-  transform = ft_data.vqa_transform(cfg, Tok(), ('red', 'two', 'yes'))
+  transform = vqa.transform(cfg, Tok(), ('red', 'two', 'yes'))
   out = transform(example, np.random.default_rng(3))
-  schema.check('vqa', jax.tree.map(lambda x: np.stack([x, x]), out))
+  schema.check(vqa.TASK.batch_fields, jax.tree.map(lambda x: np.stack([x, x]), out))
   assert out['answer_scores'].sum() == 1.0 and out['answer_scores'][:2].sum() == 1.0
   bad = {**example, 'qa': {'question': [b'q?'], 'answer': [b'maybe']}}
   assert isinstance(transform(bad, np.random.default_rng(0)), pipeline.Skip)
@@ -130,9 +130,9 @@ def test_vqa_transform_soft_scores():
   fields = ('image_bytes', 'question', 'multiple_choice_answer', 'answer_ids', 'answer_scores')
   for train in (True, False):
     cfg = ft_data.FinetuneInputs(image_size=32, train=train, text_len=fx.TEXT_LEN)
-    transform = ft_data.vqa_transform(cfg, _WordTokenizer(), answers, *fields)
+    transform = vqa.transform(cfg, _WordTokenizer(), answers, *fields)
     out = transform(example, np.random.default_rng(1))
-    schema.check('vqa', jax.tree.map(lambda x: np.stack([x, x]), out))
+    schema.check(vqa.TASK.batch_fields, jax.tree.map(lambda x: np.stack([x, x]), out))
     np.testing.assert_allclose(out['answer_scores'], [0.3, 0.0, 1.0, 0.0])
     unanswered = {**example, 'answer_ids': np.zeros((0,), np.int64),
                   'answer_scores': np.zeros((0,), np.float32)}
@@ -144,7 +144,7 @@ def test_vqa_transform_soft_scores():
     with pytest.raises(ValueError, match="'answer_ids' is outside the answer vocabulary of 4"):
       transform({**example, 'answer_ids': np.array([7, 0])}, np.random.default_rng(1))
   with pytest.raises(ValueError, match='need both fields'):
-    ft_data.vqa_transform(cfg, _WordTokenizer(), answers, 'image_bytes', 'question', '', '',
+    vqa.transform(cfg, _WordTokenizer(), answers, 'image_bytes', 'question', '', '',
                           'answer_scores')
 
 
@@ -155,9 +155,9 @@ def test_init_from_a_pretraining_checkpoint_reads_only_the_backbone(tmp_path):
   with the leaves named."""
   import flax
   import orbax.checkpoint as ocp
-  from beit3_jax.train import checkpoints
+  from beit3_jax.trainer import checkpoints
 
-  objective = task_objectives.VQAFinetune(_model_cfg(), num_answers=ANSWERS, text_len=fx.TEXT_LEN)
+  objective = vqa.VQAFinetune(_model_cfg(), num_answers=ANSWERS, text_len=fx.TEXT_LEN)
   params = flax.linen.meta.unbox(objective.init_params(jax.random.key(0)))
   shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), params)
   backbone = jax.tree.map(lambda x: np.asarray(x) + 1.0, params['beit3'])
@@ -181,7 +181,7 @@ def test_init_from_a_pretraining_checkpoint_reads_only_the_backbone(tmp_path):
                                                                   x.dtype), backbone))
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(tmp_path / 'wide' / 'checkpoints' / '1' / 'state', {'params': wider})
-  with pytest.raises(ValueError, match='does not fit the model .*mis-shaped'):
+  with pytest.raises(ValueError, match=r'does not fit the model(.|\n)*wrong shape'):
     checkpoints.load_init_params(str(tmp_path / 'wide'), params, shardings)
 
 
@@ -193,10 +193,10 @@ def test_init_from_resizes_the_vision_position_table(tmp_path):
   import orbax.checkpoint as ocp
   from beit3_jax import params_io
   from beit3_jax.models import positions
-  from beit3_jax.train import checkpoints
+  from beit3_jax.trainer import checkpoints
 
   cfg = _model_cfg()
-  objective = task_objectives.VQAFinetune(cfg, num_answers=ANSWERS, text_len=fx.TEXT_LEN)
+  objective = vqa.VQAFinetune(cfg, num_answers=ANSWERS, text_len=fx.TEXT_LEN)
   params = flax.linen.meta.unbox(objective.init_params(jax.random.key(0)))
   shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), params)
   big_cfg = models.get_config(**{**cfg.to_dict(), 'img_size': 2 * cfg.img_size})

@@ -13,9 +13,10 @@ import pathlib
 import ml_collections
 import pytest
 
-from beit3_jax.models import heads
-from beit3_jax.train import finetune
-from beit3_jax.train.optimizer import make_optimizer
+from beit3_jax import tasks
+from beit3_jax.defaults import finetune_config
+from beit3_jax.tasks.base import field_map
+from beit3_jax.trainer.optimizer import make_optimizer
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / 'configs' / 'finetune'
 CONFIG_FILES = sorted(CONFIG_DIR.glob('*.py'))
@@ -74,8 +75,8 @@ def test_every_recipe_has_a_file():
 def test_config_fits_the_finetune_job(path):
   config = _load(path)
   assert config.job == 'finetune'
-  assert config.task in heads.TASKS
-  _same_fields(config, finetune.finetune_config(config.task))
+  assert config.task in tasks.names()
+  _same_fields(config, finetune_config(config.task))
   assert config.total_steps > config.optimizer.warmup_steps > 0
   assert config.eval_every > 0 and config.checkpoint_every > 0 and config.eval_batches > 0
   m = config.model
@@ -83,7 +84,7 @@ def test_config_fits_the_finetune_job(path):
   assert m.embed_dim % m.num_heads == 0
   assert config.data.text_len <= m.max_text_positions - 2
   # The objective and the optimizer build from the config (no parameters are made).
-  finetune.make_objective(config)
+  tasks.get(config.task).objective(config)
   make_optimizer(config.optimizer, config.total_steps, m.depth)
 
 
@@ -97,12 +98,12 @@ def test_docstring_gives_the_command(path):
 def test_data_fields(path):
   config = _load(path)
   given = dict(config.data.fields)
-  defaults = finetune.DEFAULT_FIELDS[config.task]
+  defaults = tasks.get(config.task).default_fields
   assert set(given) <= set(defaults), sorted(set(given) - set(defaults))
   features = _builder_features(config.data.source)
   if features is None:
     return
-  for role, name in finetune.fields(config).items():
+  for role, name in field_map(tasks.get(config.task), config).items():
     assert name.split('/')[0] in features, (role, name, sorted(features))
 
 

@@ -20,7 +20,7 @@ from torch import nn
 import torchscale_ref as ref
 from beit3_jax import convert
 from beit3_jax.models import get_config, heads
-from beit3_jax.tasks import losses
+from beit3_jax import losses
 
 pytestmark = pytest.mark.usefixtures('fast_compile')
 

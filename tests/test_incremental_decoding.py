@@ -85,7 +85,7 @@ def test_defaults_unchanged_and_input_checks():
   ids = np.arange(5, dtype=np.int32)[None] + 3
   a = model.apply({'params': params}, text_ids=ids)
   b = model.apply({'params': params}, text_ids=ids, text_positions=np.arange(5)[None])
-  assert 'new_cache' not in a
+  assert a['new_cache'] is None and a['hidden_states'] is None
   np.testing.assert_array_equal(np.asarray(a['encoder_out']), np.asarray(b['encoder_out']))
   with pytest.raises(ValueError, match='text_positions'):
     model.apply({'params': params}, text_ids=ids, text_positions=np.zeros((1, 4), np.int32))

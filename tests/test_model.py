@@ -80,6 +80,38 @@ def test_split_positions_and_output_shapes(tiny):
   assert out['encoder_out'].dtype == jnp.float32
 
 
+def test_output_structure_does_not_depend_on_flags(tiny):
+  cfg, params = tiny
+  x = inputs(cfg)
+  keys = {'encoder_out', 'split_position', 'hidden_states', 'new_cache'}
+  plain = apply(cfg, params, **x)
+  assert set(plain) == keys and plain['hidden_states'] is None and plain['new_cache'] is None
+  hidden = apply(cfg, params, **x, return_hidden_states=True)
+  assert set(hidden) == keys and hidden['new_cache'] is None
+  cached = apply(cfg, params, text_ids=x['text_ids'], return_cache=True)
+  assert set(cached) == keys and cached['hidden_states'] is None
+  assert len(cached['new_cache']) == cfg.depth
+  assert set(cached['new_cache'][0]) == {'key', 'value'}
+
+
+def test_pretraining_output_structure_does_not_depend_on_inputs():
+  from beit3_jax.models.pretraining import BEiT3Pretraining, pretraining_example_inputs
+  cfg = tiny_config()
+  model = BEiT3Pretraining(cfg, 16)
+  params = jax.jit(lambda r: model.init(r, **pretraining_example_inputs(cfg)))(
+      jax.random.key(0))['params']
+  x = inputs(cfg)
+  index = jnp.zeros((2, 3), jnp.int32)
+  fn = jax.jit(lambda p, a: model.apply({'params': p}, **a))
+  keys = {'encoder_out', 'mim_logits', 'mlm_logits'}
+  image = fn(params, dict(images=x['images'], image_index=index))
+  assert set(image) == keys and image['mlm_logits'] is None
+  assert image['mim_logits'].shape == (2, 3, 16) and image['mim_logits'].dtype == jnp.float32
+  text = fn(params, dict(text_ids=x['text_ids'], text_index=index))
+  assert set(text) == keys and text['mim_logits'] is None
+  assert text['mlm_logits'].shape == (2, 3, cfg.vocab_size)
+
+
 def test_routing_compiles_at_most_three_variants(tiny):
   cfg, params = tiny
   model = models.BEiT3(cfg)

@@ -2,15 +2,14 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 
 import train_fixtures as fx
 from beit3_jax.models.pretraining import BEiT3Pretraining, pretraining_example_inputs
-from beit3_jax.train import optimizer as opt
-from beit3_jax.train.defaults import pretrain_config
+from beit3_jax.trainer import optimizer as opt
+from beit3_jax.defaults import pretrain_config
 
 
 @pytest.fixture(scope='module')
@@ -52,10 +51,7 @@ def test_layer_decay_ids(names):
 
 
 def _config(**kw):
-  fields = dict(lr=1e-3, min_lr=0.0, warmup_steps=10, b1=0.9, b2=0.98, eps=1e-6,
-                weight_decay=0.05, clip_norm=3.0, layer_decay=1.0)
-  fields.update(kw)
-  return ml_collections.ConfigDict(fields)
+  return fx.optimizer_config(**{'warmup_steps': 10, **kw})
 
 
 def test_schedule_warmup_then_cosine():
@@ -108,7 +104,7 @@ def test_head_sublayers_are_not_backbone_layers():
 
 
 def test_task_head_lr_weight_scales_only_the_head():
-  from beit3_jax.train.optimizer import lr_factor
+  from beit3_jax.trainer.optimizer import lr_factor
   assert lr_factor('head/layers_0/kernel', 12, 0.9, 20.0) == pytest.approx(20.0)
   assert lr_factor('head/dense1/bias', 12, 1.0, 20.0) == 20.0
   assert lr_factor('pooler/dense/kernel', 12, 0.9, 20.0) == 1.0        # unilm: only head.*

@@ -2,7 +2,9 @@
 
 Every test compares `encoder_out` and every hidden state (the final norm hides per-layer
 errors), in six forward modes, after perturbing every constant-initialised torch parameter so
-that the A and B experts differ (shared/notes/torchscale_reference.md).
+that the A and B experts differ: torchscale starts every LayerNorm at 1/0 and the CLS and mask
+tokens at 0, so unperturbed A and B experts are identical and a swapped or misplaced norm would
+go unnoticed (torchscale/component/multiway_network.py, component/embedding.py).
 """
 
 import copy
@@ -14,7 +16,7 @@ import pytest
 import torch
 
 import torchscale_ref as ref
-from beit3_jax import convert, models
+from beit3_jax import convert, models, torch_files
 from conftest import tiny_config
 
 TOL = 1e-5
@@ -132,10 +134,25 @@ def test_parity_base_batch1(base_case, mode):
 
 
 @pytest.mark.slow
+def gemm_error_ratio(seed: int = 0) -> float:
+  """max|error| of XLA's float32 matrix product over torch's, against float64, on a base-sized
+  product (213 tokens x 768 @ 768 x 3072). The two libraries' float32 GEMMs sum in different
+  orders, and by how much they differ depends on the CPU: about 1.0 on the Intel Xeon hosts
+  this test was written on, 1.8 on an AMD EPYC host (torch's MKL GEMM is the more exact there)."""
+  rng = np.random.default_rng(seed)
+  a = rng.standard_normal((213, 768)).astype(np.float32)
+  b = (0.03 * rng.standard_normal((768, 3072))).astype(np.float32)
+  exact = a.astype(np.float64) @ b.astype(np.float64)
+  jax_err = np.abs(np.asarray(jax.jit(jnp.matmul)(a, b), np.float64) - exact).max()
+  torch_err = np.abs((torch.from_numpy(a) @ torch.from_numpy(b)).numpy() - exact).max()
+  return float(jax_err / torch_err)
+
+
 def test_base_torchscale_init_as_exact_as_torch_float32():
   """With torchscale's own init (Magneto gain) the base hidden states reach |h| ~ 23, where
   float32 itself is ~2e-5 off: JAX must be no further from torchscale's float64 forward than
-  torchscale's float32 forward is."""
+  torchscale's float32 forward is (x 1.25), allowing for how much less exact this machine's
+  XLA float32 GEMM is than its torch GEMM (`gemm_error_ratio`, at least 1)."""
   cfg = models.get_config('base')
   torch_model = ref.build_reference(cfg, seed=4)
   params = convert.torch_to_flax(ref.state_dict_numpy(torch_model), cfg)
@@ -145,7 +162,8 @@ def test_base_torchscale_init_as_exact_as_torch_float32():
   out_j, hid_j = jax_forward(cfg, params, inputs)
   torch_err = np.abs(hid32 - hid64).max()
   jax_err = np.abs(hid_j - hid64).max()
-  assert jax_err <= 1.25 * torch_err and jax_err < 5e-5, (jax_err, torch_err)
+  gemm = max(1.0, gemm_error_ratio())
+  assert jax_err <= 1.25 * gemm * torch_err and jax_err < 5e-5, (jax_err, torch_err, gemm)
   assert np.abs(out_j - out64).max() <= TOL
 
 
@@ -199,7 +217,7 @@ def test_torch_flax_torch_is_bitwise(name, layout):
   if layout == 'unilm':
     state = {'model': {'beit3.' + k: v for k, v in state.items()}}
   back = convert.flax_to_torch(convert.torch_to_flax(state, cfg), cfg, layout=layout)
-  original = convert.unwrap_state_dict(state)
+  original = torch_files.unwrap_state_dict(state)
   assert set(back) == set(original)
   for k, v in original.items():
     assert back[k].dtype == v.dtype and back[k].shape == v.shape, k

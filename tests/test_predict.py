@@ -18,10 +18,11 @@ import torch
 from PIL import Image
 
 import train_fixtures as fx
-from beit3_jax import convert, params_io, predict
+from beit3_jax import convert, param_tree, params_io, predict, tasks, torch_files
 from beit3_jax.data import image_ops, synthetic_world
 from beit3_jax.data import text as text_lib
 from beit3_jax.models import BEiT3, get_config, heads
+from beit3_jax.tasks import vqa
 from beit3_jax.tasks.captioning import generate_captions
 
 pytestmark = pytest.mark.usefixtures('fast_compile')
@@ -35,12 +36,12 @@ CLASSES = ('cat', 'dog', 'bird', 'fish', 'frog', 'horse')
 def random_params(abstract, seed=0):
   """Random float32 params of an abstract tree: N(0, 0.05), LayerNorm scales around 1."""
   rng = np.random.default_rng(seed)
-  flat = convert.flatten_params(abstract)
+  flat = param_tree.flatten(abstract)
   out = {}
   for path, a in flat.items():
     x = 0.05 * rng.standard_normal(a.shape)
     out[path] = (x + 1.0 if path.endswith('/scale') else x).astype(np.float32)
-  return convert.unflatten_params(out)
+  return param_tree.unflatten(out)
 
 
 def task_config(task):
@@ -49,7 +50,7 @@ def task_config(task):
 
 def task_params(task, head_sizes=None, seed=0):
   cfg = task_config(task)
-  return cfg, random_params(params_io.abstract_task_params(task, cfg, head_sizes or {}), seed)
+  return cfg, random_params(tasks.get(task).abstract_params(cfg, head_sizes or {}), seed)
 
 
 @pytest.fixture(scope='module')
@@ -104,7 +105,7 @@ def params_dir(tmp_path, task, head_sizes=None, seed=0):
 
 def training_workdir(tmp_path, task, params, cfg, **fields):
   """A fine-tuning workdir of ours: config.json (the run config) + checkpoints/3/state."""
-  from beit3_jax.train.finetune import finetune_config
+  from beit3_jax.defaults import finetune_config
   run = finetune_config(task)
   run.model = cfg
   for k, v in fields.items():
@@ -255,7 +256,7 @@ def test_answer_from_a_training_workdir(tmp_path, spm, image_dir, capsys):
   labels = tmp_path / 'answer2label.txt'
   labels.write_text(''.join(json.dumps({'answer': a.upper(), 'label': i})
                             for i, a in reversed(list(enumerate(ANSWERS)))).replace('}{', '}\n{'))
-  assert predict.read_answers(str(labels)) == [a.upper() for a in ANSWERS]
+  assert vqa.read_answers(str(labels), predict.read_lines) == [a.upper() for a in ANSWERS]
   assert predict.main(['answer', workdir, '--image', image_files(image_dir)[0], '--question',
                        questions[0], '--question', questions[1], '--answers', str(labels),
                        '--output', out]) == 0
@@ -331,7 +332,7 @@ def unilm_pth(tmp_path, task, head_sizes=None, seed=0):
   cfg, params = task_params(task, head_sizes, seed)
   sd = convert.model_to_torch(params, cfg, layout='unilm')
   src = str(tmp_path / f'{task}.pth')
-  convert.save_state_dict(sd, src, wrap_model=True)
+  torch_files.save_state_dict(sd, src, wrap_model=True)
   return src, cfg, params, sd
 
 
@@ -350,10 +351,11 @@ def test_convert_task_round_trip(tmp_path, task, sizes, capsys):
   printed = capsys.readouterr().out
   # unilm's VQA model has no final encoder norm: normalize_output=False is read off the keys.
   assert ('normalize_output=False' in printed) == (task == 'vqa')
-  got_task, got, got_cfg, got_sizes = params_io.load_task_params(out)
+  (got_task, got_sizes), got_cfg = params_io.read_task(out), params_io.load_model_config(out)
+  got = params_io.load_params(out, got_cfg)
   assert (got_task, got_sizes) == (task, sizes)
   assert got_cfg.to_dict() == cfg.to_dict()
-  flat_a, flat_b = convert.flatten_params(got), convert.flatten_params(params)
+  flat_a, flat_b = param_tree.flatten(got), param_tree.flatten(params)
   assert set(flat_a) == set(flat_b)
   for k in flat_b:
     assert flat_a[k].dtype == np.float32 and np.array_equal(flat_a[k], flat_b[k]), k

@@ -19,9 +19,9 @@ from flax import traverse_util
 import torchscale_ref as ref
 import train_fixtures as fx
 from beit3_jax import convert, models, params_io, sharding
-from beit3_jax.train import loop
-from beit3_jax.train.defaults import loop_fields
-from beit3_jax.train.run_config import save_run_config
+from beit3_jax.trainer import loop
+from beit3_jax.defaults import loop_fields
+from beit3_jax.trainer.run_config import save_run_config
 
 pytestmark = pytest.mark.usefixtures('fast_compile')
 

@@ -32,7 +32,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = '''
 from beit3_jax.models import get_config as model_config
 from beit3_jax.tokenizers import get_vqkd_config
-from beit3_jax.train.defaults import pretrain_config
+from beit3_jax.defaults import pretrain_config
 
 
 def get_config(arg=None):

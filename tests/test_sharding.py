@@ -33,6 +33,18 @@ def test_every_rule_name_is_used_by_the_model():
   assert used <= set(names), used - set(names)
 
 
+def test_batch_spec_comes_from_the_rules_table(eight_devices):
+  """The batch's layout is the rules' 'batch' entry, for the leading axis only."""
+  table = dict(sharding.LOGICAL_RULES)
+  assert sharding.batch_spec() == nn.logical_to_mesh_axes(('batch',), sharding.LOGICAL_RULES)
+  assert sharding.batch_spec() == P(table['batch'])
+  assert sharding.batch_spec() == P(('data', 'fsdp'))   # what the trainer has always used
+  other = (('batch', 'data'),) + tuple(r for r in sharding.LOGICAL_RULES if r[0] != 'batch')
+  assert sharding.batch_spec(other) == P('data')
+  mesh = sharding.make_mesh((2, 2, 2))
+  assert sharding.batch_sharding(mesh) == jax.sharding.NamedSharding(mesh, P(table['batch']))
+
+
 @pytest.fixture(scope='module')
 def sharded_setup(eight_devices):
   cfg = tiny_config(embed_dim=64, num_heads=4, mlp_dim=128, vocab_size=96)
@@ -94,7 +106,7 @@ def test_sharded_forward_equals_single_device(sharded_setup, mode):
   single_params = jax.device_put(jax.device_get(params), jax.devices()[0])
   expected = apply(cfg, single_params, **x, return_hidden_states=True)
 
-  batch_sharding = jax.sharding.NamedSharding(mesh, P(('data', 'fsdp')))
+  batch_sharding = sharding.batch_sharding(mesh)
   x_sharded = {k: jax.device_put(v, batch_sharding) for k, v in x.items()}
   model = models.BEiT3(cfg)
   with sharding.use_mesh(mesh):

@@ -15,11 +15,11 @@ from beit3_jax import sharding
 from beit3_jax.data import finetuning as ft_data
 from beit3_jax.data import image_ops, pipeline, schema, synthetic_world
 from beit3_jax.data import text as text_lib
-from beit3_jax.models import heads
-from beit3_jax.tasks import metrics
+from beit3_jax import tasks
+from beit3_jax.defaults import loop_fields
+from beit3_jax.tasks import captioning, classification, metrics, nlvr2, retrieval
 from beit3_jax.tasks.captioning import generate_captions
-from beit3_jax.train import loop, task_evaluation, task_objectives
-from beit3_jax.train.defaults import loop_fields
+from beit3_jax.trainer import loop
 
 pytestmark = pytest.mark.usefixtures('fast_compile')
 
@@ -52,19 +52,19 @@ def _batch(task, seed=0):
   elif task == 'retrieval':
     out = {'image': image(), 'text_ids': ids, 'text_padding_mask': pad}
   else:
-    masked = [ft_data.mask_caption(i, p, rng, 0.6, fx.MASK_ID, 3, fx.VOCAB)
+    masked = [captioning.mask_caption(i, p, rng, 0.6, fx.MASK_ID, 3, fx.VOCAB)
               for i, p in zip(ids, pad)]
     out = {'image': image(), 'text_ids': np.stack([m[0] for m in masked]),
            'text_padding_mask': pad, 'text_targets': ids,
            'text_mask': np.stack([m[1] for m in masked])}
-  schema.check(task, out)
+  schema.check(tasks.get(task).batch_fields, out)
   return {task: out}
 
 
 OBJECTIVES = {
-    'nlvr2': lambda: task_objectives.NLVR2Finetune(_cfg(), text_len=L),
-    'retrieval': lambda: task_objectives.RetrievalFinetune(_cfg(), text_len=L),
-    'captioning': lambda: task_objectives.CaptioningFinetune(_cfg(), 0.1, text_len=L),
+    'nlvr2': lambda: nlvr2.NLVR2Finetune(_cfg(), text_len=L),
+    'retrieval': lambda: retrieval.RetrievalFinetune(_cfg(), text_len=L),
+    'captioning': lambda: captioning.CaptioningFinetune(_cfg(), 0.1, text_len=L),
 }
 
 
@@ -93,7 +93,7 @@ def test_mask_caption_follows_unilm():
   n = int((~pad).sum())
   kinds = np.zeros(3)
   for _ in range(400):
-    out, mask = ft_data.mask_caption(ids, pad, rng, 0.6, 101, 3, 102)
+    out, mask = captioning.mask_caption(ids, pad, rng, 0.6, 101, 3, 102)
     assert mask.sum() == max(1, min(round(n * 0.6), n - 1))
     assert not mask[0] and not mask[pad].any()               # never <s>, never padding
     assert np.array_equal(out[~mask], ids[~mask])
@@ -105,7 +105,7 @@ def test_mask_caption_follows_unilm():
   assert share[0] == pytest.approx(0.8, abs=0.03)
   assert share[1] == pytest.approx(0.1 + 0.1 / 99, abs=0.03)   # kept, or drawn as itself
   # A two-token caption (<s> </s>) masks its </s>.
-  out, mask = ft_data.mask_caption(np.array([0, 2, 1], np.int32), np.array([0, 0, 1], bool),
+  out, mask = captioning.mask_caption(np.array([0, 2, 1], np.int32), np.array([0, 0, 1], bool),
                                    rng, 0.6, 101, 3, 102)
   assert mask.tolist() == [False, True, False]
 
@@ -114,7 +114,7 @@ def test_mixup_and_cutmix_targets():
   images = jax.random.uniform(jax.random.key(0), (B, 32, 32, 3))
   labels = np.arange(B) % 4
   for mixup, cutmix in ((0.8, 0.0), (0.0, 1.0), (0.8, 1.0)):
-    objective = task_objectives.ClassificationFinetune(_cfg(), 4, 0.1, mixup=mixup,
+    objective = classification.ClassificationFinetune(_cfg(), 4, 0.1, mixup=mixup,
                                                        cutmix=cutmix)
     for seed in range(4):
       mixed, targets = objective._mix(images, labels, jax.random.key(seed))
@@ -127,7 +127,7 @@ def test_mixup_and_cutmix_targets():
         assert own.all()
         pasted = np.mean(~np.isclose(np.asarray(mixed)[0], np.asarray(images)[0]))
         assert 1 - lam == pytest.approx(pasted, abs=1e-6)
-  off = task_objectives.ClassificationFinetune(_cfg(), 4, 0.1, mixup=0.8, mixup_prob=0.0)
+  off = classification.ClassificationFinetune(_cfg(), 4, 0.1, mixup=0.8, mixup_prob=0.0)
   mixed, targets = off._mix(images, labels, jax.random.key(0))
   np.testing.assert_array_equal(mixed, images)
   np.testing.assert_allclose(targets, np.eye(4)[labels] * 0.9 + 0.025, rtol=1e-6)
@@ -157,12 +157,12 @@ def _mesh():
 
 
 def test_retrieval_evaluator_equals_direct_ranking(spm):
-  objective = task_objectives.RetrievalFinetune(_cfg(), text_len=L)
+  objective = retrieval.RetrievalFinetune(_cfg(), text_len=L)
   params = meta.unbox(objective.init_params(jax.random.key(0)))
   source = _captioned_source()
   tok = text_lib.TextTokenizer.from_file(spm)
   inputs = ft_data.FinetuneInputs(image_size=32, train=False, text_len=L)
-  got = task_evaluation.retrieval_evaluator(objective, source, 0, 4, inputs, tok)(
+  got = retrieval.evaluator(objective, source, 0, 4, inputs, tok)(
       params, _mesh())
   images = np.stack([e['image'] for e in source])
   texts = [c.decode() for e in source for c in e['captions']]
@@ -181,15 +181,15 @@ def test_retrieval_evaluator_equals_direct_ranking(spm):
 def test_captioning_evaluator_scores_the_generated_captions(spm):
   config = ml_collections.ConfigDict({'model': _cfg(), 'captioning': {
       'beam_size': 2, 'length_penalty': 0.6, 'max_len': 6}})
-  model = heads.task_model('captioning', config.model)
-  params = meta.unbox(model.init(jax.random.key(1), **heads.task_example_inputs(
-      'captioning', config.model))['params'])
+  model = captioning.TASK.model(config.model)
+  params = meta.unbox(model.init(jax.random.key(1), **captioning.TASK.example_inputs(
+      config.model))['params'])
   source = _captioned_source(5)
   tok = text_lib.TextTokenizer.from_file(spm)
   inputs = ft_data.FinetuneInputs(image_size=32, train=False, text_len=L)
-  baseline = task_evaluation.most_common_caption(source + [source[0]])
+  baseline = captioning.most_common_caption(source + [source[0]])
   assert baseline == source[0]['captions'][0].decode()
-  got = task_evaluation.captioning_evaluator(
+  got = captioning.evaluator(
       config, source, 0, 4, inputs, tok, baseline, image_mean=image_ops.BEIT3_MEAN,
       image_std=image_ops.BEIT3_STD)(params, _mesh())
   images = image_ops.normalize(np.stack([e['image'] for e in source]))
@@ -205,7 +205,7 @@ def test_captioning_evaluator_scores_the_generated_captions(spm):
 
 
 def test_eval_mode_reevaluates_a_checkpoint(tmp_path):
-  objective = task_objectives.ClassificationFinetune(_cfg(), 4)
+  objective = classification.ClassificationFinetune(_cfg(), 4)
   rng = np.random.default_rng(0)
   batch = {'image': rng.integers(0, 256, (B, 32, 32, 3), dtype=np.uint8),
            'label': (np.arange(B) % 4).astype(np.int32)}
@@ -215,7 +215,7 @@ def test_eval_mode_reevaluates_a_checkpoint(tmp_path):
   config = ml_collections.ConfigDict()
   loop_fields(config)
   config.update(total_steps=2, checkpoint_every=2, log_every=1, eval_every=2, eval_batches=2,
-                mesh_shape=(-1, 1, 1))
+                mesh_shape=(-1, 1, 1), eval_step=-1)
   tx, schedule = fx.optimizer(total_steps=2, warmup_steps=1)
 
   def job():

@@ -1,4 +1,4 @@
-"""Tests of beit3_jax.train.tokenizer_objective (VQ-KD codebook EMA, k-means, losses, teacher)."""
+"""Tests of beit3_jax.jobs.tokenizer_objective (VQ-KD codebook EMA, k-means, losses, teacher)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from beit3_jax import sharding
 from beit3_jax.tokenizers import vqkd
-from beit3_jax.train import tokenizer_objective as to
+from beit3_jax.jobs import tokenizer_objective as to
 
 DECAY = 0.99
 

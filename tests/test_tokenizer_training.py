@@ -2,17 +2,16 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec
 
 import train_fixtures as fx
 from beit3_jax import params_io, sharding
-from beit3_jax.train import step as step_lib
-from beit3_jax.train import tokenizer_objective as tobj
-from beit3_jax.train.optimizer import make_optimizer
-from beit3_jax.train.tokenizer_training import CODEBOOK, Teacher, VQKDTraining
+from beit3_jax.defaults import tokenizer_config
+from beit3_jax.trainer import step as step_lib
+from beit3_jax.jobs import tokenizer_objective as tobj
+from beit3_jax.trainer.optimizer import make_optimizer
+from beit3_jax.jobs.tokenizer_training import CODEBOOK, Teacher, VQKDTraining
 
 pytestmark = pytest.mark.usefixtures('fast_compile')
 
@@ -25,6 +24,13 @@ def _images(seed, b=16):
   return np.repeat(np.repeat(blocks, 8, axis=1), 8, axis=2).astype(np.uint8)
 
 
+def _teacher(**fields):
+  """The tokenizer job's teacher fields (every declared one) with these values."""
+  config = tokenizer_config().teacher
+  config.update(fields)
+  return config
+
+
 def _get(tree, path):
   for k in path:
     tree = tree[k]
@@ -33,14 +39,14 @@ def _get(tree, path):
 
 def test_vqkd_training_learns_and_keeps_codebook_consistent(eight_devices, tmp_path):
   cfg = fx.tokenizer_config()
-  teacher = Teacher(ml_collections.ConfigDict({'kind': 'pixel', 'path': '', 'cells': 2}), cfg)
+  teacher = Teacher(_teacher(kind='pixel', cells=2), cfg)
   objective = VQKDTraining(cfg, teacher, seed=0, dead_code_fraction=0.25)
   tx, schedule = make_optimizer(fx.optimizer_config(lr=2e-3, warmup_steps=2), 40, cfg.depth,
                                 frozen=(r'^quantize/',))
   mesh = sharding.make_mesh((1, 1, 1), devices=eight_devices[:1])
   state, shardings = step_lib.create_state(objective, tx, mesh, jax.random.key(0), {}, {})
   assert float(state.extra['vq_stats']['quantize']['embedding']['initted'][0]) == 0.0
-  put = lambda b: jax.device_put(b, NamedSharding(mesh, PartitionSpec(('data', 'fsdp'))))  # noqa
+  put = lambda b: jax.device_put(b, sharding.batch_sharding(mesh))  # noqa
   first = put({'image': {'image': _images(0)}})
   with sharding.use_mesh(mesh):
     params, extra = jax.jit(objective.first_batch_init)(state.params, state.extra, {}, first)
@@ -64,17 +70,17 @@ def test_vqkd_training_learns_and_keeps_codebook_consistent(eight_devices, tmp_p
   # The export a pretraining config's tokenizer.path reads.
   path = params_io.save_params(tmp_path / 'tok', jax.device_get(state.params), cfg, kind='vqkd',
                                extra={'vq_stats': jax.device_get(state.extra['vq_stats'])})
-  params, stats, _ = params_io.load_vqkd(path)
+  params, stats, _ = params_io.load_vqkd_params(path)
   np.testing.assert_array_equal(_get(params, CODEBOOK), codebook)
 
 
 def test_teacher_size_must_match_the_decoder():
   cfg = fx.tokenizer_config()
-  teacher = Teacher(ml_collections.ConfigDict({'kind': 'pixel', 'path': '', 'cells': 1}), cfg)
+  teacher = Teacher(_teacher(kind='pixel', cells=1), cfg)
   with pytest.raises(ValueError, match='decoder_out_dim'):
     VQKDTraining(cfg, teacher)
   with pytest.raises(ValueError, match='teacher.path'):
-    Teacher(ml_collections.ConfigDict({'kind': 'beit3', 'path': ''}), cfg)
+    Teacher(_teacher(kind='beit3', path=''), cfg)
 
 
 def test_dead_codes_move_onto_batch_features():

@@ -3,12 +3,11 @@
 import jax
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec
 
 import train_fixtures as fx
 from beit3_jax import sharding
-from beit3_jax.train import step as step_lib
-from beit3_jax.train.masked_modeling import cross_entropy_sums, masked_slots
+from beit3_jax.trainer import step as step_lib
+from beit3_jax.losses import cross_entropy_sums, masked_slots
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
@@ -22,7 +21,7 @@ def _run(mesh, steps=5, micro_batches=1, b=8, seed=0, objective=None, **batch_kw
   state, shardings = step_lib.create_state(objective, tx, mesh, jax.random.key(seed), frozen,
                                            {'tokenizer': tok_shardings})
   step = step_lib.make_train_step(objective, tx, schedule, micro_batches)
-  batch_sharding = NamedSharding(mesh, PartitionSpec(('data', 'fsdp')))
+  batch_sharding = sharding.batch_sharding(mesh)
   losses, tasks = [], []
   jitted = None
   for i in range(steps):
@@ -94,7 +93,7 @@ def test_masked_slots_and_sums_against_numpy():
 
 
 def test_summary_baseline_is_the_most_frequent_target_share():
-  from beit3_jax.train.masked_modeling import summarize
+  from beit3_jax.jobs.masked_modeling import summarize
   hist = np.array([0, 6, 3, 1])
   out = summarize({'text': {'ce': 20.0, 'correct': 5.0, 'count': 10.0, 'histogram': hist}})
   assert out['text/baseline_accuracy'] == pytest.approx(0.6)

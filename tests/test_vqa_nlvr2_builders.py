@@ -121,7 +121,8 @@ def test_vqa_recipe_fields_give_the_soft_scores(vqa):
   """The VQA recipe's data.fields on prepared examples: the transform's target vector holds
   unilm's soft score of every in-vocabulary answer (the training target and the metric)."""
   from beit3_jax.data import finetuning as ft_data
-  from beit3_jax.train import finetune_recipes
+  from beit3_jax.tasks import recipes
+  from beit3_jax.tasks import vqa as vqa_task
 
   class Tok:
     def encode_sequence(self, text, max_len):
@@ -129,10 +130,10 @@ def test_vqa_recipe_fields_give_the_soft_scores(vqa):
 
   builder, data_dir, _ = vqa
   vocab = vn.load_answer_vocabulary(builder)
-  f = finetune_recipes.vqa('base', vn.vocabulary_path(builder)).data.fields
+  f = recipes.vqa('base', vn.vocabulary_path(builder)).data.fields
   cfg = ft_data.FinetuneInputs(image_size=32, train=False, text_len=8)
-  transform = ft_data.vqa_transform(cfg, Tok(), vocab, f.image, f.question, f.answer,
-                                    f.answer_ids, f.answer_scores)
+  transform = vqa_task.transform(cfg, Tok(), vocab, f.image, f.question, f.answer,
+                                 f.answer_ids, f.answer_scores)
   rows = {r[0]: r for r in TRAIN + VAL}
   examples = _read(f'beit3_vqav2/{builder.builder_config.name}', 'train', data_dir)
   for e in examples:

@@ -10,12 +10,12 @@ import pytest
 import torch
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from beit3_jax import sharding
-from beit3_jax.convert import ConversionError, Report
+from beit3_jax import param_tree, sharding
+from beit3_jax.torch_layout import ConversionError, Report
 from beit3_jax.models import count_params
 from beit3_jax.models.positions import resize_grid_bicubic
 from beit3_jax.tokenizers import (VQKD, abstract_variables, example_images, get_vqkd_config,
-                                  load_vqkd, resize_pos_embed, save_vqkd, token_grid,
+                                  load_vqkd_torch, resize_pos_embed, save_vqkd_torch, token_grid,
                                   tokenizer_view_size, vqkd_flax_to_torch, vqkd_torch_to_flax)
 from beit3_jax.tokenizers import convert as vqkd_convert
 
@@ -36,14 +36,14 @@ def apply_fn(cfg, method):
 
 
 def random_state_dict(cfg, seed=0) -> dict:
-  """A §7-layout state dict of random float32 tensors with the shapes `cfg` expects."""
+  """A state dict in beit2's VQKD layout of random float32 tensors with the shapes `cfg` expects."""
   rng = np.random.default_rng(seed)
   return {k: rng.standard_normal(shape).astype(np.float32)
           for k, shape in vqkd_convert.expected_torch_shapes(cfg).items()}
 
 
 def plausible_params(cfg, seed=0):
-  """Tokenizer params converted from a random §7 state dict at init-like scales (no jit init).
+  """Tokenizer params converted from a random beit2-layout state dict at init-like scales (no jit init).
 
   LayerNorms 1 + N(0, 0.1) / N(0, 0.1), the codebook unit rows, tokens and positions
   N(0, 0.5), every other tensor N(0, 0.1).
@@ -136,7 +136,7 @@ def test_config_variants_and_errors():
 
 
 def test_base_layout_matches_the_released_keys():
-  """Every §7 key of vqkd_encoder_base_decoder_3x768x12_clip, with its shape; parameter count."""
+  """Every beit2 key of vqkd_encoder_base_decoder_3x768x12_clip, with its shape; parameter count."""
   cfg = get_vqkd_config()
   shapes = vqkd_convert.expected_torch_shapes(cfg)
   block = {'norm1.weight': (768,), 'norm1.bias': (768,), 'attn.q_bias': (768,),
@@ -186,7 +186,7 @@ def test_every_variable_has_logical_axis_names():
 
 
 def hf_to_vqkd_encoder(hf: dict, depth: int) -> dict:
-  """transformers BeitModel (use_mean_pooling) weights -> the §7 `encoder.*` keys."""
+  """transformers BeitModel (use_mean_pooling) weights -> beit2's `encoder.*` keys."""
   out = {'encoder.cls_token': hf['embeddings.cls_token'],
          'encoder.pos_embed': hf['embeddings.position_embeddings'],
          'encoder.patch_embed.proj.weight': hf['embeddings.patch_embeddings.projection.weight'],
@@ -285,7 +285,7 @@ def test_import_export_is_bitwise_and_skips_teacher_keys():
   assert sorted(report.skipped) == sorted(SKIPPED)
   assert report.converted == len(sd)
   assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype(np.float32)}
-  assert sorted(vqkd_convert.flatten_params(vq_stats)) == [
+  assert sorted(param_tree.flatten(vq_stats)) == [
       'quantize/cluster_size', 'quantize/embedding/cluster_size',
       'quantize/embedding/embed_avg', 'quantize/embedding/initted']
   np.testing.assert_array_equal(params['quantize']['embedding']['embedding'],
@@ -301,10 +301,10 @@ def test_checkpoint_files_round_trip(tmp_path):
   cfg = tiny()
   sd = random_state_dict(cfg, seed=10)
   torch.save({'model': {k: torch.from_numpy(v) for k, v in sd.items()}}, tmp_path / 'beit2.pth')
-  params, vq_stats = load_vqkd(str(tmp_path / 'beit2.pth'), cfg)
+  params, vq_stats = load_vqkd_torch(str(tmp_path / 'beit2.pth'), cfg)
   for name in ('out.pth', 'out.safetensors'):
-    save_vqkd(str(tmp_path / name), params, vq_stats, cfg)
-    back = vqkd_flax_to_torch(*load_vqkd(str(tmp_path / name), cfg), cfg)
+    save_vqkd_torch(str(tmp_path / name), params, vq_stats, cfg)
+    back = vqkd_flax_to_torch(*load_vqkd_torch(str(tmp_path / name), cfg), cfg)
     assert set(back) == set(sd) and all(np.array_equal(back[k], sd[k]) for k in sd)
   assert set(torch.load(tmp_path / 'out.pth', weights_only=True)) == {'model'}
 

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from beit3_jax.train import progress as progress_lib
-from beit3_jax.train import writers
-from beit3_jax.train.progress import Progress, format_duration, format_scalar
-from beit3_jax.train.writers import MetricWriter, read_metrics
+from beit3_jax.trainer import progress as progress_lib
+from beit3_jax.trainer import writers
+from beit3_jax.trainer.progress import Progress, format_duration, format_scalar
+from beit3_jax.trainer.writers import MetricWriter, read_metrics
 
 
 def _strict_json_lines(path):
@@ -138,7 +138,7 @@ class NoTF(importlib.abc.MetaPathFinder):
       raise AssertionError('imported ' + name)
 sys.meta_path.insert(0, NoTF())
 import tensorboard
-from beit3_jax.train.writers import MetricWriter
+from beit3_jax.trainer.writers import MetricWriter
 with MetricWriter({str(tmp_path)!r}) as w:
   w.write(1, {{'loss': 1.0}})
   w.write_text(0, 'config', 'text')

@@ -1,6 +1,8 @@
 """The PyTorch reference for parity tests: torchscale 0.3.0's BEiT3, built and run carefully.
 
-The traps this module avoids (shared/notes/torchscale_reference.md):
+The traps this module avoids, found by running torchscale 0.3.0 (PyPI) and reading its
+torchscale/architecture/config.py, architecture/encoder.py, component/multihead_attention.py,
+component/droppath.py and model/BEiT3.py (github.com/microsoft/torchscale; docs/references.md):
 - `import timm` fails here (its data package needs a CUDA torchvision), but torchscale imports
   `timm.models.layers.drop_path`. We load timm's own `drop.py` (it imports only torch) and
   stand it in for `timm.models.layers` while torchscale is imported, then remove the stand-ins.

@@ -9,14 +9,14 @@ from __future__ import annotations
 import functools
 
 import jax
-import ml_collections
 import numpy as np
 
 from beit3_jax import models
 from beit3_jax.data import masking
+from beit3_jax.defaults import pretrain_config
 from beit3_jax.tokenizers import abstract_variables, get_vqkd_config
-from beit3_jax.train.masked_modeling import MaskedModeling, make_spec
-from beit3_jax.train.optimizer import make_optimizer
+from beit3_jax.jobs.masked_modeling import MaskedModeling, make_spec
+from beit3_jax.trainer.optimizer import make_optimizer
 
 TEXT_LEN = 10
 VOCAB = 102  # divisible by the tensor axis of the (2, 2, 2) mesh
@@ -38,10 +38,13 @@ def tokenizer_config():
 
 
 def optimizer_config(**overrides):
+  """The pretraining optimizer fields (every declared one), with these test values."""
   fields = dict(lr=1e-3, min_lr=0.0, warmup_steps=2, b1=0.9, b2=0.98, eps=1e-6,
                 weight_decay=0.05, clip_norm=3.0, layer_decay=1.0)
   fields.update(overrides)
-  return ml_collections.ConfigDict(fields)
+  config = pretrain_config().optimizer
+  config.update(fields)
+  return config
 
 
 def objective(streams=('image', 'text', 'pair'), pair_image_mask_ratio=0.0, **model_overrides):
@@ -113,13 +116,12 @@ def train_objective(objective, batch, steps=6, lr=3e-3):
   """`steps` train steps of `objective` on one fixed batch on one device, then one eval step:
   (losses (steps,), training summary of all steps, eval summary)."""
   import jax
-  from jax.sharding import NamedSharding, PartitionSpec
   from beit3_jax import sharding
-  from beit3_jax.train import step as step_lib
+  from beit3_jax.trainer import step as step_lib
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
   tx, schedule = optimizer(total_steps=steps, lr=lr, warmup_steps=1)
   state, shardings = step_lib.create_state(objective, tx, mesh, jax.random.key(0), {}, {})
-  batch = jax.device_put(batch, NamedSharding(mesh, PartitionSpec(('data', 'fsdp'))))
+  batch = jax.device_put(batch, sharding.batch_sharding(mesh))
   losses, tasks = [], []
   with sharding.use_mesh(mesh):
     jitted = step_lib.jit_train_step(step_lib.make_train_step(objective, tx, schedule), mesh,

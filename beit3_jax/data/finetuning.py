@@ -1,35 +1,23 @@
-"""Fine-tuning inputs: per-example transforms of every task (classification, VQA, NLVR2,
-retrieval, captioning).
+"""Fine-tuning inputs: what every task's per-example transform shares.
 
-Batch layouts are those of `beit3_jax.data.schema` ('classification', 'vqa'); images stay uint8
-on the host and are normalised on the device (0.5 / 0.5, `image_ops.normalize`).
+Each task's transform lives in its module (`beit3_jax.tasks.<task>.transform`) and returns its
+batch layout (`Task.batch_fields`); images stay uint8 on the host and are normalised on the
+device (`image_ops.normalize`).
 
-- train (the VL recipe of unilm `beit3/datasets.py`): random resized crop (scale
-  `crop_scale`, default 0.5-1) -> horizontal flip (p 0.5);
+- train (the VL recipe of unilm `beit3/datasets.py`): random resized crop (scale `crop_scale`,
+  default 0.5-1) -> horizontal flip (p `flip_prob`), `view`;
 - eval: a plain resize to (image_size, image_size).
-- VQA text: `<s>` question `</s>` padded to `text_len` (the .spm `TextTokenizer`). The target
-  is a soft-score vector over the answer vocabulary: either unilm's VQAv2 scores (the
-  example's `answer_ids` + `answer_scores` fields, 0.3 / 0.6 / 0.9 / 1.0 by annotator count,
-  as `beit3_jax.data.builders.vqa_nlvr2` stores them) or 1.0 on the one answer given (the
-  built-in data). An example of the built-in data holds several questions; each pass picks
-  one with the example's rng (train and eval alike, so the validation batches are the same
-  every time for a fixed seed).
+- Texts: `<s>` text `</s>` padded to `text_len` (the .spm `TextTokenizer`); `caption_example`
+  picks one caption of an example with the example's rng, `caption_list` gives all of them.
 
-- NLVR2: both images get the view (independent crops), the statement is encoded once.
-- Retrieval: one caption per pass (the example's rng picks it); evaluation reads every caption
-  (`caption_list`).
-- Captioning (unilm "masked fine-tuning"): `mask_caption` picks k = max(1, min(round(n p),
-  n - 1)) of the positions 1..n-1 of the n real tokens (never <s>) and replaces each by [MASK]
-  80%, itself 10%, a random id in [3, vocab size) 10%.
-
-Examples the transform cannot use (undecodable image, empty question, answer out of the
-vocabulary) are skipped and counted by the pipeline.
+Examples a transform cannot use (undecodable image, empty text, out-of-range label) are skipped
+(`pipeline.Skip`) and counted by the pipeline.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -57,6 +45,13 @@ class FinetuneInputs:
   interpolation: str = 'bicubic'
   text_len: int = 32
 
+  @classmethod
+  def from_config(cls, config, train: bool) -> 'FinetuneInputs':
+    """The settings of a fine-tuning config (`config.model.img_size`, `config.data.*`)."""
+    d = config.data
+    return cls(image_size=config.model.img_size, train=train, crop_scale=tuple(d.crop_scale),
+               text_len=d.text_len, flip_prob=float(d.flip_prob))
+
 
 def view(cfg: FinetuneInputs, image, rng: np.random.Generator) -> np.ndarray:
   """uint8 (S, S, 3): the training crop + flip, or the eval resize."""
@@ -67,142 +62,24 @@ def view(cfg: FinetuneInputs, image, rng: np.random.Generator) -> np.ndarray:
   return image_ops.eval_resize(image, cfg.image_size, cfg.interpolation)
 
 
-def classification_transform(cfg: FinetuneInputs, num_classes: int, image_field: str = 'image',
-                             label_field: str = 'label') -> pipeline.Transform:
-  """(example with an image and an int label, rng) -> {'image' uint8, 'label' int32}."""
-  def transform(example, rng):
-    image = load_image(example, image_field)
-    if isinstance(image, pipeline.Skip):
-      return image
-    label = int(np.asarray(get_field(example, label_field)))
-    if not 0 <= label < num_classes:
-      return pipeline.Skip('label out of range')
-    return {'image': view(cfg, image, rng), 'label': np.int32(label)}
-  return transform
-
-
-def _as_str(value) -> str:
+def as_str(value) -> str:
+  """A text field as str (TFDS gives bytes)."""
   return value.decode('utf-8') if isinstance(value, bytes) else str(value)
 
 
-def _as_list(value) -> list:
+def as_list(value) -> list:
+  """A field that holds one value or a sequence of them, as a list."""
   if isinstance(value, (str, bytes)) or np.ndim(value) == 0:
     return [value]
   return list(value)
 
 
-def vqa_transform(cfg: FinetuneInputs, tokenizer: TextTokenizer, answers: Sequence[str],
-                  image_field: str = 'image', question_field: str = 'qa/question',
-                  answer_field: str = 'qa/answer', answer_ids_field: str = '',
-                  answer_scores_field: str = '') -> pipeline.Transform:
-  """(example with an image and question(s) + answer(s), rng) -> the 'vqa' layout:
-  {'image', 'text_ids', 'text_padding_mask', 'answer_scores' (A,) float32}.
-
-  Targets, by the fields given:
-    answer_scores_field (and answer_ids_field) set: soft scores. The example holds one
-      question; `answer_ids` are indices into `answers` and `answer_scores` their scores
-      (unilm's VQAv2 targets). In training a question without any scored answer is skipped
-      (unilm drops those); in evaluation it is kept with all-zero scores, so it counts as
-      wrong, as in the official VQA accuracy.
-    otherwise: one-hot on `answer_field`, matched to `answers` by its text (so any answer
-      vocabulary works); an answer outside the vocabulary is skipped.
-
-  Raises (when called):
-    ValueError: an answer id outside `answers` (the data was built with another vocabulary),
-      or soft scores with several questions per example.
-  """
-  index = {a: i for i, a in enumerate(answers)}
-  soft = bool(answer_scores_field)
-  if soft and not answer_ids_field:
-    raise ValueError('VQA soft scores need both fields: answer_ids and answer_scores '
-                     '(config.data.fields).')
-
-  def targets(example, questions):
-    if not soft:
-      given = [_as_str(a).strip() for a in _as_list(get_field(example, answer_field))]
-      if len(questions) != len(given):
-        return pipeline.Skip('no question')
-      return given
-    if len(questions) != 1:
-      raise ValueError(f'VQA soft scores ({answer_ids_field!r}, {answer_scores_field!r}) need '
-                       f'one question per example; this one has {len(questions)} in '
-                       f'{question_field!r}.')
-    ids = np.asarray(get_field(example, answer_ids_field), np.int64).reshape(-1)
-    scores = np.asarray(get_field(example, answer_scores_field), np.float32).reshape(-1)
-    if len(ids) != len(scores):
-      return pipeline.Skip('answer_ids and answer_scores differ in length')
-    outside = ids[(ids < 0) | (ids >= len(answers))]
-    if len(outside):
-      raise ValueError(f'Answer id {int(outside[0])} in {answer_ids_field!r} is outside the '
-                       f'answer vocabulary of '
-                       f'{len(answers)} answers: config.answers is not the vocabulary the data '
-                       'was built with (its answer_vocabulary.json).')
-    if cfg.train and not len(ids):
-      return pipeline.Skip('no answer in the vocabulary')
-    vector = np.zeros((len(answers),), np.float32)
-    vector[ids] = scores
-    return [vector]
-
-  def transform(example, rng):
-    questions = [_as_str(q).strip() for q in _as_list(get_field(example, question_field))]
-    if not questions:
-      return pipeline.Skip('no question')
-    given = targets(example, questions)
-    if isinstance(given, pipeline.Skip):
-      return given
-    k = int(rng.integers(len(questions)))
-    question, answer = questions[k], given[k]
-    if not question:
-      return pipeline.Skip('empty question')
-    if soft:
-      scores = answer
-    else:
-      if answer not in index:
-        return pipeline.Skip('answer not in vocabulary')
-      scores = np.zeros((len(answers),), np.float32)
-      scores[index[answer]] = 1.0
-    image = load_image(example, image_field)
-    if isinstance(image, pipeline.Skip):
-      return image
-    ids, pad = tokenizer.encode_sequence(question, cfg.text_len)
-    return {'image': view(cfg, image, rng), 'text_ids': ids.astype(np.int32),
-            'text_padding_mask': pad, 'answer_scores': scores}
-  return transform
-
-
-def _statement_fields(example, field: str) -> str:
-  return _as_str(get_field(example, field)).strip()
-
-
-def nlvr2_transform(cfg: FinetuneInputs, tokenizer: TextTokenizer, image_a_field: str = 'image_a',
-                    image_b_field: str = 'image_b', statement_field: str = 'statement',
-                    label_field: str = 'label') -> pipeline.Transform:
-  """(example with two images, a statement and a 0/1 label, rng) -> the 'nlvr2' layout."""
-  def transform(example, rng):
-    statement = _statement_fields(example, statement_field)
-    if not statement:
-      return pipeline.Skip('empty statement')
-    images = []
-    for field in (image_a_field, image_b_field):
-      image = load_image(example, field)
-      if isinstance(image, pipeline.Skip):
-        return image
-      images.append(view(cfg, image, rng))
-    label = int(np.asarray(get_field(example, label_field)))
-    if label not in (0, 1):
-      return pipeline.Skip('label not 0/1')
-    ids, pad = tokenizer.encode_sequence(statement, cfg.text_len)
-    return {'image_a': images[0], 'image_b': images[1], 'text_ids': ids.astype(np.int32),
-            'text_padding_mask': pad, 'label': np.int32(label)}
-  return transform
-
-
 def caption_list(example, field: str = 'captions') -> list[str]:
   """The non-empty captions of an example (str)."""
-  return [c for c in (_as_str(x).strip() for x in _as_list(get_field(example, field))) if c]
+  return [c for c in (as_str(x).strip() for x in as_list(get_field(example, field))) if c]
 
 
-def _caption_example(cfg: FinetuneInputs, tokenizer: TextTokenizer, example, rng,
+def caption_example(cfg: FinetuneInputs, tokenizer: TextTokenizer, example, rng,
                      image_field: str, caption_field: str):
   """(decoded image, ids, padding mask) of one caption of the example (picked with `rng`), or
   a Skip. Callers take the view last, after any other draw from `rng`."""
@@ -216,54 +93,6 @@ def _caption_example(cfg: FinetuneInputs, tokenizer: TextTokenizer, example, rng
   return image, ids.astype(np.int32), pad
 
 
-def retrieval_transform(cfg: FinetuneInputs, tokenizer: TextTokenizer, image_field: str = 'image',
-                        caption_field: str = 'captions') -> pipeline.Transform:
-  """(example with an image and caption(s), rng) -> the 'retrieval' layout (one caption)."""
-  def transform(example, rng):
-    out = _caption_example(cfg, tokenizer, example, rng, image_field, caption_field)
-    if isinstance(out, pipeline.Skip):
-      return out
-    image, ids, pad = out
-    return {'image': view(cfg, image, rng), 'text_ids': ids, 'text_padding_mask': pad}
-  return transform
-
-
-def mask_caption(ids: np.ndarray, padding: np.ndarray, rng: np.random.Generator,
-                 mask_prob: float, mask_id: int, random_low: int, random_high: int
-                 ) -> tuple[np.ndarray, np.ndarray]:
-  """(masked input ids, mask (L,) bool) of one encoded caption (`ids` (L,) int32 with <s> at 0,
-  `padding` True at pads): unilm's captioning masking, see the module doc."""
-  n = int(np.sum(~padding))
-  k = max(1, min(int(round(n * mask_prob)), n - 1))
-  chosen = 1 + rng.choice(n - 1, size=k, replace=False)
-  mask = np.zeros(ids.shape, bool)
-  mask[chosen] = True
-  out = ids.copy()
-  u = rng.random(k)
-  out[chosen[u < 0.8]] = mask_id
-  rand = chosen[u >= 0.9]
-  out[rand] = rng.integers(random_low, random_high, size=rand.size)
-  return out.astype(np.int32), mask
-
-
-def captioning_transform(cfg: FinetuneInputs, tokenizer: TextTokenizer, mask_prob: float,
-                         image_field: str = 'image', caption_field: str = 'captions'
-                         ) -> pipeline.Transform:
-  """(example with an image and caption(s), rng) -> the 'captioning' layout: one caption,
-  masked (`text_ids`), with `text_targets` (the caption) and `text_mask`."""
-  def transform(example, rng):
-    out = _caption_example(cfg, tokenizer, example, rng, image_field, caption_field)
-    if isinstance(out, pipeline.Skip):
-      return out
-    image, ids, pad = out
-    # unilm: random.randint(3, len(tokenizer) - 1), both ends included.
-    masked, mask = mask_caption(ids, pad, rng, mask_prob, tokenizer.mask_id, 3,
-                                tokenizer.vocab_size)
-    return {'image': view(cfg, image, rng), 'text_ids': masked, 'text_padding_mask': pad,
-            'text_targets': ids, 'text_mask': mask}
-  return transform
-
-
 def make_stream_mixture(name: str, source: Any, transform: pipeline.Transform,
                         global_batch: int, seed: int, *, num_epochs: int | None = None,
                         read_threads: int = 2) -> pipeline.Mixture:
@@ -274,4 +103,5 @@ def make_stream_mixture(name: str, source: Any, transform: pipeline.Transform,
 
 
 def field_overrides(fields: Mapping[str, str] | None, defaults: Mapping[str, str]) -> dict:
+  """Where a task's inputs live in an example: `defaults`, overridden by `fields`."""
   return {**defaults, **dict(fields or {})}

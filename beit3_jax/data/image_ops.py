@@ -4,7 +4,9 @@ Every random op takes a `np.random.Generator` first and is deterministic given i
 `RandomMapTransform` (or any loop with a per-example generator) can drive it. Images are uint8
 (H, W, 3) RGB arrays throughout; ops that resample also accept a `PIL.Image.Image` in RGB mode.
 
-Recipes (shared/notes/beit3_reference.md §4, §5, §7):
+Recipes (from unilm, github.com/microsoft/unilm: beit2/datasets.py and
+run_beitv2_pretraining.py for pretraining, beit3/datasets.py for fine-tuning; colour jitter
+from Table 11 of the BEiT-3 paper, arXiv 2208.10442; see docs/references.md):
   * Pretraining (BEiT v2 / BEiT-3): RandomResizedCrop(scale 0.08–1, ratio 3/4–4/3) → bicubic 224
     for the model and the SAME crop → lanczos 224 for the VQ-KD tokenizer ("second view"), one
     horizontal flip for both, colour jitter 0.4 (brightness/contrast/saturation).
@@ -13,12 +15,13 @@ Recipes (shared/notes/beit3_reference.md §4, §5, §7):
   * ImageNet: ImageNet mean/std; eval `resize_shorter_center_crop` (shorter side to
     int(S / crop_pct), then centre crop S).
 
-Fast path (shared/notes/input_pipeline.md): keep the host output uint8, ship it to the device and
-call `normalize` / `tokenizer_view` there (under jit, on the device batch). That is 4x less host
-memory traffic than float32 and, together with using one resize per view, about 2x the host
-throughput. Both functions also work on host NumPy batches. On the host, feed `augment` the PIL
-image from `decode_pil` rather than the array from `decode`: the image -> array copy of the
-full-size image costs 0.2-1 ms at 500 x 375, while the 224 px views are cheap to convert.
+Fast path (measured with benchmarks/input_pipeline.py, see benchmarks/README.md): keep the host
+output uint8, ship it to the device and call `normalize` / `tokenizer_view` there (under jit, on
+the device batch). That is 4x less host memory traffic than float32 and, together with using one
+resize per view, about 2x the host throughput. Both functions also work on host NumPy batches.
+On the host, feed `augment` the PIL image from `decode_pil` rather than the array from `decode`:
+the image -> array copy of the full-size image costs 0.2-1 ms at 500 x 375, while the 224 px
+views are cheap to convert.
 """
 
 from __future__ import annotations

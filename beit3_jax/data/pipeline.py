@@ -30,7 +30,9 @@ from typing import Any, Callable, Mapping
 import grain
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
+
+from beit3_jax import sharding as sharding_lib
 
 Transform = Callable[[Any, np.random.Generator], Any]
 
@@ -171,12 +173,8 @@ class Mixture:
       counts.update(state[name]['skipped'])
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Batch axis over (data, fsdp), the rest replicated: the logical 'batch' rule."""
-  return NamedSharding(mesh, PartitionSpec(('data', 'fsdp')))
-
-
 def to_global(host_batch, mesh: Mesh):
-  """Host-local numpy arrays (leading axis = this host's examples) -> global jax arrays."""
-  sharding = batch_sharding(mesh)
+  """Host-local numpy arrays (leading axis = this host's examples) -> global jax arrays, laid
+  out by `sharding.batch_sharding` (the rules' 'batch' entry: over (data, fsdp))."""
+  sharding = sharding_lib.batch_sharding(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), host_batch)

@@ -4,9 +4,10 @@ One global batch of pretraining is a dict of three streams, each with its own ba
 
     {'image': {...}, 'text': {...}, 'pair': {...}}
 
-and a fine-tuning batch is one task's dict. Images travel as uint8 (B, H, W, 3) and are
-normalised on device (4x less host memory and transfer than float32; see
-shared/notes/input_pipeline.md); the visual tokenizer's view is the same crop, also uint8.
+and a fine-tuning batch is one task's dict, laid out by the task's `batch_fields`
+(`beit3_jax.tasks`), built from the fields here. Images travel as uint8 (B, H, W, 3) and are
+normalised on device (4x less host memory and transfer than float32); the visual tokenizer's
+view is the same crop, also uint8.
 
 Symbols: B batch size of the stream, H = W = image size (px), T = tokenizer view size (px),
 N = number of patches, L = text length (tokens), A = number of answers.
@@ -21,11 +22,6 @@ N = number of patches, L = text length (tokens), A = number of answers.
 |               | text_targets        | (B, L)       | int32   | the original ids (loss where text_mask)      |
 |               | text_mask           | (B, L)       | bool    | True = masked position (predict it)          |
 | pair          | image, tokenizer_image, image_mask, text_ids, text_padding_mask, text_targets, text_mask |
-| classification| image (B,H,W,3) uint8; label (B,) int32                                                  |
-| retrieval     | image; text_ids; text_padding_mask                                                       |
-| vqa           | image; text_ids; text_padding_mask; answer_scores (B, A) float32 (soft scores)            |
-| nlvr2         | image_a; image_b; text_ids; text_padding_mask; label (B,) int32                          |
-| captioning    | image; text_ids; text_padding_mask                                                       |
 """
 
 from __future__ import annotations
@@ -44,47 +40,51 @@ class Field:
   doc: str
 
 
-_IMAGE = Field(('B', 'H', 'W', 3), 'uint8', 'augmented image')
+IMAGE = Field(('B', 'H', 'W', 3), 'uint8', 'augmented image')
 _TOKENIZER_IMAGE = Field(('B', 'T', 'T', 3), 'uint8', 'same crop, for the visual tokenizer')
 _IMAGE_MASK = Field(('B', 'N'), 'bool', 'True = masked patch')
-_TEXT = {
+TEXT = {
     'text_ids': Field(('B', 'L'), 'int32', 'token ids'),
     'text_padding_mask': Field(('B', 'L'), 'bool', 'True = padding'),
 }
-_MASKED_TEXT = {
+MASKED_TEXT = {
     'text_targets': Field(('B', 'L'), 'int32', 'original ids'),
     'text_mask': Field(('B', 'L'), 'bool', 'True = masked position'),
 }
-_LABEL = Field(('B',), 'int32', 'class index')
+LABEL = Field(('B',), 'int32', 'class index')
 
 SCHEMAS: dict[str, dict[str, Field]] = {
-    'image': {'image': _IMAGE, 'tokenizer_image': _TOKENIZER_IMAGE, 'image_mask': _IMAGE_MASK},
-    'text': {**_TEXT, **_MASKED_TEXT},
-    'pair': {'image': _IMAGE, 'tokenizer_image': _TOKENIZER_IMAGE, 'image_mask': _IMAGE_MASK,
-             **_TEXT, **_MASKED_TEXT},
-    'classification': {'image': _IMAGE, 'label': _LABEL},
-    'retrieval': {'image': _IMAGE, **_TEXT},
-    'vqa': {'image': _IMAGE, **_TEXT,
-            'answer_scores': Field(('B', 'A'), 'float32', 'soft answer scores in [0, 1]')},
-    'nlvr2': {'image_a': _IMAGE, 'image_b': _IMAGE, **_TEXT, 'label': _LABEL},
-    'captioning': {'image': _IMAGE, **_TEXT, **_MASKED_TEXT},
+    'image': {'image': IMAGE, 'tokenizer_image': _TOKENIZER_IMAGE, 'image_mask': _IMAGE_MASK},
+    'text': {**TEXT, **MASKED_TEXT},
+    'pair': {'image': IMAGE, 'tokenizer_image': _TOKENIZER_IMAGE, 'image_mask': _IMAGE_MASK,
+             **TEXT, **MASKED_TEXT},
 }
 
 PRETRAINING_STREAMS = ('image', 'text', 'pair')
 
 
-def shapes(kind: str, sizes: Mapping[str, int]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+def _layout(kind: str | Mapping[str, Field]) -> tuple[str, Mapping[str, Field]]:
+  """(name, layout) of a pretraining stream name or of a layout given as such."""
+  if not isinstance(kind, str):
+    return 'the layout', kind
+  if kind not in SCHEMAS:
+    raise KeyError(f'Unknown batch kind {kind!r}; known: {sorted(SCHEMAS)}.')
+  return kind, SCHEMAS[kind]
+
+
+def shapes(kind: str | Mapping[str, Field], sizes: Mapping[str, int]
+           ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   """Concrete (shape, dtype) of every key of a stream or task, given the symbol sizes.
 
   Args:
-    kind: a key of `SCHEMAS` ('image', 'text', 'pair', or a task name).
+    kind: a key of `SCHEMAS` ('image', 'text', 'pair'), or a layout such as a fine-tuning
+      task's `batch_fields`.
     sizes: values of the symbols used by that kind, e.g. {'B': 8, 'H': 64, 'W': 64, 'T': 64,
       'N': 16}.
   """
-  if kind not in SCHEMAS:
-    raise KeyError(f'Unknown batch kind {kind!r}; known: {sorted(SCHEMAS)}.')
+  kind, layout = _layout(kind)
   out = {}
-  for key, field in SCHEMAS[kind].items():
+  for key, field in layout.items():
     dims = []
     for d in field.dims:
       if isinstance(d, int):
@@ -97,12 +97,11 @@ def shapes(kind: str, sizes: Mapping[str, int]) -> dict[str, tuple[tuple[int, ..
   return out
 
 
-def check(kind: str, batch: Mapping[str, np.ndarray], sizes: Mapping[str, int] | None = None):
+def check(kind: str | Mapping[str, Field], batch: Mapping[str, np.ndarray],
+          sizes: Mapping[str, int] | None = None):
   """Raises ValueError naming each key of `batch` that is missing, extra, or of the wrong
-  dtype, rank or (when `sizes` gives the symbols) shape."""
-  if kind not in SCHEMAS:
-    raise KeyError(f'Unknown batch kind {kind!r}; known: {sorted(SCHEMAS)}.')
-  schema = SCHEMAS[kind]
+  dtype, rank or (when `sizes` gives the symbols) shape. `kind` as in `shapes`."""
+  kind, schema = _layout(kind)
   problems = [f'missing {k}' for k in schema if k not in batch]
   problems += [f'unexpected {k}' for k in batch if k not in schema]
   for key, field in schema.items():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypedDict
 
 import flax.linen as nn
 import jax
@@ -24,6 +24,14 @@ def split_position(config, has_images: bool, has_text: bool) -> int:
   if has_text:
     return TEXT_ONLY
   raise ValueError('BEiT3 needs images, text_ids or both.')
+
+
+class BEiT3Output(TypedDict):
+  """What `BEiT3` returns: a plain dict with always these keys (see `BEiT3`)."""
+  encoder_out: jax.Array
+  split_position: int
+  hidden_states: jax.Array | None
+  new_cache: tuple[dict[str, jax.Array], ...] | None
 
 
 class BEiT3(nn.Module):
@@ -49,8 +57,8 @@ class BEiT3(nn.Module):
                        sequence of `depth` dicts {'key', 'value'} (B, S_cache, H, d), prepended
                        to each layer's keys/values. attn_mask is then (S, S_cache + S) (rows =
                        this call's tokens, columns = cached then new keys), cached keys are
-                       never padding, and the output dict gets `new_cache`: the same structure
-                       (a tuple) with this call's keys/values appended (B, S_cache + S, H, d).
+                       never padding, and the output's `new_cache` is the same structure (a
+                       tuple) with this call's keys/values appended (B, S_cache + S, H, d).
                        Routing and positions of the new tokens are those of this call alone
                        (a text-only step uses expert B, as torchscale's split position 0), so
                        a cached run equals the full run only with num_vl_layers == 0.
@@ -61,9 +69,17 @@ class BEiT3(nn.Module):
   `split_position`; -1 / 0 for the one-modality cases). This gives at most three compiled
   variants per input shape.
 
-  Returns a dict with `encoder_out` (B, S, D) in the compute dtype, `split_position` (int),
-  and with `return_hidden_states=True` also `hidden_states` (depth + 1, B, S, D): the input of
-  the first layer and the output of every layer, before the final norm.
+  Returns a `BEiT3Output`: a dict with always the same four keys, whatever the flags:
+
+    encoder_out:    (B, S, D) in the compute dtype (config.dtype), after the final norm.
+    split_position: int (static), the Multiway split: -1 image only, 0 text only, 1 + N_p
+                    image + text.
+    hidden_states:  (depth + 1, B, S, D) in the compute dtype with `return_hidden_states=True`
+                    (the input of the first layer and the output of every layer, before the
+                    final norm); None otherwise.
+    new_cache:      with a `cache` or `return_cache=True`, a tuple of `depth` dicts
+                    {'key', 'value'}, each (B, S_cache + S, H, d) in the compute dtype
+                    (S_cache = 0 without a cache); None otherwise.
 
   `model.init` must see both images and text_ids, so that every parameter is created
   (`beit3_jax.models.init_params` does this).
@@ -102,23 +118,13 @@ class BEiT3(nn.Module):
             [jnp.zeros((text_pad.shape[0], split), bool), text_pad], axis=1)
       padding_mask = text_pad
 
-    encoder = Encoder(cfg, name='encoder')
-    if cache is None and not return_cache and text_positions is None:
-      out, hidden = encoder(x, split, padding_mask, attn_mask, deterministic)
-      new_cache = None
-    else:
-      if text_positions is not None:
-        text_positions = jnp.asarray(text_positions).astype(jnp.int32)
-      encoded = encoder(x, split, padding_mask, attn_mask, deterministic, text_positions, cache,
-                        return_cache)
-      out, hidden = encoded[:2]
-      new_cache = encoded[2] if len(encoded) > 2 else None
-    result = {'encoder_out': out, 'split_position': split}
-    if new_cache is not None:
-      result['new_cache'] = new_cache
-    if return_hidden_states:
-      result['hidden_states'] = jnp.stack(hidden)
-    return result
+    if text_positions is not None:
+      text_positions = jnp.asarray(text_positions).astype(jnp.int32)
+    out, hidden, new_cache = Encoder(cfg, name='encoder')(
+        x, split, padding_mask, attn_mask, deterministic, text_positions, cache, return_cache)
+    return BEiT3Output(encoder_out=out, split_position=split,
+                       hidden_states=jnp.stack(hidden) if return_hidden_states else None,
+                       new_cache=new_cache)
 
 
 def check_inputs(cfg, text_ids, text_padding_mask, images, image_mask, attn_mask, *,

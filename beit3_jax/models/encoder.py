@@ -179,14 +179,15 @@ class Encoder(nn.Module):
 
   Call: token embeddings (B, S, D) in vision-first order, static split position, padding
   (B, S) bool or None, attention mask (S, S) bool/int or None (True/1 = blocked).
-  Returns (encoder_out (B, S, D), hidden states: list of depth + 1 arrays (B, S, D)).
+  Returns (encoder_out (B, S, D), hidden states: list of depth + 1 arrays (B, S, D), new cache
+  or None), always three elements.
 
   Incremental decoding: `text_positions` (B, L) int gives the text tokens explicit 0-based
   positions (see `MultiwayPositions`). `cache`, a sequence of `depth` dicts {'key', 'value'}
   (B, S_cache, H, d), is prepended to each layer's keys/values; the attention mask is then
   (S, S_cache + S) and the padding mask covers only the S new tokens (cached keys are never
-  padding). With a cache or `return_cache=True` the call returns a third element, the new
-  cache: a tuple of `depth` dicts (B, S_cache + S, H, d) (S_cache = 0 without a cache).
+  padding). With a cache or `return_cache=True` the third element is the new cache: a tuple
+  of `depth` dicts (B, S_cache + S, H, d) (S_cache = 0 without a cache); otherwise None.
   """
   config: Any
 
@@ -238,7 +239,5 @@ class Encoder(nn.Module):
     if cfg.normalize_output:
       ln = functools.partial(LayerNorm, cfg.layernorm_eps, 'norm', dtype)
       x = Multiway(ln, name='layer_norm')(x, split_position)
-    if with_cache:
-      return x, hidden, tuple(new_cache)
-    return x, hidden
+    return x, hidden, (tuple(new_cache) if with_cache else None)
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from beit3_jax.models import initializers
 from beit3_jax.models.beit3 import BEiT3, example_inputs
 from beit3_jax.models.config import num_patches
-from beit3_jax.models.layers import LayerNorm, Linear, compute_dtype
+from beit3_jax.models.layers import LayerNorm, Linear, compute_dtype, l2_normalize
 
 HEAD_EPS = 1e-5
 
@@ -44,7 +44,7 @@ def _linear(cfg, d_in: int, d_out: int, axes=('embed', 'mlp'), scale: float = 1.
                 compute_dtype(cfg.dtype), use_bias=use_bias, name=name)
 
 
-def _backbone(module: nn.Module, cfg) -> BEiT3:
+def backbone(module: nn.Module, cfg) -> BEiT3:
   """The `beit3` submodule; at init it first sees both modalities, so every expert exists even
   when the task feeds one (classification, the retrieval passes)."""
   backbone = BEiT3(cfg, name='beit3')
@@ -66,7 +66,7 @@ class ImageClassifier(nn.Module):
   @nn.compact
   def __call__(self, images, deterministic: bool = True):
     cfg = self.config
-    x = _backbone(self, cfg)(images=images, deterministic=deterministic)['encoder_out']
+    x = backbone(self, cfg)(images=images, deterministic=deterministic)['encoder_out']
     pooled = jnp.mean(x[:, 1:].astype(jnp.float32), axis=1)
     pooled = LayerNorm(HEAD_EPS, name='fc_norm')(pooled)
     head = _linear(cfg, cfg.embed_dim, self.num_classes, ('embed', 'mlp'), scale=1e-3,
@@ -170,7 +170,7 @@ class RetrievalModel(nn.Module):
   def __call__(self, images=None, text_ids=None, text_padding_mask=None,
                deterministic: bool = True):
     cfg = self.config
-    backbone = _backbone(self, cfg)
+    beit3 = backbone(self, cfg)
     vision_head = _linear(cfg, cfg.embed_dim, cfg.embed_dim, use_bias=False, name='vision_head')
     language_head = _linear(cfg, cfg.embed_dim, cfg.embed_dim, use_bias=False,
                             name='language_head')
@@ -181,17 +181,13 @@ class RetrievalModel(nn.Module):
       vision_head(jnp.zeros((1, cfg.embed_dim), jnp.float32))
       language_head(jnp.zeros((1, cfg.embed_dim), jnp.float32))
     if images is not None:
-      x = backbone(images=images, deterministic=deterministic)['encoder_out'][:, 0]
-      out['image_features'] = _l2(vision_head(x).astype(jnp.float32))
+      x = beit3(images=images, deterministic=deterministic)['encoder_out'][:, 0]
+      out['image_features'] = l2_normalize(vision_head(x).astype(jnp.float32))
     if text_ids is not None:
-      x = backbone(text_ids=text_ids, text_padding_mask=text_padding_mask,
+      x = beit3(text_ids=text_ids, text_padding_mask=text_padding_mask,
                    deterministic=deterministic)['encoder_out'][:, 0]
-      out['text_features'] = _l2(language_head(x).astype(jnp.float32))
+      out['text_features'] = l2_normalize(language_head(x).astype(jnp.float32))
     return out
-
-
-def _l2(x, eps: float = 1e-12):
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 class CaptioningModel(nn.Module):
@@ -210,49 +206,3 @@ class CaptioningModel(nn.Module):
     picked = jnp.take_along_axis(text, text_index[..., None].astype(jnp.int32), axis=1)
     head = _linear(cfg, cfg.embed_dim, cfg.vocab_size, ('embed', 'vocab'), name='mlm_head')
     return head(picked).astype(jnp.float32)
-
-
-# ------------------------------------------------------------------------------------------
-# One place that maps a fine-tuning task to its model and the inputs that initialise it.
-
-TASKS = ('classification', 'vqa', 'nlvr2', 'retrieval', 'captioning')
-
-
-def task_model(task: str, config, *, num_classes: int = 1000, num_answers: int = 3129
-               ) -> nn.Module:
-  """The fine-tuning model of `task` (a name of TASKS) on the backbone `config`.
-
-  num_classes: classification classes; num_answers: the VQA answer vocabulary.
-  """
-  if task == 'classification':
-    return ImageClassifier(config, int(num_classes))
-  if task == 'vqa':
-    return VQAModel(config, int(num_answers))
-  if task == 'nlvr2':
-    return NLVR2Classifier(config)
-  if task == 'retrieval':
-    return RetrievalModel(config)
-  if task == 'captioning':
-    return CaptioningModel(config)
-  raise ValueError(f'task={task!r}; known: {TASKS}.')
-
-
-def task_example_inputs(task: str, config, batch_size: int = 1, text_len: int = 8) -> dict:
-  """Zero inputs (float32 images (B, S, S, C), int32 ids (B, text_len)) that initialise every
-  parameter of `task_model(task, config)`."""
-  s, c = config.img_size, config.in_chans
-  images = jnp.zeros((batch_size, s, s, c), jnp.float32)
-  ids = jnp.zeros((batch_size, text_len), jnp.int32)
-  pad = jnp.zeros((batch_size, text_len), bool)
-  if task == 'classification':
-    return {'images': images}
-  if task == 'vqa':
-    return {'images': images, 'text_ids': ids, 'text_padding_mask': pad}
-  if task == 'nlvr2':
-    return {'images_a': images, 'images_b': images, 'text_ids': ids, 'text_padding_mask': pad}
-  if task == 'retrieval':
-    return {'images': images, 'text_ids': ids, 'text_padding_mask': pad}
-  if task == 'captioning':
-    return {'images': images, 'text_ids': ids, 'text_padding_mask': pad,
-            'text_index': jnp.zeros((batch_size, 1), jnp.int32)}
-  raise ValueError(f'task={task!r}; known: {TASKS}.')

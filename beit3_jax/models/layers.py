@@ -122,3 +122,8 @@ class Multiway(nn.Module):
     p = split_position
     return jnp.concatenate([experts['A'](x[:, :p]), experts['B'](x[:, p:])], axis=1)
 
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """x / max(||x||, eps) over the last axis (torch `F.normalize`)."""
+  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
+  return x / jnp.maximum(norm, eps)

@@ -16,7 +16,7 @@ as much as the backbone.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypedDict
 
 import flax.linen as nn
 import jax
@@ -33,14 +33,26 @@ def gather_positions(x: jax.Array, index: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x, index[..., None].astype(jnp.int32), axis=1)
 
 
+class PretrainingOutput(TypedDict):
+  """What `BEiT3Pretraining` returns: a plain dict with always these keys (see there)."""
+  encoder_out: jax.Array
+  mim_logits: jax.Array | None
+  mlm_logits: jax.Array | None
+
+
 class BEiT3Pretraining(nn.Module):
   """The backbone and the two pretraining heads.
 
   Call with the backbone's inputs (see `BEiT3`) plus
     image_index: (B, K_i) int32, patch indices (0 .. N_p - 1) whose MIM logits to return.
     text_index:  (B, K_t) int32, text positions (0 .. L - 1) whose MLM logits to return.
-  Returns {'mim_logits': (B, K_i, codebook_size), 'mlm_logits': (B, K_t, vocab_size)} in
-  float32, each present when its inputs and index are given, and 'encoder_out'.
+  Returns a `PretrainingOutput`: a dict with always the same three keys, whatever the inputs:
+
+    encoder_out: (B, S, D) in the compute dtype (config.dtype), the backbone's output.
+    mim_logits:  (B, K_i, codebook_size) float32 when images and image_index are given;
+                 None otherwise.
+    mlm_logits:  (B, K_t, vocab_size) float32 when text_ids and text_index are given;
+                 None otherwise.
 
   Attributes:
     config: the backbone's model config.
@@ -65,16 +77,14 @@ class BEiT3Pretraining(nn.Module):
     out = self.beit3(text_ids=text_ids, text_padding_mask=text_padding_mask, images=images,
                      image_mask=image_mask, deterministic=deterministic)
     x = out['encoder_out']
-    result = {'encoder_out': x}
+    mim_logits = mlm_logits = None
     if images is not None and image_index is not None:
       patches = x[:, 1:1 + num_patches(self.config)]
-      result['mim_logits'] = self.mim_head(gather_positions(patches, image_index)).astype(
-          jnp.float32)
+      mim_logits = self.mim_head(gather_positions(patches, image_index)).astype(jnp.float32)
     if text_ids is not None and text_index is not None:
       text = x[:, x.shape[1] - text_ids.shape[1]:]
-      result['mlm_logits'] = self.mlm_head(gather_positions(text, text_index)).astype(
-          jnp.float32)
-    return result
+      mlm_logits = self.mlm_head(gather_positions(text, text_index)).astype(jnp.float32)
+    return PretrainingOutput(encoder_out=x, mim_logits=mim_logits, mlm_logits=mlm_logits)
 
 
 def pretraining_example_inputs(config) -> dict:

@@ -1,4 +1,7 @@
-"""Caption generation with a key/value cache (unilm BEiT-3 / s2s-ft incremental decoding).
+"""Image captioning (COCO Karpathy in unilm's recipe): `CaptioningModel` trained by masked
+fine-tuning, captions generated with a key/value cache, CIDEr-D / BLEU-4, `predict caption`.
+
+Caption generation with a key/value cache (unilm BEiT-3 / s2s-ft incremental decoding).
 
 A `beit3_jax.models.heads.CaptioningModel` (backbone `beit3` + `mlm_head`) is trained with the
 captioning attention mask (`captioning_attn_mask`): image tokens see the image, text tokens see
@@ -21,18 +24,26 @@ released base/large): the text-only steps route through the language expert B, a
 
 from __future__ import annotations
 
-from typing import Any
+import collections
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from beit3_jax import losses
+from beit3_jax.data import image_ops, pipeline, schema
+from beit3_jax.data.finetuning import FinetuneInputs, caption_example, caption_list, view
+from beit3_jax.data.text import TextTokenizer
+from beit3_jax.defaults import finetune_config
+from beit3_jax.losses import masked_slots
+from beit3_jax.models import heads
 from beit3_jax.models.beit3 import BEiT3
 from beit3_jax.models.config import num_patches
 from beit3_jax.models.embeddings import POSITION_OFFSET
 from beit3_jax.models.heads import _linear
-from beit3_jax.tasks import decoding
+from beit3_jax.tasks import base, decoding, evaluation, metrics, registry
 
 
 def captioning_attn_mask(num_image_tokens: int, text_len: int) -> np.ndarray:
@@ -187,3 +198,243 @@ def _generator(config, max_len: int, beam_size: int, return_scores: bool):
 
   _GENERATORS[key] = run
   return run
+
+
+# ------------------------------------------------------------------------------------------
+# The captioning task: data, objective, evaluation, predict.
+#
+# unilm's "masked fine-tuning" (beit3/datasets.py CaptioningDataset, engine_for_finetuning.py):
+# a caption is masked with `mask_caption` and the model predicts the masked tokens under the
+# captioning attention mask; label-smoothed cross-entropy on the masked positions.
+#
+# Evaluation: captions are generated with the cache (`generate_captions`, beam size, length
+# penalty and max length from `config.captioning`) and scored against every reference caption of
+# the example with CIDEr-D and BLEU-4 (`tasks.metrics`). Baseline: `captioning/baseline_cider`,
+# the CIDEr-D of emitting one fixed caption for every image (the most common caption of the
+# training split).
+
+
+def mask_caption(ids: np.ndarray, padding: np.ndarray, rng: np.random.Generator,
+                 mask_prob: float, mask_id: int, random_low: int, random_high: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """(masked input ids, mask (L,) bool) of one encoded caption (`ids` (L,) int32 with <s> at 0,
+  `padding` True at pads): unilm's captioning masking picks k = max(1, min(round(n p), n - 1))
+  of the positions 1..n-1 of the n real tokens (never <s>) and replaces each by [MASK] 80%,
+  itself 10%, a random id in [random_low, random_high) 10%."""
+  n = int(np.sum(~padding))
+  k = max(1, min(int(round(n * mask_prob)), n - 1))
+  chosen = 1 + rng.choice(n - 1, size=k, replace=False)
+  mask = np.zeros(ids.shape, bool)
+  mask[chosen] = True
+  out = ids.copy()
+  u = rng.random(k)
+  out[chosen[u < 0.8]] = mask_id
+  rand = chosen[u >= 0.9]
+  out[rand] = rng.integers(random_low, random_high, size=rand.size)
+  return out.astype(np.int32), mask
+
+
+def transform(cfg: FinetuneInputs, tokenizer: TextTokenizer, mask_prob: float,
+              image_field: str = 'image', caption_field: str = 'captions'
+              ) -> pipeline.Transform:
+  """(example with an image and caption(s), rng) -> the batch layout: one caption, masked
+  (`text_ids`), with `text_targets` (the caption) and `text_mask`."""
+  def apply(example, rng):
+    out = caption_example(cfg, tokenizer, example, rng, image_field, caption_field)
+    if isinstance(out, pipeline.Skip):
+      return out
+    image, ids, pad = out
+    # unilm: random.randint(3, len(tokenizer) - 1), both ends included.
+    masked, mask = mask_caption(ids, pad, rng, mask_prob, tokenizer.mask_id, 3,
+                                tokenizer.vocab_size)
+    return {'image': view(cfg, image, rng), 'text_ids': masked, 'text_padding_mask': pad,
+            'text_targets': ids, 'text_mask': mask}
+  return apply
+
+
+class CaptioningFinetune(base.Finetune):
+  """batch {'captioning': {'image', 'text_ids' (masked input), 'text_padding_mask',
+  'text_targets', 'text_mask'}}; the loss is on the masked positions (gathered into `slots` =
+  text_len - 1 fixed slots, the most that can be masked). Metrics: captioning/{loss, nll,
+  accuracy (masked tokens), baseline_accuracy, examples (masked tokens)}."""
+
+  def __init__(self, model_cfg, label_smoothing: float = 0.1, *, text_len: int = 8, **kw):
+    super().__init__(TASK, model_cfg, text_len=text_len, **kw)
+    self.label_smoothing = float(label_smoothing)
+    self.num_image_tokens = 1 + num_patches(model_cfg)
+
+  def normalizers(self, batch) -> dict[str, jax.Array]:
+    """Masked tokens of the whole batch."""
+    return {self.task: jnp.sum(batch[self.task]['text_mask'].astype(jnp.float32))}
+
+  def loss(self, params, extra, frozen, batch, rng, normalizers, *, train: bool):
+    del frozen
+    b = batch[self.task]
+    text_len = b['text_ids'].shape[1]
+    index, valid = masked_slots(b['text_mask'], text_len - 1)
+    attn_mask = jnp.asarray(captioning_attn_mask(self.num_image_tokens, text_len))
+    logits = self.apply(params, rng, train, images=self.images(b['image']),
+                        text_ids=b['text_ids'], text_padding_mask=b['text_padding_mask'],
+                        attn_mask=attn_mask, text_index=index)
+    targets = jnp.take_along_axis(b['text_targets'], index, axis=1)
+    ce, nll = losses.smoothed_cross_entropy(logits, targets, self.label_smoothing)
+    w = valid.astype(jnp.float32)
+    vocab = self.model_cfg.vocab_size
+    sums = {'ce': jnp.sum(ce * w), 'nll': jnp.sum(nll * w),
+            'correct': jnp.sum((jnp.argmax(logits, -1) == targets).astype(jnp.float32) * w),
+            'count': jnp.sum(w),
+            'histogram': jnp.zeros((vocab,), jnp.int32).at[targets.reshape(-1)].add(
+                valid.reshape(-1).astype(jnp.int32))}
+    return sums['ce'] / jnp.maximum(normalizers[self.task], 1.0), ({self.task: sums}, extra)
+
+  def summarize(self, sums) -> dict[str, float]:
+    return base.summarize_sums(sums, {'ce': 'loss', 'nll': 'nll', 'correct': 'accuracy'})
+
+
+def most_common_caption(source, caption_field: str = 'captions') -> str:
+  """The most frequent caption (exact text) of a split; ties: the first seen."""
+  counts = collections.Counter()
+  for i in range(len(source)):
+    counts.update(caption_list(source[i], caption_field))
+  if not counts:
+    raise ValueError(f'The training split has no {caption_field!r}.')
+  return counts.most_common(1)[0][0]
+
+
+def evaluator(config, source, count: int, batch_size: int, inputs: FinetuneInputs,
+              tokenizer, baseline_caption: str, *, image_mean: Sequence[float],
+              image_std: Sequence[float], image_field: str = 'image',
+              caption_field: str = 'captions') -> Callable[[Any, Any], dict]:
+  """(params, mesh) -> {'captioning/cider', 'captioning/bleu4', 'captioning/baseline_cider',
+  'captioning/baseline_bleu4', 'captioning/images'} over the first `count` examples of
+  `source`, generating with config.captioning.{beam_size, length_penalty, max_len}."""
+  images, references = evaluation.read_captioned(source, count, inputs, image_field,
+                                                 caption_field)
+  c = config.captioning
+  ids = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.mask_id)
+  last_examples: list[tuple[str, list[str]]] = []
+  name = TASK.name
+
+  def evaluate(params, mesh) -> dict[str, float]:
+    def generate(batch):
+      return generate_captions(params, config.model,
+                               image_ops.normalize(batch['image'], image_mean, image_std),
+                               *ids, max_len=int(c.max_len), beam_size=int(c.beam_size),
+                               length_penalty=float(c.length_penalty))
+    tokens = evaluation.batched(generate, {'image': images}, batch_size, mesh)
+    hypotheses = [tokenizer.decode(row) for row in tokens]
+    last_examples[:] = list(zip(hypotheses[:8], references[:8]))
+    baseline = [baseline_caption] * len(hypotheses)
+    return {f'{name}/cider': metrics.cider_d(hypotheses, references),
+            f'{name}/bleu4': metrics.bleu4(hypotheses, references),
+            f'{name}/baseline_cider': metrics.cider_d(baseline, references),
+            f'{name}/baseline_bleu4': metrics.bleu4(baseline, references),
+            f'{name}/images': float(len(hypotheses))}
+  evaluate.examples = last_examples   # the last evaluation's first captions, for a look
+  return evaluate
+
+
+# ---------------------------------------------------------------------------- predict caption
+
+
+def caption_settings(model, beam_size=None, length_penalty=None, max_len=None
+                     ) -> tuple[int, float, int]:
+  """(beam size, length penalty, max tokens): flags, else the run's `captioning` fields, else
+  the fine-tuning defaults (`beit3_jax.defaults.finetune_config`)."""
+  run = dict((model.run_config or {}).get('captioning') or {})
+  run = {**finetune_config(TASK.name).captioning.to_dict(), **run}
+  beam = int(beam_size if beam_size is not None else run['beam_size'])
+  penalty = float(length_penalty if length_penalty is not None else run['length_penalty'])
+  longest = int(max_len if max_len is not None else run['max_len'])
+  if beam < 1 or longest < 1:
+    raise base.PredictError(f'--beam-size {beam} / --max-len {longest}: both must be >= 1.')
+  return beam, penalty, longest
+
+
+def decode_tokens(tokenizer, tokens: np.ndarray) -> str:
+  """The text of generated ids (1-D): up to the first eos, without special ids and without ids
+  past the tokenizer's vocabulary (rows of the embedding no text maps to)."""
+  tokens = np.asarray(tokens)
+  eos = np.flatnonzero(tokens == tokenizer.eos_id)
+  if eos.size:
+    tokens = tokens[:eos[0]]
+  return tokenizer.decode(tokens[(tokens >= 0) & (tokens < tokenizer.vocab_size)])
+
+
+def generate(model, images: np.ndarray, tokenizer, beam_size: int, length_penalty: float,
+             max_len: int, batch_size: int = 8) -> np.ndarray:
+  """Caption tokens (N, max_len) int32 of a loaded model's images (N, S, S, 3) with
+  `generate_captions`, in chunks of `batch_size`."""
+  longest = model.config.max_text_positions - POSITION_OFFSET - 1
+  if max_len > longest:
+    raise base.PredictError(f'--max-len {max_len}: this model\'s text positions allow at most '
+                            f'{longest} tokens.')
+  if model.config.num_vl_layers:
+    raise base.PredictError('Captioning with a key/value cache needs num_vl_layers == 0.')
+  out = []
+  for start in range(0, images.shape[0], max(1, batch_size)):
+    out.append(np.asarray(generate_captions(
+        model.params, model.config, images[start:start + batch_size], tokenizer.bos_id,
+        tokenizer.eos_id, tokenizer.pad_id, tokenizer.mask_id, max_len, beam_size,
+        length_penalty)))
+  return np.concatenate(out)
+
+
+def _add_arguments(p) -> None:
+  p.add_argument('images', nargs='+', help='image files or folders')
+  p.add_argument('--beam-size', type=int, help="default: the run's captioning.beam_size, else 3")
+  p.add_argument('--length-penalty', type=float,
+                 help="default: the run's captioning.length_penalty, else 0.6")
+  p.add_argument('--max-len', type=int, help="default: the run's captioning.max_len, else 32")
+
+
+def _caption(args, session) -> dict:
+  tokenizer = session.tokenizer(args)
+  paths = session.image_paths(args.images)
+  beam, penalty, max_len = caption_settings(session.model, args.beam_size, args.length_penalty,
+                                            args.max_len)
+  images = session.images(args, paths)
+  print(f'Decoding: {"greedy" if beam == 1 else f"beam search of {beam}"}, length penalty '
+        f'{penalty}, at most {max_len} tokens.')
+  tokens = generate(session.model, images, tokenizer, beam, penalty, max_len, args.batch_size)
+  captions = [decode_tokens(tokenizer, row) for row in tokens]
+  for p, c in zip(paths, captions):
+    print(f'{p}: {c}')
+  return {'image_files': paths, 'captions': captions, 'tokens': tokens}
+
+
+class CaptioningTask(base.Task):
+  name = 'captioning'
+  default_fields = {'image': 'image', 'captions': 'captions'}
+  batch_fields = {'image': schema.IMAGE, **schema.TEXT, **schema.MASKED_TEXT}
+  unilm_head_key = 'mlm_head.weight'
+
+  def model(self, model_cfg):
+    return heads.CaptioningModel(model_cfg)
+
+  def example_inputs(self, model_cfg, batch_size: int = 1, text_len: int = 8) -> dict:
+    images, ids, pad = base.zero_inputs(model_cfg, batch_size, text_len)
+    return {'images': images, 'text_ids': ids, 'text_padding_mask': pad,
+            'text_index': jnp.zeros((batch_size, 1), jnp.int32)}
+
+  def objective(self, config) -> CaptioningFinetune:
+    return CaptioningFinetune(config.model, config.label_smoothing,
+                              text_len=config.data.text_len, **base.objective_inputs(config))
+
+  def transform(self, config, inputs, fields, tokenizer):
+    return transform(inputs, tokenizer, float(config.captioning.mask_prob), fields['image'],
+                     fields['captions'])
+
+  def evaluator(self, config, objective, eval_source, train_source, tokenizer, fields):
+    count = int(config.eval_batches) * int(config.batch_size)
+    return evaluator(config, eval_source, int(config.captioning.eval_examples) or count,
+                     int(config.batch_size), evaluation.eval_inputs(config), tokenizer,
+                     most_common_caption(train_source, fields['captions']),
+                     image_mean=objective.image_mean, image_std=objective.image_std,
+                     image_field=fields['image'], caption_field=fields['captions'])
+
+  def predict_commands(self):
+    return (base.PredictCommand('caption', 'image captioning', _add_arguments, _caption),)
+
+
+TASK = registry.register(CaptioningTask())

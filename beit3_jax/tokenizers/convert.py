@@ -35,10 +35,10 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from beit3_jax.convert import (Report, as_numpy, flatten_params, layout_kind,
-                               load_state_dict,
-                               mismatch_error, save_state_dict, to_flax_layout, to_torch_layout,
-                               torch_layout_shape, unflatten_params, unwrap_state_dict)
+from beit3_jax import param_tree
+from beit3_jax.torch_files import as_numpy, load_state_dict, save_state_dict, unwrap_state_dict
+from beit3_jax.torch_layout import (ConversionError, Report, layout_kind, mismatch_error,
+                                    to_flax_layout, to_torch_layout, torch_layout_shape)
 from beit3_jax.tokenizers.vqkd import abstract_variables
 
 # torch key prefixes that are not part of the tokenizer (beit2 drops them as well).
@@ -66,13 +66,13 @@ def _expected(config) -> dict[str, tuple[str, tuple[int, ...]]]:
   params, vq_stats = abstract_variables(config)
   out = {}
   for collection, tree in (('params', params), ('vq_stats', vq_stats)):
-    for path, leaf in flatten_params(tree).items():
+    for path, leaf in param_tree.flatten(tree).items():
       out[path] = (collection, tuple(leaf.shape))
   return out
 
 
 def expected_torch_shapes(config) -> dict[str, tuple[int, ...]]:
-  """torch key -> shape of every tensor of a tokenizer config (the §7 layout)."""
+  """torch key -> shape of every tensor of a tokenizer config (beit2's `VQKD.state_dict()` layout)."""
   return {torch_key(p): torch_layout_shape(layout_kind(p, _LAYOUT_RULES), shape)
           for p, (_, shape) in _expected(config).items()}
 
@@ -111,7 +111,7 @@ def vqkd_torch_to_flax(state_dict: Mapping[str, Any], config,
   """Tokenizer (params, vq_stats), plain float32 numpy trees, from a torch state dict.
 
   Args:
-    state_dict: the §7 keys (beit2 `VQKD.state_dict()`) -> tensors or arrays, optionally
+    state_dict: the keys of beit2's `VQKD.state_dict()` -> tensors or arrays, optionally
       wrapped in 'model', 'module' or 'state_dict'.
     config: the tokenizer config (`get_vqkd_config`).
     report: filled with the number of converted tensors and the skipped keys (`teacher*`,
@@ -148,11 +148,11 @@ def vqkd_torch_to_flax(state_dict: Mapping[str, Any], config,
     raise mismatch_error('The state dict', missing, unexpected, misshaped,
                          _describe_config(config), describe_vqkd_state_dict(sd))
   report.converted = len(out['params']) + len(out['vq_stats'])
-  return unflatten_params(out['params']), unflatten_params(out['vq_stats'])
+  return param_tree.unflatten(out['params']), param_tree.unflatten(out['vq_stats'])
 
 
 def vqkd_flax_to_torch(params, vq_stats, config) -> dict[str, np.ndarray]:
-  """torch state dict (numpy arrays, the §7 keys and shapes) of tokenizer variables.
+  """torch state dict (numpy arrays, beit2's keys and shapes) of tokenizer variables.
 
   Args:
     params: the tokenizer's params (plain or boxed, on any device).
@@ -164,29 +164,25 @@ def vqkd_flax_to_torch(params, vq_stats, config) -> dict[str, np.ndarray]:
   """
   flat = {}
   for tree in (params, vq_stats):
-    flat.update(flatten_params(jax.device_get(nn.meta.unbox(tree))))
-  want = {p: shape for p, (_, shape) in _expected(config).items()}
-  missing = sorted(set(want) - set(flat))
-  unexpected = sorted(set(flat) - set(want))
-  misshaped = [(p, tuple(np.shape(flat[p])), want[p]) for p in want
-               if p in flat and tuple(np.shape(flat[p])) != want[p]]
-  if missing or unexpected or misshaped:
-    raise mismatch_error('The params/vq_stats trees', missing, unexpected, misshaped,
-                         _describe_config(config))
+    flat.update(param_tree.flatten(jax.device_get(nn.meta.unbox(tree))))
+  want = {p: np.empty(shape, np.bool_) for p, (_, shape) in _expected(config).items()}
+  param_tree.check_fits(want, flat, 'The params/vq_stats trees',
+                        f'the model config ({_describe_config(config)})', error=ConversionError)
   return {torch_key(p): np.array(to_torch_layout(layout_kind(p, _LAYOUT_RULES), np.asarray(x)))
           for p, x in flat.items()}
 
 
-def load_vqkd(path: str, config, report: Report | None = None) -> tuple[dict, dict]:
+def load_vqkd_torch(path: str, config, report: Report | None = None) -> tuple[dict, dict]:
   """(params, vq_stats) from a .pth/.safetensors tokenizer checkpoint (see vqkd_torch_to_flax).
 
-  The file is read by `beit3_jax.convert.load_state_dict` (a .pth wrapped in 'model' or
-  'module', read with weights_only=True).
+  The file is read by `beit3_jax.torch_files.load_state_dict` (a .pth wrapped in 'model' or
+  'module', read with weights_only=True). For a Flax params directory use
+  `beit3_jax.params_io.load_vqkd_params`.
   """
   return vqkd_torch_to_flax(load_state_dict(path), config, report)
 
 
-def save_vqkd(path: str, params, vq_stats, config, *, overwrite: bool = False) -> None:
+def save_vqkd_torch(path: str, params, vq_stats, config, *, overwrite: bool = False) -> None:
   """Writes the tokenizer as a torch state dict (.pth wrapped in 'model' like beit2)."""
   save_state_dict(vqkd_flax_to_torch(params, vq_stats, config), path,
                   wrap_model=path.endswith(('.pth', '.pt', '.bin')), overwrite=overwrite)

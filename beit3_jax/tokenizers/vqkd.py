@@ -45,7 +45,7 @@ import numpy as np
 
 from beit3_jax.models import initializers
 from beit3_jax.models.embeddings import PatchProjection
-from beit3_jax.models.layers import LayerNorm, Linear, compute_dtype, constrain
+from beit3_jax.models.layers import LayerNorm, Linear, compute_dtype, constrain, l2_normalize
 from beit3_jax.models.positions import resize_grid_bicubic
 
 VQKDConfig = ml_collections.ConfigDict
@@ -202,12 +202,6 @@ def resize_pos_embed(pos_embed: jax.Array, grid_hw: tuple[int, int]) -> jax.Arra
 
 
 # ----------------------------------------------------------------------------- codebook
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """x / max(||x||, eps) over the last axis (torch `F.normalize`)."""
-  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
-  return x / jnp.maximum(norm, eps)
 
 
 def nearest_code(z: jax.Array, codebook: jax.Array) -> jax.Array:

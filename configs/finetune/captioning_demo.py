@@ -21,7 +21,7 @@ after 300 steps). From a random initialisation the same 600 steps reach CIDEr-D 
 0.000). (With the earlier demo backbone, pretrained with N(0, 1) position tables: 0.541.)
 """
 
-from beit3_jax.train.finetune import demo_config
+from beit3_jax.tasks.recipes import demo_config
 
 
 def get_config(arg=None):

@@ -3,7 +3,7 @@ r"""BEiT-3 large fine-tuning for COCO captioning (Karpathy splits), unilm's reci
 unilm's large command (get_started_for_captioning.md): lr 8e-6; with both sizes' batch 256, 10
 epochs (22,130 steps), drop path 0.1, mask prob 0.7, 32 text tokens, activation checkpointing
 (here model.remat). The recipe's sources, the steps, the data and the deviations:
-`captioning` and `CAPTIONING` in beit3_jax/train/finetune_recipes.py.
+`captioning` and `CAPTIONING` in beit3_jax/jobs/recipes.py.
 
 Prepare the TFDS data set `beit3_coco_karpathy` as `retrieval` says and convert unilm's
 beit3_large_patch16_224.pth to ckpt/beit3_large as for configs/finetune/vqa_large.py (its
@@ -16,17 +16,18 @@ Command:
 Score the Karpathy test split afterwards with
     ... --config.mode=eval --config.data.eval_split=test
 
-Expect (beit3_reference.md §6, unilm README): COCO Karpathy test CIDEr 143.2 (no CIDEr
-optimisation; our in-process CIDEr-D tokenises the references close to but not as the COCO
-toolkit's PTB tokeniser, see `captioning`). This repository has not run it.
+Expect (the results table of unilm's beit3/README.md, github.com/microsoft/unilm): COCO
+Karpathy test CIDEr 143.2 (no CIDEr optimisation; our in-process CIDEr-D tokenises the
+references close to but not as the COCO toolkit's PTB tokeniser, see `captioning`). This
+repository has not run it.
 
 Deviations from unilm: no RandAugment; no drop-worst; label smoothing puts eps / V on every
 class; the warmup starts at 0; bfloat16 compute (`captioning` has the details).
 """
 
-from beit3_jax.train import finetune_recipes
+from beit3_jax.tasks import recipes
 
 
 def get_config(arg=None):
   del arg
-  return finetune_recipes.captioning('large')
+  return recipes.captioning('large')

@@ -3,7 +3,7 @@ r"""BEiT-3 base fine-tuning on ImageNet-1k classification, unilm's recipe, 224 p
 unilm's base command (get_started_for_image_classification.md): lr 7e-4, layer decay 0.65,
 drop path 0.15; with both sizes' batch 1024, 50 epochs (62,550 steps), mixup 0.8 / cutmix 1.0.
 The recipe's sources, the steps, the data and the deviations: `classification` and
-`CLASSIFICATION` in beit3_jax/train/finetune_recipes.py.
+`CLASSIFICATION` in beit3_jax/jobs/recipes.py.
 
 Prepare the TFDS data set `beit3_imagenet2012` as `classification` says and convert unilm's
 pretrained weights (downloaded by you):
@@ -16,17 +16,17 @@ Command (init_from may also be a pretraining workdir of ours, configs/pretrain/b
 To score the whole validation set afterwards:
     ... --config.mode=eval --config.batch_size=1000 --config.eval_batches=50
 
-Expect (beit3_reference.md §6; unilm README and get_started_for_image_classification.md):
-top-1 85.4 (unilm's fine-tuned base: Acc@1 85.400, Acc@5 97.630) on the validation set.
-This repository has not run it.
+Expect (unilm's beit3/README.md and get_started/get_started_for_image_classification.md,
+github.com/microsoft/unilm): top-1 85.4 (unilm's fine-tuned base: Acc@1 85.400, Acc@5 97.630) on
+the validation set. This repository has not run it.
 
 Deviations from unilm: no RandAugment, colour jitter or random erasing; a plain-resize
 validation view; the warmup starts at 0; bfloat16 compute (`classification` has the details).
 """
 
-from beit3_jax.train import finetune_recipes
+from beit3_jax.tasks import recipes
 
 
 def get_config(arg=None):
   del arg
-  return finetune_recipes.classification('base')
+  return recipes.classification('base')

@@ -19,7 +19,7 @@ position tables: 0.469.)
 """
 
 from beit3_jax.data import synthetic_world
-from beit3_jax.train.finetune import demo_config
+from beit3_jax.tasks.recipes import demo_config
 
 
 def get_config(arg=None):

@@ -3,7 +3,7 @@ r"""BEiT-3 base fine-tuning on NLVR2 (visual reasoning over image pairs), unilm'
 unilm's base command (get_started_for_nlvr2.md): lr 7e-4 (5e-4 for base-indomain), layer decay
 0.65; with both sizes' batch 256, 20 epochs (6,740 steps), drop path 0.2, weight decay 0.2.
 The recipe's sources, the steps, the data and the deviations: `nlvr2` and `NLVR2` in
-beit3_jax/train/finetune_recipes.py.
+beit3_jax/jobs/recipes.py.
 
 Prepare the TFDS data set `beit3_nlvr2` as `nlvr2` says, convert unilm's pretrained weights
 (downloaded by you) and get unilm's `beit3.spm`:
@@ -17,16 +17,17 @@ Command (init_from may also be a pretraining workdir of ours, configs/pretrain/b
 Score test-P afterwards with
     ... --config.mode=eval --config.data.eval_split=test --config.eval_batches=27
 
-Expect (beit3_reference.md §6, unilm README): dev 83.6 / test-P 84.4 accuracy (unilm's
-fine-tuned base: test Acc 84.386 in get_started_for_nlvr2.md). This repository has not run it.
+Expect (the results table of unilm's beit3/README.md, github.com/microsoft/unilm): dev 83.6
+/ test-P 84.4 accuracy (unilm's fine-tuned base: test Acc 84.386 in get_started_for_nlvr2.md).
+This repository has not run it.
 
 Deviations from unilm: only those of every recipe here (the warmup starts at 0, bfloat16
 compute; see the module).
 """
 
-from beit3_jax.train import finetune_recipes
+from beit3_jax.tasks import recipes
 
 
 def get_config(arg=None):
   del arg
-  return finetune_recipes.nlvr2('base')
+  return recipes.nlvr2('base')

@@ -26,7 +26,7 @@ Statements that name objects (`synthetic_world.NLVR2_MATCHING_KINDS`, the built-
 version 1.2.0) stay at chance here: see the README's Fine-tuning section.
 """
 
-from beit3_jax.train.finetune import demo_config
+from beit3_jax.tasks.recipes import demo_config
 
 
 def get_config(arg=None):

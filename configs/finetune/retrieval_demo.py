@@ -21,7 +21,7 @@ loss stays at ln 32 (chance for a batch of 32); a contrastive head wants the low
 unilm's recipes (1e-5 to 3e-5 for base).
 """
 
-from beit3_jax.train.finetune import demo_config
+from beit3_jax.tasks.recipes import demo_config
 
 
 def get_config(arg=None):

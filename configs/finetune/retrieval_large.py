@@ -5,7 +5,7 @@ the Flickr30k lr 1e-4 for base only; large keeps 5e-5); COCO 15 epochs (2,760 st
 Flickr30k 20 epochs (940 steps); with both sizes' batch 3072 (large: 2 nodes x 16 GPUs x 96),
 drop path 0.2, weight decay 0.05, activation checkpointing (here model.remat), from the
 ITC-tuned weights. The recipe's sources, the steps, the data and the deviations: `retrieval`
-and `RETRIEVAL` in beit3_jax/train/finetune_recipes.py.
+and `RETRIEVAL` in beit3_jax/jobs/recipes.py.
 
 Prepare the TFDS data set `beit3_coco_karpathy` (or `beit3_flickr30k_karpathy`) as `retrieval`
 says and convert unilm's beit3_large_itc_patch16_224.pth with its retrieval heads to
@@ -21,16 +21,16 @@ Command (COCO; append `:flickr30k` to the config path for Flickr30k):
 Score the Karpathy test split (5k COCO / 1k Flickr30k images) afterwards with
     ... --config.mode=eval --config.data.eval_split=test
 
-Expect (beit3_reference.md §6, unilm README, retrieval @384 from -itc): COCO 5k test IR@1 63.4
-/ TR@1 82.1 (retrieval/t2i_r1 / retrieval/i2t_r1); Flickr30k 1k test IR@1 88.1 / TR@1 97.2.
-This repository has not run it.
+Expect (unilm's beit3/README.md, github.com/microsoft/unilm, retrieval @384 from -itc): COCO
+5k test IR@1 63.4 / TR@1 82.1 (retrieval/t2i_r1 / retrieval/i2t_r1); Flickr30k 1k test
+IR@1 88.1 / TR@1 97.2. This repository has not run it.
 
 Deviations from unilm: a batch holds distinct images; the warmup starts at 0; bfloat16
 compute (see `retrieval`).
 """
 
-from beit3_jax.train import finetune_recipes
+from beit3_jax.tasks import recipes
 
 
 def get_config(arg=None):
-  return finetune_recipes.retrieval('large', arg)
+  return recipes.retrieval('large', arg)

@@ -3,7 +3,7 @@ r"""BEiT-3 base fine-tuning on VQAv2, unilm's recipe, 480 px.
 unilm's base command (get_started_for_vqav2.md): lr 3e-5, drop path 0.1; with both sizes' batch
 128, 10 epochs (50,780 steps with an estimated 650,000 questions), layer decay 1.0, weight decay
 0.01, betas (0.9, 0.98). The recipe's sources, the steps, the data and the deviations: `vqa`
-and `VQA` in beit3_jax/train/finetune_recipes.py.
+and `VQA` in beit3_jax/jobs/recipes.py.
 
 Prepare the TFDS data set `beit3_vqav2/default` in /data/beit3 as `vqa` says (it writes the
 answer vocabulary this config reads) and convert unilm's beit3_base_patch16_224.pth to
@@ -18,7 +18,8 @@ Command (after `:` the data dir the data was prepared in, or an answer_vocabular
         --workdir=workdirs/vqav2_base --config.init_from=ckpt/beit3_base \
         --config.data.spm_path=/path/to/beit3.spm
 
-Expect (beit3_reference.md §6, unilm README): VQAv2 test-dev 77.65 (VQA accuracy; the
+Expect (the results table of unilm's beit3/README.md, github.com/microsoft/unilm): VQAv2
+test-dev 77.65 (VQA accuracy; the
 evaluation server scores test-dev, this job reports the held-out validation split, which is
 not comparable). This repository has not run it.
 
@@ -27,8 +28,8 @@ Deviations from unilm (all of them in `vqa`): optimizer.task_head_lr_weight stay
 warmup starts at 0; bfloat16 compute. The targets are unilm's soft scores of the 10 answers.
 """
 
-from beit3_jax.train import finetune_recipes
+from beit3_jax.tasks import recipes
 
 
 def get_config(arg=None):
-  return finetune_recipes.vqa('base', arg)
+  return recipes.vqa('base', arg)

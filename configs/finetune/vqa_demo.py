@@ -31,7 +31,7 @@ questions, 0.424 on data version 1.1.0 (no readout questions); lr 1e-4 on versio
 0.469 against its 0.281 baseline.
 """
 
-from beit3_jax.train.finetune import demo_config
+from beit3_jax.tasks.recipes import demo_config
 
 
 def get_config(arg=None):

@@ -18,11 +18,12 @@ Command (every host of a TPU slice, see launch/README.md):
         --config.tokenizer.path=gs://BUCKET/vqkd_base --config.data.spm_path=gs://BUCKET/beit3.spm
 
 Expect: 220,987,392 backbone parameters (+ the two heads); the paper's run took 1M steps on
-far more data than these three TFDS sets (see beit3_reference.md §4). This repository has not
+far more data than these three TFDS sets (Table 3 of arXiv 2208.10442: 21M image-text pairs,
+14M ImageNet-21K images and 160 GB of text; see docs/references.md). This repository has not
 run it: no TPU was available to us.
 """
 
-from beit3_jax.train.defaults import pretrain_config
+from beit3_jax.defaults import pretrain_config
 
 
 def get_config(arg=None):

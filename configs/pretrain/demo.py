@@ -22,8 +22,7 @@ baseline: image 15.7% vs 2.0%, text 48.8% vs 11.8%, pair 45.6% vs 16.0%. (With t
 N(0, 1) position tables instead of `position_init_std=0.02`: 8.46; 5.8%, 39.2%, 38.4%.)
 """
 
-from beit3_jax.models import get_config as model_config
-from beit3_jax.train.defaults import pretrain_config
+from beit3_jax.defaults import demo_model, pretrain_config
 
 
 def get_config(arg=None):
@@ -34,10 +33,9 @@ def get_config(arg=None):
   config.log_every = 20
   config.eval_every = 350
   config.eval_batches = 15
-  config.model = model_config('small', embed_dim=128, depth=4, num_heads=4, mlp_dim=512,
-                              img_size=64, patch_size=8, vocab_size=128, max_text_positions=34,
-                              drop_path_rate=0.0, position_init_std=0.02)
+  config.model = demo_model()
   config.tokenizer.train_config = 'configs/pretrain/tokenizer_demo.py'
+  config.tokenizer.train_if_missing = True   # the README demo: first run trains it (~2 min)
   config.data.image = 'builtin:images'
   config.data.text = 'builtin:text'
   config.data.pair = 'builtin:images'

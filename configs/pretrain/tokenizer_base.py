@@ -16,7 +16,7 @@ Not run by us (no TPU available).
 """
 
 from beit3_jax.tokenizers import get_vqkd_config
-from beit3_jax.train.defaults import tokenizer_config
+from beit3_jax.defaults import tokenizer_config
 
 
 def get_config(arg=None):

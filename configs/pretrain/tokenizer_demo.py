@@ -18,7 +18,7 @@ codebook usage 93.75% (240 of 256 codes).
 """
 
 from beit3_jax.tokenizers import get_vqkd_config
-from beit3_jax.train.defaults import tokenizer_config
+from beit3_jax.defaults import tokenizer_config
 
 
 def get_config(arg=None):

@@ -18,12 +18,12 @@ VQAv2 (`Beit3Vqav2`, 'beit3_vqav2'). Manual dir layout (the names of the officia
     val2014/COCO_val2014_<12-digit image id>.jpg
     test2015/COCO_test2015_<12-digit image id>.jpg
 
-Labels as unilm `beit3/datasets.py` (`VQAv2Dataset`, see the reference notes §5):
-- The answer vocabulary: `metrics.build_answer_vocabulary` over the `multiple_choice_answer` of
+Labels as unilm `beit3/datasets.py` (`VQAv2Dataset`):
+- The answer vocabulary: `vqa_answers.build_answer_vocabulary` over the `multiple_choice_answer` of
   all train2014 then val2014 annotations (normalised, kept if >= `min_count` = 9 occurrences:
   3129 answers on VQAv2). It is written as `answer_vocabulary.json` (a JSON list; the class of
   an answer is its index) into the builder's data dir; read it with `load_answer_vocabulary`.
-- Per question, `metrics.answer_scores(10 raw answers, vocabulary)`: the soft score of each
+- Per question, `vqa_answers.answer_scores(10 raw answers, vocabulary)`: the soft score of each
   distinct answer that is in the vocabulary, by its annotator count (0.3/0.6/0.9/1.0), in
   first-occurrence order -> `answer_ids` (vocabulary indices) and `answer_scores`. Like unilm the
   raw answer strings are looked up unnormalised (VQAv2's are already normalised); the config
@@ -33,7 +33,7 @@ Labels as unilm `beit3/datasets.py` (`VQAv2Dataset`, see the reference notes §5
   'test' = test2015 questions (no answers: `answers`, `answer_ids`, `answer_scores` empty,
   `multiple_choice_answer` ''; test-dev is a subset of test2015). Training questions without any
   in-vocabulary answer are dropped, as unilm drops them (`drop_unlabelled_train`); validation
-  questions are all kept, so that the official accuracy (`metrics.vqa_accuracy` on `answers`)
+  questions are all kept, so that the official accuracy (`vqa_answers.vqa_accuracy` on `answers`)
   covers every held-out question.
 - The held-out images (deterministic, independent of file order and of library versions): the
   distinct val2014 image ids that have questions, sorted by the SHA-1 of their decimal string,
@@ -79,7 +79,7 @@ import tensorflow_datasets as tfds
 
 from beit3_jax.data import local_files, paths
 from beit3_jax.data.local_files import AnnotationError, read_json_lines
-from beit3_jax.tasks import metrics
+from beit3_jax.data import vqa_answers
 
 VOCABULARY_FILE = 'answer_vocabulary.json'
 _VERSION = tfds.core.Version('1.0.0')
@@ -270,7 +270,7 @@ class Beit3Vqav2(_ManualBuilder):
                                 f'annotation in {_annotations_file(root, s)}.')
     majority = [annotations[s][q['question_id']]['multiple_choice_answer']
                 for s in ('train2014', 'val2014') for q in questions[s]]
-    vocab = metrics.build_answer_vocabulary(majority, min_count=cfg.min_count)
+    vocab = vqa_answers.build_answer_vocabulary(majority, min_count=cfg.min_count)
     os.makedirs(self.data_dir, exist_ok=True)  # the temporary dir, renamed when done
     with open(os.path.join(self.data_dir, VOCABULARY_FILE), 'w', encoding='utf-8') as f:
       json.dump(vocab, f, ensure_ascii=False)
@@ -294,7 +294,7 @@ class Beit3Vqav2(_ManualBuilder):
     for split, q in items:
       ann = annotations.get(split, {}).get(q['question_id'])
       answers = [] if ann is None else ann['answers']
-      scores = metrics.answer_scores(answers, index, normalize=normalize) if answers else {}
+      scores = vqa_answers.answer_scores(answers, index, normalize=normalize) if answers else {}
       if drop_unlabelled and not scores:
         continue
       image = coco_image_path(root, split, q['image_id'])

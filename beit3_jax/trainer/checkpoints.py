@@ -35,6 +35,7 @@ from etils import epath
 
 import grain.checkpoint as grain_checkpoint
 
+from beit3_jax import param_tree, params_io
 from beit3_jax.models import positions
 
 CHECKPOINT_DIR = 'checkpoints'
@@ -89,9 +90,6 @@ class Checkpointer:
       args['data'] = grain_checkpoint.CheckpointRestore(_DataState(mixture))
     return self.manager.restore(step, args=ocp.args.Composite(**args))['state']
 
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
-
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
@@ -115,7 +113,6 @@ def load_init_params(init_from: str, abstract_params, shardings) -> tuple[Any, s
     FileNotFoundError: nothing loadable at the path (the message says what was looked for).
     ValueError: the tree does not fit the model (names the missing or mis-shaped leaves).
   """
-  from beit3_jax import params_io
   path = epath.Path(init_from)
   if not path.exists():
     raise FileNotFoundError(f'init_from={init_from!r} does not exist.')
@@ -142,10 +139,9 @@ def _restore_checkpoint_params(step_dir, abstract_params, shardings, source: str
   the backbone -- nothing else is read -- and the other heads come back as None leaves, so
   they keep their fresh init.
   """
-  from beit3_jax.convert import flatten_params, unflatten_params
   with ocp.PyTreeCheckpointer() as checkpointer:
     stored = checkpointer.metadata(step_dir / 'state').item_metadata.tree['params']
-  want, have = flatten_params(abstract_params), flatten_params(stored)
+  want, have = param_tree.flatten(abstract_params), param_tree.flatten(stored)
   if set(want) <= set(have):
     target = abstract_like(abstract_params, shardings)
     what = f'params of checkpoint {step_dir}'
@@ -157,7 +153,7 @@ def _restore_checkpoint_params(step_dir, abstract_params, shardings, source: str
     raise ValueError(f'init_from={source!r}: its checkpoint {step_dir} holds params '
                      f'{sorted(stored)}, which neither match the model\'s {sorted(abstract_params)} '
                      'nor hold a `beit3` backbone.')
-  flat_target = flatten_params(target)
+  flat_target = param_tree.flatten(target)
   resize = _position_table_resize(flat_target, have)
   if resize:
     # Read the stored table as it is (replicated), resize it on the host below.
@@ -168,18 +164,18 @@ def _restore_checkpoint_params(step_dir, abstract_params, shardings, source: str
         if isinstance(model_leaf.sharding, jax.sharding.NamedSharding) else model_leaf.sharding)
     what += '; ' + _resize_note(have[resize].shape, model_leaf.shape)
   _check_fits(flat_target, have, f'{source!r} (checkpoint {step_dir})')
-  target = {'params': unflatten_params(flat_target)}
+  target = {'params': param_tree.unflatten(flat_target)}
   restore_args = ocp.checkpoint_utils.construct_restore_args(target)
   with ocp.PyTreeCheckpointer() as checkpointer:
     restored = checkpointer.restore(
         step_dir / 'state', args=ocp.args.PyTreeRestore(
             item=target, restore_args=restore_args, partial_restore=True))
-  got = flatten_params(restored['params'])
+  got = param_tree.flatten(restored['params'])
   if resize:
     got[resize] = jax.device_put(
         positions.resize_table(np.asarray(got[resize]), want[resize].shape[0]).astype(
             want[resize].dtype), model_leaf.sharding)
-  return unflatten_params({k: got.get(k) for k in want}), what
+  return param_tree.unflatten({k: got.get(k) for k in want}), what
 
 
 def _position_table_resize(want, have) -> str | None:
@@ -204,25 +200,20 @@ def _resize_note(stored_shape, model_shape) -> str:
 
 def _check_fits(want, have, source: str) -> None:
   """ValueError naming the leaves of `want` (flat name -> shaped) that `have` lacks or holds in
-  another shape."""
-  missing = sorted(k for k in want if k not in have)
-  misshaped = [(k, tuple(np.shape(have[k])), tuple(want[k].shape)) for k in sorted(want)
-               if k in have and tuple(np.shape(have[k])) != tuple(want[k].shape)]
-  if missing or misshaped:
-    raise ValueError(f'init_from={source} does not fit the model (config.model): missing '
-                     f'{missing[:8]}, mis-shaped (stored, model) {misshaped[:8]}.')
+  another shape (leaves `have` holds beyond `want` are not read)."""
+  param_tree.check_fits(want, have, f'init_from={source}', 'the model (config.model)',
+                        allow_unexpected=True, error=ValueError, limit=8)
 
 
 def _place_params(loaded, abstract_params, shardings, source: str, what: str):
   """Puts a loaded tree into the model's tree: a backbone-only tree fills `beit3`; the
   heads the checkpoint lacks keep their fresh init (returned as None leaves to fill).
   Returns (params, `what` plus a note on a resized position table)."""
-  from beit3_jax.convert import flatten_params, unflatten_params
-  want = flatten_params(abstract_params)
-  have = flatten_params(loaded)
+  want = param_tree.flatten(abstract_params)
+  have = param_tree.flatten(loaded)
   if 'beit3' in {k.split('/')[0] for k in want} and not any(k.startswith('beit3/') for k in have):
     have = {f'beit3/{k}': v for k, v in have.items()}
-  shard = flatten_params(shardings)
+  shard = param_tree.flatten(shardings)
   resize = _position_table_resize(want, have)
   if resize:
     what += '; ' + _resize_note(np.shape(have[resize]), want[resize].shape)
@@ -231,4 +222,4 @@ def _place_params(loaded, abstract_params, shardings, source: str, what: str):
               repr(source))
   out = {k: jax.device_put(np.asarray(have[k], want[k].dtype), shard[k]) if k in have else None
          for k in want}
-  return unflatten_params(out), what
+  return param_tree.unflatten(out), what

@@ -12,13 +12,26 @@ All take logits/features from `beit3_jax.models.heads` and return a scalar mean:
   exp(logit_scale) * cosine similarities. Under `jax.jit` the features are global arrays over
   the whole data axis, so every image is contrasted with every text of the global batch (what
   unilm's all-gather with gradient does across GPUs);
-- captioning: label-smoothed cross-entropy over the chosen (masked) text positions.
+- captioning: label-smoothed cross-entropy over the chosen (masked) text positions;
+- masked data modeling (pretraining) and captioning's sums: `masked_slots` picks the masked
+  positions, `cross_entropy_sums` and `reduce_sums` give per-step sums that a run averages.
 """
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import jax
 import jax.numpy as jnp
+
+
+def smoothed_cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0
+                           ) -> tuple[jax.Array, jax.Array]:
+  """Per position (...), float32: (label-smoothed CE, plain NLL) of logits (..., C) against int
+  labels (...). The smoothed CE is timm's: (1 - s) * NLL + s * mean over classes of -log p."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return (1.0 - label_smoothing) * nll + label_smoothing * (-jnp.mean(logp, axis=-1)), nll
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0,
@@ -27,9 +40,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
 
   logits (..., C); labels (...) int. weights (...) optional 0/1 (mean over the 1s).
   """
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  loss = (1.0 - label_smoothing) * nll + label_smoothing * (-jnp.mean(logp, axis=-1))
+  loss, _ = smoothed_cross_entropy(logits, labels, label_smoothing)
   if weights is None:
     return jnp.mean(loss)
   w = weights.astype(jnp.float32)
@@ -64,3 +75,40 @@ def contrastive_loss(image_features: jax.Array, text_features: jax.Array,
   logits = contrastive_logits(image_features, text_features, logit_scale)
   labels = jnp.arange(logits.shape[0])
   return (cross_entropy(logits, labels) + cross_entropy(logits.T, labels)) / 2
+
+
+def masked_slots(mask: jax.Array, slots: int) -> tuple[jax.Array, jax.Array]:
+  """mask (B, L) bool -> (index (B, slots) int32, valid (B, slots) bool).
+
+  The masked positions of each row in increasing order, then unmasked filler positions
+  (valid False). Masked positions beyond `slots` are dropped.
+  """
+  order = jnp.argsort(jnp.logical_not(mask), axis=1, stable=True)[:, :slots].astype(jnp.int32)
+  return order, jnp.take_along_axis(mask, order, axis=1)
+
+
+def cross_entropy_sums(logits: jax.Array, targets: jax.Array, valid: jax.Array,
+                       num_classes: int) -> dict[str, jax.Array]:
+  """Sums over valid slots: cross-entropy, correct top-1, count, and a target histogram.
+
+  logits (B, K, V) float32; targets, valid (B, K). Returns float32 scalars `ce`, `correct`,
+  `count` and int32 `histogram` (V,).
+  """
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  ce = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  w = valid.astype(jnp.float32)
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32) * w
+  histogram = jnp.zeros((num_classes,), jnp.int32).at[targets.reshape(-1)].add(
+      valid.reshape(-1).astype(jnp.int32))
+  return {'ce': jnp.sum(ce * w), 'correct': jnp.sum(correct), 'count': jnp.sum(w),
+          'histogram': histogram}
+
+
+def reduce_sums(sums: Mapping[str, Mapping[str, Any]]) -> dict:
+  """Per-task sums of one step -> scalars: the histogram becomes the count of the most frequent
+  target (`baseline_correct`), so that a step's metrics stay small."""
+  out = {}
+  for task, s in sums.items():
+    out[task] = {k: v for k, v in s.items() if k != 'histogram'}
+    out[task]['baseline_correct'] = jnp.max(s['histogram']).astype(jnp.float32)
+  return out

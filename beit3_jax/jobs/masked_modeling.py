@@ -35,48 +35,12 @@ from beit3_jax.data import image_ops
 from beit3_jax.data.masking import BlockMaskConfig, num_text_masked
 from beit3_jax.models import num_patches
 from beit3_jax.models.pretraining import BEiT3Pretraining, pretraining_example_inputs
+from beit3_jax.losses import cross_entropy_sums, masked_slots, reduce_sums
 from beit3_jax.tokenizers import vqkd as vqkd_lib
 
 # task -> (stream, target kind)
 TASKS = {'image': ('image', 'mim'), 'text': ('text', 'mlm'), 'pair': ('pair', 'mlm'),
          'pair_image': ('pair', 'mim')}
-
-
-def masked_slots(mask: jax.Array, slots: int) -> tuple[jax.Array, jax.Array]:
-  """mask (B, L) bool -> (index (B, slots) int32, valid (B, slots) bool).
-
-  The masked positions of each row in increasing order, then unmasked filler positions
-  (valid False). Masked positions beyond `slots` are dropped.
-  """
-  order = jnp.argsort(jnp.logical_not(mask), axis=1, stable=True)[:, :slots].astype(jnp.int32)
-  return order, jnp.take_along_axis(mask, order, axis=1)
-
-
-def cross_entropy_sums(logits: jax.Array, targets: jax.Array, valid: jax.Array,
-                       num_classes: int) -> dict[str, jax.Array]:
-  """Sums over valid slots: cross-entropy, correct top-1, count, and a target histogram.
-
-  logits (B, K, V) float32; targets, valid (B, K). Returns float32 scalars `ce`, `correct`,
-  `count` and int32 `histogram` (V,).
-  """
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  ce = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-  w = valid.astype(jnp.float32)
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32) * w
-  histogram = jnp.zeros((num_classes,), jnp.int32).at[targets.reshape(-1)].add(
-      valid.reshape(-1).astype(jnp.int32))
-  return {'ce': jnp.sum(ce * w), 'correct': jnp.sum(correct), 'count': jnp.sum(w),
-          'histogram': histogram}
-
-
-def reduce_sums(sums: Mapping[str, Mapping[str, Any]]) -> dict:
-  """Per-task sums of one step -> scalars: the histogram becomes the count of the most frequent
-  target (`baseline_correct`), so that a step's metrics stay small."""
-  out = {}
-  for task, s in sums.items():
-    out[task] = {k: v for k, v in s.items() if k != 'histogram'}
-    out[task]['baseline_correct'] = jnp.max(s['histogram']).astype(jnp.float32)
-  return out
 
 
 def summarize(sums: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
@@ -132,7 +96,7 @@ def make_spec(model_cfg, text_len: int, image_mask_ratio: float, pair_image_mask
 
 
 class MaskedModeling:
-  """The objective object the trainer drives (see `beit3_jax.train.step`).
+  """The objective object the trainer drives (see `beit3_jax.trainer.step`).
 
   Params: the `BEiT3Pretraining` tree. Frozen inputs: {'tokenizer': VQ-KD params}.
   No extra state.

@@ -1,4 +1,4 @@
-"""Analytic FLOP counts of a training step, and model FLOP utilisation (MFU).
+"""Analytic FLOP counts of the models and of a training step (for MFU, `trainer.flops`).
 
 One multiply-add is 2 FLOPs. For a transformer of width D, FFN width F and L layers, a
 sequence of S tokens costs, forward,
@@ -12,27 +12,9 @@ attention is bidirectional), plus the patch projection 2 N_p P^2 C D per image a
 through exactly one expert. Training costs 3x the forward of what is trained (forward, and
 backward through activations and weights), plus 1x the forward of frozen parts (the visual
 tokenizer). Softmax, norms, GELU and the optimizer are left out (as in MaxText and PaLM's MFU).
-
-    MFU = (training FLOPs per step / step seconds) / (devices * peak FLOP/s per device)
 """
 
 from __future__ import annotations
-
-import jax
-
-# Dense bfloat16 peak FLOP/s per chip (vendor figures), by jax device_kind prefix.
-PEAK_FLOPS = {
-    'TPU v4': 275e12,
-    'TPU v5 lite': 197e12,
-    'TPU v5e': 197e12,
-    'TPU v5p': 459e12,
-    'TPU v5': 459e12,
-    'TPU v6 lite': 918e12,
-    'TPU v6e': 918e12,
-    'NVIDIA H100': 989e12,
-    'NVIDIA H200': 989e12,
-    'NVIDIA A100': 312e12,
-}
 
 
 def encoder_forward_flops(seq_len: int, embed_dim: int, mlp_dim: int, depth: int) -> float:
@@ -97,15 +79,3 @@ def tokenizer_step_flops(tokenizer_cfg, batch_size: int, teacher_forward_flops: 
   """Training FLOPs of one VQ-KD step: 3x (encode + decode) + 1x the frozen teacher."""
   per = 3 * (vqkd_encode_flops(tokenizer_cfg) + vqkd_decode_flops(tokenizer_cfg))
   return batch_size * (per + teacher_forward_flops)
-
-
-def peak_flops_per_device(override: float = 0.0) -> float | None:
-  """Peak FLOP/s of one device: `override` if > 0, else the table by device kind, else None
-  (e.g. CPUs, whose peak depends on the machine: set the config's `peak_tflops_per_device`)."""
-  if override and override > 0:
-    return float(override)
-  kind = jax.devices()[0].device_kind
-  for prefix, flops in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
-    if kind.startswith(prefix):
-      return flops
-  return None

@@ -12,7 +12,7 @@ What every recipe shares:
 - Model (`model`): the released size with unilm's 64,010-row vocabulary, bfloat16 compute,
   the task's --input_size and --drop_path, --checkpoint_activations as model.remat. unilm's
   classification and VQA models have no final backbone norm (normalize_output=False,
-  beit3_reference.md §5); the NLVR2, retrieval and captioning models keep it.
+  `Task.normalize_output`); the NLVR2, retrieval and captioning models keep it.
 - Schedule (`schedule`): epochs -> steps as unilm's `cosine_scheduler`: steps per epoch =
   training examples // batch (`steps_per_epoch`; the example counts are `TRAIN_EXAMPLES`);
   validation and a checkpoint every epoch. Validation batches are whole, so a recipe's
@@ -56,7 +56,8 @@ import ml_collections
 from beit3_jax.data import image_ops
 from beit3_jax.data import paths
 from beit3_jax.models import get_config as model_config
-from beit3_jax.train.finetune import finetune_config
+from beit3_jax.defaults import demo_model, finetune_config
+from beit3_jax.tasks import registry
 
 SIZES = ('base', 'large')
 VOCAB_SIZE = 64010                      # beit3.spm + fairseq's offset (unilm's vocab_size)
@@ -177,6 +178,7 @@ def start(task: str, size: str, command: Command, img_size: int,
   """finetune_config(task) with the recipe's model; init_from is the user's to pass."""
   if size not in SIZES:
     raise ValueError(f'size={size!r}; expected one of {SIZES}.')
+  registry.get(task)
   config = finetune_config(task)
   config.model = model(size, command, img_size, normalize_output)
   config.init_from = ''
@@ -229,8 +231,36 @@ def schedule(config, command: Command, *, eval_batches: int, log_every: int) -> 
   config.log_every = log_every
 
 
+def demo_config(task: str) -> ml_collections.ConfigDict:
+  """What the `configs/finetune/<task>_demo.py` configs share: the demo pretraining's model
+  (`defaults.demo_model`; without the final norm where unilm's task model drops it) started
+  from its run in workdirs/demo, batches of 32 of the built-in data (64 px, 24 text tokens),
+  AdamW with warmup + cosine. Each demo config sets its steps, learning rate and task fields."""
+  spec = registry.get(task)
+  config = finetune_config(task)
+  config.init_from = 'workdirs/demo'
+  config.model = demo_model(normalize_output=spec.normalize_output)
+  config.data.source = spec.builtin_source
+  config.data.text_len = 24
+  config.data.crop_scale = (0.8, 1.0)
+  config.data.read_threads = 2
+  config.batch_size = 32
+  config.total_steps = 300
+  config.checkpoint_every = 300
+  config.log_every = 25
+  config.eval_every = 150
+  config.eval_batches = 7             # 224 validation examples
+  config.optimizer.lr = 1e-3
+  config.optimizer.min_lr = 1e-5
+  config.optimizer.warmup_steps = 20
+  config.optimizer.layer_decay = 1.0
+  config.label_smoothing = 0.1
+  config.captioning.max_len = 20
+  return config
+
+
 # ------------------------------------------------------------------------------------------
-# The tasks.
+# The tasks at the released sizes.
 
 def classification(size: str) -> ml_collections.ConfigDict:
   r"""ImageNet-1k classification at 224 px (`CLASSIFICATION`), the model

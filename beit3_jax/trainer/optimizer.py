@@ -84,7 +84,7 @@ def learning_rate_schedule(config, total_steps: int) -> optax.Schedule:
     raise ValueError(f'optimizer.warmup_steps={warmup} must be < total_steps={total_steps}.')
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=float(config.lr), warmup_steps=warmup,
-      decay_steps=int(total_steps), end_value=float(config.get('min_lr', 0.0)))
+      decay_steps=int(total_steps), end_value=float(config.min_lr))
 
 
 def lr_factor(name: str, depth: int, layer_decay: float = 1.0,
@@ -115,7 +115,8 @@ def make_optimizer(config, total_steps: int, depth: int, *,
   """(the optax transformation, its learning-rate schedule) for `config` (see module doc).
 
   Args:
-    config: fields lr, min_lr, warmup_steps, b1, b2, eps, weight_decay, clip_norm, layer_decay.
+    config: fields lr, min_lr, warmup_steps, b1, b2, eps, weight_decay, clip_norm, layer_decay,
+      task_head_lr_weight (`config.optimizer` of every job; `beit3_jax.defaults`).
     total_steps: length of the schedule.
     depth: encoder layers (for layer decay).
     frozen: regexes of parameter names that get no update (e.g. the VQ-KD codebook, which
@@ -130,8 +131,8 @@ def make_optimizer(config, total_steps: int, depth: int, *,
   if float(config.weight_decay) > 0:
     parts.append(optax.add_decayed_weights(float(config.weight_decay),
                                            mask=lambda p: _map_names(decays, p)))
-  layer_decay = float(config.get('layer_decay', 1.0))
-  head_weight = float(config.get('task_head_lr_weight', 1.0))
+  layer_decay = float(config.layer_decay)
+  head_weight = float(config.task_head_lr_weight)
   if layer_decay != 1.0 or head_weight != 1.0:
     parts.append(scale_by_layer_decay(layer_decay, depth, head_weight))
   parts.append(optax.scale_by_learning_rate(schedule))

@@ -32,7 +32,6 @@ At the end the tokenizer is exported as a params directory (`output`, default
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import flax.linen as nn
@@ -41,16 +40,19 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from beit3_jax import params_io
+from beit3_jax import defaults, params_io
 from beit3_jax import sharding as sharding_lib
 from beit3_jax.data import builtin as builtin_lib
 from beit3_jax.data import image_ops, pipeline, tfds_sources
 from beit3_jax.data.pretraining import load_image
+from beit3_jax.defaults import ConfigError, check_fields
+from beit3_jax.jobs import tokenizer_objective as tobj
+from beit3_jax.models import BEiT3
+from beit3_jax.models import flops as flops_lib
 from beit3_jax.tokenizers import vqkd as vqkd_lib
-from beit3_jax.train import flops as flops_lib
-from beit3_jax.train import loop
-from beit3_jax.train import tokenizer_objective as tobj
-from beit3_jax.train.optimizer import make_optimizer
+from beit3_jax.trainer import loop
+from beit3_jax.trainer.optimizer import make_optimizer
+from beit3_jax.trainer.run_config import save_run_config
 
 TEACHERS = ('pixel', 'beit3', 'vit')
 CODEBOOK = ('quantize', 'embedding', 'embedding')
@@ -74,18 +76,17 @@ class Teacher:
   def __init__(self, cfg, tokenizer_cfg):
     self.kind = cfg.kind
     self.grid = tokenizer_cfg.input_size // tokenizer_cfg.patch_size
-    self.cells = cfg.get('cells', 2)
+    self.cells = cfg.cells
     self.model = None
     self.model_cfg = None
     if self.kind not in TEACHERS:
-      raise ValueError(f'teacher.kind={self.kind!r}; expected one of {TEACHERS}.')
+      raise ConfigError(f'teacher.kind={self.kind!r}; expected one of {TEACHERS}.')
     if self.kind == 'pixel':
       self.size = tobj.teacher_feature_size('pixel', self.cells)
       return
-    if not cfg.get('path'):
-      raise ValueError(f'teacher.kind={self.kind!r} needs teacher.path (a params directory).')
+    if not cfg.path:
+      raise ConfigError(f'teacher.kind={self.kind!r} needs teacher.path (a params directory).')
     if self.kind == 'beit3':
-      from beit3_jax.models import BEiT3
       self.model_cfg = params_io.load_model_config(cfg.path)
       self.model = BEiT3(self.model_cfg)
       self.size = self.model_cfg.embed_dim
@@ -98,7 +99,7 @@ class Teacher:
       teacher_grid = self.model_cfg.input_size // self.model_cfg.patch_size
       side = self.model_cfg.input_size
     if teacher_grid != self.grid or side != tokenizer_cfg.input_size:
-      raise ValueError(f'The teacher at {cfg.path} sees {side}px images on a {teacher_grid}-patch '
+      raise ConfigError(f'The teacher at {cfg.path} sees {side}px images on a {teacher_grid}-patch '
                        f'grid; the tokenizer sees {tokenizer_cfg.input_size}px on a {self.grid} '
                        'grid: they must match.')
 
@@ -106,7 +107,7 @@ class Teacher:
     if self.kind == 'beit3':
       return params_io.load_params(path, self.model_cfg)
     if self.kind == 'vit':
-      return params_io.load_vqkd(path, self.model_cfg)[0]
+      return params_io.load_vqkd_params(path, self.model_cfg)[0]
     return {}
 
   def features(self, frozen, images: jax.Array) -> jax.Array:
@@ -121,7 +122,7 @@ class Teacher:
 
 
 class VQKDTraining:
-  """The tokenizer objective the trainer drives (see `beit3_jax.train.step`).
+  """The tokenizer objective the trainer drives (see `beit3_jax.trainer.step`).
 
   Params: the VQKD tree (its codebook frozen in the optimizer). Extra state: the quantizer's
   'vq_stats' and the current `codebook` (mirrored into the params after every update).
@@ -136,7 +137,7 @@ class VQKDTraining:
     self.teacher = teacher
     self.seed = seed
     if teacher.size != tokenizer_cfg.decoder_out_dim:
-      raise ValueError(f'tokenizer.decoder_out_dim={tokenizer_cfg.decoder_out_dim} must equal '
+      raise ConfigError(f'tokenizer.decoder_out_dim={tokenizer_cfg.decoder_out_dim} must equal '
                        f'the {teacher.kind} teacher\'s feature size {teacher.size}.')
 
   def init_params(self, rng):
@@ -242,9 +243,9 @@ def _data(config, tfds_dir, name, split, seed):
   d = config.data
   stream = pipeline.Stream(
       tfds_sources.open_source(name, split, tfds_dir),
-      _image_transform(config.tokenizer.input_size, d.crop_scale, d.get('image_field', 'image')),
+      _image_transform(config.tokenizer.input_size, d.crop_scale, d.image_field),
       global_batch=int(config.batch_size), seed=seed * 1000,
-      read_threads=d.get('read_threads', 2))
+      read_threads=d.read_threads)
   return pipeline.Mixture({'image': stream})
 
 
@@ -252,10 +253,9 @@ def build_job(config, output: str | None = None) -> loop.Job:
   tok_cfg = config.tokenizer
   d = config.data
   tfds_dir, names, _ = builtin_lib.resolve_names(
-      {'image': d.image}, d.get('data_dir') or None, d.get('builtin_image_size', 64))
+      {'image': d.image}, d.data_dir or None, d.builtin_image_size)
   teacher = Teacher(config.teacher, tok_cfg)
-  objective = VQKDTraining(tok_cfg, teacher, config.seed,
-                           config.get('dead_code_fraction', 0.0))
+  objective = VQKDTraining(tok_cfg, teacher, config.seed, config.dead_code_fraction)
   tx, schedule = make_optimizer(config.optimizer, config.total_steps, tok_cfg.depth,
                                 frozen=(r'^quantize/',))
   mesh = sharding_lib.make_mesh(config.mesh_shape)
@@ -273,11 +273,11 @@ def build_job(config, output: str | None = None) -> loop.Job:
       teacher_flops = flops_lib.vqkd_encode_flops(teacher.model_cfg)
   train_data = _data(config, tfds_dir, names['image'], d.train_split, config.seed)
   eval_data = None
-  if config.get('eval_every', 0):
+  if config.eval_every:
     eval_data = lambda: _data(config, tfds_dir, names['image'], d.eval_split,  # noqa: E731
                               config.seed + 1)
   n = (tok_cfg.input_size // tok_cfg.patch_size) ** 2
-  out = output or config.get('output') or ''
+  out = output or config.output
 
   def on_finish(state, workdir):
     path = out or str(epath.Path(workdir) / 'tokenizer')
@@ -305,20 +305,34 @@ def run(config, workdir, output: str | None = None) -> dict:
   return loop.train(config, workdir, build_job(config, output))
 
 
-def train_from_file(config_file: str, *, output: str, data_dir: str = '') -> dict:
-  """Trains the tokenizer of a config file (`path.py[:arg]`) into params directory `output`
-  (the run's checkpoints and metrics go to `output` + '_run')."""
-  path, _, arg = config_file.partition(':')
-  spec = importlib.util.spec_from_file_location('_beit3_tokenizer_config', path)
-  if spec is None or not os.path.exists(path):
-    raise FileNotFoundError(f'No tokenizer config file at {path}.')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg) if arg else module.get_config()
+def run_dir_of(output: str) -> str:
+  """Where the run (checkpoints, metrics) of a tokenizer trained into `output` goes."""
+  return output.rstrip('/') + '_run'
+
+
+def load_config_file(config_file: str):
+  """The config of a tokenizer config file (`path.py[:arg]`), its fields checked."""
+  config = defaults.load_config_file(config_file)
+  job = config.job if 'job' in config else None
+  if job != 'tokenizer':
+    raise ConfigError(f'{config_file} is a config of the {job} job, not of the tokenizer job.')
+  check_fields(config, source=config_file)
+  return config
+
+
+def train_into(config, *, output: str, data_dir: str = '') -> dict:
+  """Trains the tokenizer of `config` into params directory `output` (the run's checkpoints
+  and metrics go to `run_dir_of(output)`), as `python -m beit3_jax.main --config=FILE
+  --workdir=<output>_run --config.output=<output>` does."""
   if data_dir:
     with config.unlocked():
       config.data.data_dir = data_dir
-  workdir = output.rstrip('/') + '_run'
-  from beit3_jax.train.run_config import save_run_config
+  workdir = run_dir_of(output)
   save_run_config(config, workdir)
   return run(config, workdir, output)
+
+
+def train_from_file(config_file: str, *, output: str, data_dir: str = '') -> dict:
+  """Trains the tokenizer of a config file (`path.py[:arg]`) into params directory `output`
+  (the run's checkpoints and metrics go to `output` + '_run')."""
+  return train_into(load_config_file(config_file), output=output, data_dir=data_dir)

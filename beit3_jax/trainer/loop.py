@@ -10,10 +10,11 @@
         every eval_every steps: validation sums over eval_batches fixed batches
         every checkpoint_every steps and at the end: async Orbax save
 
-Config fields read here: total_steps, checkpoint_every, keep_checkpoints, log_every,
-eval_every, eval_batches, seed, mesh_shape, micro_batches, init_from, peak_tflops_per_device,
-and stop_at_step (> 0: save and stop after that step, as a preemption would; rerunning the
-command resumes).
+Config fields read here (declared, with their defaults, in `beit3_jax.defaults.LOOP_FIELDS`):
+total_steps, checkpoint_every, keep_checkpoints, log_every, eval_every, eval_batches, seed,
+mesh_shape, micro_batches, init_from, peak_tflops_per_device, and stop_at_step (> 0: save and
+stop after that step, as a preemption would; rerunning the command resumes); `evaluate_only`
+also reads eval_step (a finetune field).
 """
 
 from __future__ import annotations
@@ -27,13 +28,14 @@ import numpy as np
 from etils import epath
 
 from beit3_jax import sharding as sharding_lib
-from beit3_jax.convert import flatten_params, unflatten_params
+from beit3_jax import param_tree
 from beit3_jax.data import pipeline
 from beit3_jax.models import count_params
-from beit3_jax.train import checkpoints, flops as flops_lib
-from beit3_jax.train import step as step_lib
-from beit3_jax.train.progress import Progress
-from beit3_jax.train.writers import MetricWriter
+from beit3_jax.trainer import checkpoints
+from beit3_jax.trainer import flops as flops_lib
+from beit3_jax.trainer import step as step_lib
+from beit3_jax.trainer.progress import Progress
+from beit3_jax.trainer.writers import MetricWriter
 
 
 @dataclasses.dataclass
@@ -41,7 +43,7 @@ class Job:
   """What an objective's job hands to the loop.
 
   Attributes:
-    objective: see `beit3_jax.train.step`.
+    objective: see `beit3_jax.trainer.step`.
     tx, schedule: the optimizer and its learning-rate schedule.
     train_data: the resumable training mixture (host batches, `get_state`/`set_state`).
     eval_data: makes a fresh, identical validation iterator of host batches (or None).
@@ -71,11 +73,11 @@ class Job:
 
 def _merge_init(fresh, loaded):
   """Fresh params with every non-None leaf of `loaded` put in its place."""
-  flat = flatten_params(fresh)
-  for k, v in flatten_params(loaded).items():
+  flat = param_tree.flatten(fresh)
+  for k, v in param_tree.flatten(loaded).items():
     if v is not None:
       flat[k] = v
-  return unflatten_params(flat)
+  return param_tree.unflatten(flat)
 
 
 def _host(tree):
@@ -116,7 +118,7 @@ def _initial_state(config, job: Job, mesh, checkpointer, step: int | None = None
     restored = checkpointer.restore(start, abstract, job.train_data)
     return (state.replace(**restored), shardings,
             f'resumed from {checkpointer.directory / str(start)}')
-  if config.get('init_from'):
+  if config.init_from:
     loaded, what = checkpoints.load_init_params(config.init_from, state.params,
                                                 shardings.params)
     return state.replace(params=_merge_init(state.params, loaded)), shardings, \
@@ -137,13 +139,13 @@ def evaluate_only(config, workdir, job: Job) -> dict:
   workdir = epath.Path(workdir)
   mesh = sharding_lib.make_mesh(config.mesh_shape)
   checkpointer = checkpoints.Checkpointer(workdir, every=0, keep=None)
-  wanted = int(config.get('eval_step', -1))
+  wanted = int(config.eval_step)
   steps = checkpointer.all_steps()
   if wanted >= 0 and wanted not in steps:
     checkpointer.close()
     raise ValueError(f'eval_step={wanted}: {checkpointer.directory} has checkpoints at '
                      f'{sorted(steps) or "no step"}.')
-  if not steps and not config.get('init_from'):
+  if not steps and not config.init_from:
     checkpointer.close()
     raise FileNotFoundError(f'mode=eval: {workdir} has no checkpoint and init_from is empty; '
                             'give the run to evaluate (--workdir) or weights (--config.init_from).')
@@ -178,7 +180,7 @@ def train(config, workdir, job: Job) -> dict:
   objective = job.objective
 
   checkpointer = checkpoints.Checkpointer(workdir, every=config.checkpoint_every,
-                                          keep=config.get('keep_checkpoints', 3))
+                                          keep=config.keep_checkpoints)
   state, shardings, origin = _initial_state(config, job, mesh, checkpointer)
   first_step = int(jax.device_get(state.step))
   if first_step >= config.total_steps:
@@ -187,7 +189,7 @@ def train(config, workdir, job: Job) -> dict:
           'or with init_from, since the schedule depends on it).')
 
   n_params = count_params(state.params)
-  peak = flops_lib.peak_flops_per_device(config.get('peak_tflops_per_device', 0.0) * 1e12)
+  peak = flops_lib.peak_flops_per_device(config.peak_tflops_per_device * 1e12)
   print(f'Devices: {jax.device_count()} x {jax.devices()[0].device_kind} over '
         f'{jax.process_count()} process(es); mesh {dict(mesh.shape)}')
   for line in job.describe:
@@ -198,7 +200,7 @@ def train(config, workdir, job: Job) -> dict:
                             'device kind)'))
 
   train_step = step_lib.make_train_step(objective, job.tx, job.schedule,
-                                        config.get('micro_batches', 1))
+                                        config.micro_batches)
   first_host_batch = next(job.train_data)
   batch = pipeline.to_global(first_host_batch, mesh)
   with sharding_lib.use_mesh(mesh):
@@ -215,7 +217,7 @@ def train(config, workdir, job: Job) -> dict:
     writer.write_text(0, 'config', config.to_json_best_effort(indent=2))
   progress = Progress(config.total_steps, start_step=first_step, enabled=process0)
   history, last, summary = [], {}, {}
-  log_every, eval_every = int(config.log_every), int(config.get('eval_every', 0))
+  log_every, eval_every = int(config.log_every), int(config.eval_every)
   t_log = time.perf_counter()
   steps_since_log = 0
   base_rng = jax.random.wrap_key_data(jax.device_get(state.rng))
@@ -247,7 +249,7 @@ def train(config, workdir, job: Job) -> dict:
         with sharding_lib.use_mesh(mesh):
           summary = _validate(job, eval_step, state, mesh, config.eval_batches)
         writer.write(done, summary, prefix='val')
-      stop = done == config.get('stop_at_step', 0)
+      stop = done == config.stop_at_step
       checkpointer.save(done, step_lib.checkpoint_items(state), job.train_data,
                         force=done == config.total_steps or stop)
       progress.update(done, loss=last.get('loss', float('nan')))

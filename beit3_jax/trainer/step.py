@@ -25,10 +25,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from beit3_jax import sharding as sharding_lib
-from beit3_jax.train.optimizer import global_norm
+from beit3_jax.trainer.optimizer import global_norm
 
 
 @flax.struct.dataclass
@@ -57,11 +57,6 @@ CHECKPOINTED = ('step', 'params', 'opt_state', 'extra', 'rng')
 def checkpoint_items(state: TrainState) -> dict:
   """The part of the state a checkpoint holds (everything but `frozen`)."""
   return {name: getattr(state, name) for name in CHECKPOINTED}
-
-
-def step_rng(state: TrainState) -> jax.Array:
-  """The key of the step about to run: fold_in(base key, step)."""
-  return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
 
 def _boxed_state(objective, tx, rng, frozen):
@@ -158,18 +153,18 @@ def make_eval_step(objective) -> Callable:
 
 
 def jit_train_step(train_step, mesh: Mesh, shardings: TrainState, batch_example):
-  """jax.jit with the state's shardings in and out, the batch over (data, fsdp), the state
-  donated."""
-  batch_sharding = NamedSharding(mesh, PartitionSpec(('data', 'fsdp')))
-  replicated = NamedSharding(mesh, PartitionSpec())
+  """jax.jit with the state's shardings in and out, the batch laid out by the rules' 'batch'
+  entry (`sharding.batch_sharding`: over (data, fsdp)), the state donated."""
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  replicated = sharding_lib.replicated(mesh)
   batch_shardings = jax.tree.map(lambda _: batch_sharding, batch_example)
   return jax.jit(train_step, in_shardings=(shardings, batch_shardings, replicated),
                  out_shardings=(shardings, replicated), donate_argnums=(0,))
 
 
 def jit_eval_step(eval_step, mesh: Mesh, shardings: TrainState, batch_example):
-  batch_sharding = NamedSharding(mesh, PartitionSpec(('data', 'fsdp')))
-  replicated = NamedSharding(mesh, PartitionSpec())
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  replicated = sharding_lib.replicated(mesh)
   return jax.jit(eval_step, in_shardings=(shardings.params, shardings.extra, shardings.frozen,
                                           jax.tree.map(lambda _: batch_sharding, batch_example)),
                  out_shardings=replicated)

@@ -1,0 +1,1 @@
+"""The jobs a run can be: pretraining, tokenizer training, fine-tuning, smoke."""

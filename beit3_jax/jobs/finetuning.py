@@ -1,0 +1,108 @@
+"""The `finetune` job: BEiT-3 fine-tuning on one task of `beit3_jax.tasks` (configs/finetune/).
+
+The task (`config.task`, looked up in the task registry) gives the model, its objective, the
+per-example transform of its data, its whole-split evaluator if it has one and its FLOPs; this
+module wires them to the data sources and the shared trainer (`beit3_jax.trainer.loop`).
+Config fields: `beit3_jax.defaults.finetune_fields`.
+
+`config.mode='train'` trains (validating every `eval_every` steps); `'eval'` evaluates one
+checkpoint (`eval_step`) and stops.
+
+`init_from` may be a pretraining workdir (params {'beit3', 'mim_head', 'mlm_head'}) or another
+task's: only its `beit3` backbone is read and the task head keeps its fresh init
+(`trainer.checkpoints.load_init_params`). A fine-tuning checkpoint of the same task gives every
+param; a params directory (the convert CLI's output) gives what it holds.
+"""
+
+from __future__ import annotations
+
+from beit3_jax import tasks
+from beit3_jax.data import builtin as builtin_lib
+from beit3_jax.data import finetuning as inputs_lib
+from beit3_jax.data import tfds_sources
+from beit3_jax.data.text import TextTokenizer
+from beit3_jax.tasks import base as task_base
+from beit3_jax.trainer import loop
+from beit3_jax.trainer.optimizer import make_optimizer
+
+MODES = ('train', 'eval')
+
+
+def resolve_source(data_cfg) -> tuple[str, str, str]:
+  """(TFDS dir, TFDS name, spm path or ''), building the built-in data if it is used."""
+  tfds_dir, names, spm_path = builtin_lib.resolve_names(
+      {'data.source': data_cfg.source}, data_cfg.data_dir or None,
+      data_cfg.builtin_image_size, data_cfg.spm_path)
+  return tfds_dir, names['data.source'], spm_path
+
+
+def make_data(config, task: task_base.Task, source, train: bool, seed: int,
+              text_tokenizer=None):
+  """Training data (shuffled, repeated, augmented) or one validation epoch (eval transform)."""
+  transform = task.transform(config, inputs_lib.FinetuneInputs.from_config(config, train),
+                             task_base.field_map(task, config), text_tokenizer)
+  return inputs_lib.make_stream_mixture(
+      task.name, source, transform, int(config.batch_size), seed,
+      num_epochs=None if train else 1, read_threads=config.data.read_threads)
+
+
+def text_tokenizer(config, task: task_base.Task, spm_path: str):
+  """The task's SentencePiece tokenizer (None when the task reads no text), checked against
+  the model's text embedding."""
+  if not task.needs_text:
+    return None
+  if not spm_path:
+    raise ValueError(f'data.spm_path is empty: task {task.name!r} needs the SentencePiece '
+                     'model of its texts (beit3.spm for converted unilm weights).')
+  tokenizer = TextTokenizer.from_file(spm_path)
+  if config.model.vocab_size < tokenizer.vocab_size:
+    raise ValueError(f'model.vocab_size={config.model.vocab_size} is smaller than the '
+                     f'{tokenizer.vocab_size} ids of {spm_path}.')
+  return tokenizer
+
+
+def build_job(config) -> loop.Job:
+  """The loop's job for a fine-tuning config."""
+  task = tasks.get(config.task)
+  if config.mode not in MODES:
+    raise ValueError(f'config.mode={config.mode!r}; expected one of {MODES}.')
+  objective = task.objective(config)
+  tfds_dir, name, spm_path = resolve_source(config.data)
+  tokenizer = text_tokenizer(config, task, spm_path)
+  d = config.data
+  train_source = tfds_sources.open_source(name, d.train_split, tfds_dir)
+  train_data = make_data(config, task, train_source, True, config.seed, tokenizer)
+  eval_data, evaluator = None, None
+  if config.eval_every or config.mode == 'eval':
+    eval_source = tfds_sources.open_source(name, d.eval_split, tfds_dir)
+    evaluator = task.evaluator(config, objective, eval_source, train_source, tokenizer,
+                               task_base.field_map(task, config))
+    if evaluator is None:
+      eval_data = lambda: make_data(config, task, eval_source, False,  # noqa: E731
+                                    config.seed + 1, tokenizer)
+  tx, schedule = make_optimizer(config.optimizer, config.total_steps, config.model.depth)
+
+  b = int(config.batch_size)
+  forward, tokens = task.flops(config)
+  m = config.model
+  what = task.describe(config)
+  describe = [
+      f'Model: {m.variant} D={m.embed_dim} depth={m.depth} heads={m.num_heads} '
+      f'{m.img_size}px/{m.patch_size} vocab {m.vocab_size}; dtype {m.dtype}; '
+      f'normalize_output={m.normalize_output}',
+      f'Task: {task.name} ({type(objective).__name__}); data {name} '
+      f'{d.train_split} / {d.eval_split} x{b} (TFDS dir {tfds_dir})'
+      + (f'; {what}' if what else '') + (f'; text {spm_path}' if tokenizer else ''),
+  ]
+  return loop.Job(objective=objective, tx=tx, schedule=schedule, train_data=train_data,
+                  eval_data=eval_data, frozen={}, frozen_shardings={},
+                  flops_per_step=3.0 * forward * b, examples_per_step=b,
+                  tokens_per_step=tokens * b, describe=describe, evaluator=evaluator)
+
+
+def run(config, workdir) -> dict:
+  """Trains (config.mode='train') or evaluates one checkpoint (config.mode='eval')."""
+  job = build_job(config)
+  if config.mode == 'eval':
+    return loop.evaluate_only(config, workdir, job)
+  return loop.train(config, workdir, job)

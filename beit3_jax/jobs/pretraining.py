@@ -1,0 +1,217 @@
+"""The `pretrain` job: BEiT-3 masked data modeling from a config (configs/pretrain/*.py).
+
+Builds, from the config: the text tokenizer (.spm), the visual tokenizer (loaded, or for the
+demo trained first), the three input streams (train and validation), the objective,
+the optimizer; then hands them to `loop.train`.
+
+Config fields (besides the loop's, see `beit3_jax.trainer.loop`):
+  model                  the backbone (`beit3_jax.models.get_config`).
+  tokenizer.path         a VQ-KD params directory (the convert CLI's `to-flax --model vqkd`
+                         output, or a tokenizer run's export); or
+  tokenizer.train_config a tokenizer config file: when `path` is empty, the tokenizer is
+                         `<data_dir>/tokenizers/<config name>`.
+  tokenizer.train_if_missing  True (the demo): that tokenizer, when missing, is trained first;
+                         False: a missing one is an error that names the command to train it.
+  data.*                 sources ('builtin:images', 'builtin:text' or TFDS names), splits,
+                         spm_path, text_len, mask ratios, crop scale, colour jitter.
+  batch_size.{image,text,pair}, loss_weights.{image,text,pair,pair_image}, optimizer.*.
+Every field, with its default and doc: `beit3_jax.defaults.pretrain_fields`.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+
+import jax
+import numpy as np
+from etils import epath
+
+from beit3_jax import params_io
+from beit3_jax import sharding as sharding_lib
+from beit3_jax.data import builtin as builtin_lib
+from beit3_jax.data import paths, pretraining as inputs_lib, tfds_sources
+from beit3_jax.data.masking import BlockMaskConfig
+from beit3_jax.data.text import TextTokenizer
+from beit3_jax.defaults import ConfigError
+from beit3_jax.jobs import tokenizer_training
+from beit3_jax.jobs.masked_modeling import MaskedModeling, make_spec
+from beit3_jax.models import flops as flops_lib
+from beit3_jax.models import num_patches
+from beit3_jax.tokenizers import get_vqkd_config
+from beit3_jax.tokenizers import vqkd as vqkd_lib
+from beit3_jax.trainer import loop
+from beit3_jax.trainer.optimizer import make_optimizer
+
+STREAMS = ('image', 'text', 'pair')
+
+
+def resolve_sources(data_cfg):
+  """(tfds_dir, stream -> TFDS name, spm path), building the built-in data if it is used."""
+  tfds_dir, names, spm_path = builtin_lib.resolve_names(
+      {s: data_cfg[s] for s in STREAMS if data_cfg[s]}, data_cfg.data_dir or None,
+      data_cfg.builtin_image_size, data_cfg.spm_path)
+  if not spm_path:
+    raise ConfigError('data.spm_path is empty: give the SentencePiece model (e.g. beit3.spm).')
+  return tfds_dir, names, spm_path
+
+
+def input_settings(config, tokenizer_image_size: int) -> inputs_lib.PretrainInputs:
+  d = config.data
+  return inputs_lib.PretrainInputs(
+      image_size=config.model.img_size, tokenizer_image_size=tokenizer_image_size,
+      patch_size=config.model.patch_size, text_len=d.text_len,
+      image_mask=BlockMaskConfig(ratio=d.image_mask_ratio,
+                                 min_block=d.min_mask_block),
+      pair_image_mask_ratio=d.pair_image_mask_ratio, text_mask_ratio=d.text_mask_ratio,
+      pair_text_mask_ratio=d.pair_text_mask_ratio, crop_scale=tuple(d.crop_scale),
+      color_jitter=d.color_jitter)
+
+
+def make_data(config, text_tokenizer, tokenizer_image_size, tfds_dir, names, split: str,
+              seed: int):
+  """The mixture of the configured streams on `split`."""
+  batch_sizes = {s: int(config.batch_size[s]) for s in names}
+  sources = {s: tfds_sources.open_source(n, split, tfds_dir) for s, n in names.items()
+             if batch_sizes[s]}
+  # data.fields is free-form: a stream it does not name reads its inputs where TFDS puts them.
+  fields = {s: dict(config.data.fields.get(s, {})) for s in sources}
+  return inputs_lib.make_mixture(input_settings(config, tokenizer_image_size), text_tokenizer, sources, batch_sizes,
+                                 seed, fields=fields,
+                                 read_threads=config.data.read_threads)
+
+
+def _command(*args: str) -> str:
+  return ' '.join(shlex.quote(a) for a in args)
+
+
+def _has_tokenizer(path: str) -> bool:
+  return (epath.Path(path) / params_io.CONFIG_FILE).exists()
+
+
+def visual_tokenizer_path(config) -> str:
+  """Where the visual tokenizer of `config` is: `tokenizer.path`, or, when that is '', the
+  output of the tokenizer config `tokenizer.train_config` in <data dir>/tokenizers/<config
+  name>. A tokenizer that does not exist there is a ConfigError naming the command that makes
+  it, unless `tokenizer.train_if_missing` (the demo) has `load_visual_tokenizer` train it."""
+  path = config.tokenizer.path
+  data_dir = config.data.data_dir
+  if path:
+    if not _has_tokenizer(path):
+      raise ConfigError(
+          f'tokenizer.path={path} holds no visual tokenizer (no config.json). Make it: convert '
+          'BEiT v2\'s with\n  '
+          + _command('python', '-m', 'beit3_jax.convert', 'to-flax', '<vqkd .pth>', path,
+                     '--model', 'vqkd', '--variant', 'base')
+          + '\nor train one with\n  '
+          + _command('python', '-m', 'beit3_jax.main',
+                     '--config=configs/pretrain/tokenizer_base.py', '--workdir=<run dir>',
+                     '--config.teacher.path=<teacher params dir>', f'--config.output={path}'))
+    return path
+  train_config = config.tokenizer.train_config
+  if not train_config:
+    raise ConfigError('Set tokenizer.path (a VQ-KD params directory) or '
+                      'tokenizer.train_config (a tokenizer config whose output to use).')
+  name = os.path.splitext(os.path.basename(train_config.split(':')[0]))[0]
+  path = f'{paths.tokenizers_dir(data_dir or None)}/{name}'
+  if not _has_tokenizer(path) and not config.tokenizer.train_if_missing:
+    raise ConfigError(
+        f'No visual tokenizer at {path} (the output of tokenizer.train_config={train_config}). '
+        'Train it first with\n  '
+        + _command('python', '-m', 'beit3_jax.main', f'--config={train_config}',
+                   f'--workdir={tokenizer_training.run_dir_of(path)}',
+                   f'--config.output={path}',
+                   *([f'--config.data.data_dir={data_dir}'] if data_dir else []))
+        + '\nor set --config.tokenizer.train_if_missing=True to train it as part of this run.')
+  return path
+
+
+def load_visual_tokenizer(config):
+  """(VQ-KD params, its config, where from) of `visual_tokenizer_path(config)`; with
+  `tokenizer.train_if_missing`, a missing train_config tokenizer is trained first, and the
+  screen says so."""
+  path = visual_tokenizer_path(config)
+  if not _has_tokenizer(path):
+    train_config = config.tokenizer.train_config
+    tok_config = tokenizer_training.load_config_file(train_config)
+    t = tok_config.tokenizer
+    run_dir = tokenizer_training.run_dir_of(path)
+    print(f'No visual tokenizer at {path} yet: training it first (tokenizer.train_if_missing) '
+          f'from {train_config}: a VQ-KD of {t.n_embed} codes, {tok_config.total_steps} steps '
+          f'of {tok_config.batch_size} images (the demo\'s takes about 2 minutes on a 2-core '
+          f'CPU); its run goes to {run_dir}. Pretraining starts when it is done; later '
+          'runs reuse it.', flush=True)
+    result = tokenizer_training.train_into(tok_config, output=path,
+                                           data_dir=config.data.data_dir)
+    print('Trained the visual tokenizer: ' + ', '.join(
+        f'{k} {v:.4f}' for k, v in sorted(result['val'].items())) + f' ({run_dir})')
+  params, _, tok_cfg = params_io.load_vqkd_params(path)
+  return params, tok_cfg, path
+
+
+def build_job(config) -> loop.Job:
+  """Everything the loop needs for a pretraining run of `config`."""
+  visual_tokenizer_path(config)  # a missing tokenizer: say so before anything is built
+  tfds_dir, names, spm_path = resolve_sources(config.data)
+  text_tokenizer = TextTokenizer.from_file(spm_path)
+  if config.model.vocab_size < text_tokenizer.vocab_size:
+    raise ConfigError(f'model.vocab_size={config.model.vocab_size} is smaller than the '
+                      f'{text_tokenizer.vocab_size} ids of {spm_path}.')
+  tok_params, tok_cfg, tok_path = load_visual_tokenizer(config)
+  grid = config.model.img_size // config.model.patch_size
+  if (tok_cfg.input_size // tok_cfg.patch_size) != grid:
+    fields = tok_cfg.to_dict()
+    variant = fields.pop('variant')
+    tok_cfg = get_vqkd_config(variant, **{**fields,
+                                          'input_size': grid * tok_cfg.patch_size})
+  streams = tuple(s for s in names if config.batch_size[s])
+  d = config.data
+  spec = make_spec(config.model, d.text_len, d.image_mask_ratio, d.pair_image_mask_ratio,
+                   d.text_mask_ratio, d.pair_text_mask_ratio, dict(config.loss_weights), streams)
+  objective = MaskedModeling(config.model, tok_cfg, spec)
+  tx, schedule = make_optimizer(config.optimizer, config.total_steps, config.model.depth)
+
+  view = tok_cfg.input_size
+  train_data = make_data(config, text_tokenizer, view, tfds_dir, names, d.train_split,
+                         config.seed)
+  eval_data = None
+  if config.eval_every:
+    eval_data = lambda: make_data(config, text_tokenizer, view, tfds_dir, names,  # noqa: E731
+                                  d.eval_split, config.seed + 1)
+
+  mesh = sharding_lib.make_mesh(config.mesh_shape)
+  tok_abstract = jax.eval_shape(
+      lambda r: vqkd_lib.VQKD(tok_cfg).init(r, vqkd_lib.example_images(tok_cfg))['params'],
+      jax.random.key(0))
+  tok_shardings = sharding_lib.mesh_shardings(tok_abstract, mesh)
+  frozen = {'tokenizer': jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s),
+                                      tok_params, tok_shardings)}
+  batch = {s: int(config.batch_size[s]) for s in streams}
+  n = num_patches(config.model)
+  tokens = (batch.get('image', 0) * (1 + n) + batch.get('text', 0) * d.text_len
+            + batch.get('pair', 0) * (1 + n + d.text_len))
+  describe = [
+      f'Model: {config.model.variant} D={config.model.embed_dim} depth={config.model.depth} '
+      f'heads={config.model.num_heads} {config.model.img_size}px/{config.model.patch_size} '
+      f'vocab {config.model.vocab_size}; dtype {config.model.dtype}',
+      f'Visual tokenizer: {tok_path} ({tok_cfg.n_embed} codes, {tok_cfg.input_size}px view)',
+      f'Text tokenizer: {spm_path} ({text_tokenizer.vocab_size} ids)',
+      'Data: ' + ', '.join(f'{s} {names[s]} x{batch[s]}' for s in streams)
+      + f' (TFDS dir {tfds_dir}); tasks {objective.tasks}',
+  ]
+  return loop.Job(
+      objective=objective, tx=tx, schedule=schedule, train_data=train_data, eval_data=eval_data,
+      frozen=frozen, frozen_shardings={'tokenizer': tok_shardings},
+      flops_per_step=flops_lib.pretraining_step_flops(config.model, tok_cfg, batch, d.text_len,
+                                                      spec),
+      examples_per_step=sum(batch.values()), tokens_per_step=tokens, describe=describe)
+
+
+def check(config) -> None:
+  """Raises ConfigError for what a run of `config` cannot start with (a missing visual
+  tokenizer), before anything is written or built (`beit3_jax.main` calls it first)."""
+  visual_tokenizer_path(config)
+
+
+def run(config, workdir) -> dict:
+  return loop.train(config, workdir, build_job(config))

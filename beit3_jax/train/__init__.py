@@ -1,1 +1,0 @@
-"""Training: objectives, the train step, optimizer, checkpoints, logging and the loop."""
