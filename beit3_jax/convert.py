@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import dataclasses
 import json
 import math
 import os
@@ -454,7 +453,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if task is not None:
       _infer_normalize_output(args, state)
     config = _model_config(args)
-    print(f'Reading {args.input} as {config.variant} ({args.model}): {_describe(args.model, config)}')
+    print(f'Reading {args.input} as {config.variant} ({args.model}): '
+          f'{_describe(args.model, config)}')
     report = Report()
     state = state if state is not None else load_state_dict(args.input)
     if args.model == 'vqkd':

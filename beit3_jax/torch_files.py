@@ -32,7 +32,8 @@ def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
-  """Tensors of a .safetensors or .pth/.pt/.bin file as numpy arrays (unwrapped by `unwrap_state_dict`).
+  """Tensors of a .safetensors or .pth/.pt/.bin file as numpy arrays (unwrapped by
+  `unwrap_state_dict`).
 
   .pth files are read with `torch.load(weights_only=True)`: no arbitrary objects are unpickled.
   """

@@ -45,7 +45,8 @@ def _vqa_batch(seed=0):
 
 
 def test_classification_objective_trains():
-  objective = classification.ClassificationFinetune(_model_cfg(), num_classes=4, label_smoothing=0.1)
+  objective = classification.ClassificationFinetune(_model_cfg(), num_classes=4,
+                                                    label_smoothing=0.1)
   losses, train, val = fx.train_objective(objective, _classification_batch())
   assert np.all(np.isfinite(losses))
   assert losses[0] == pytest.approx(np.log(4), abs=0.05)   # the head starts near zero

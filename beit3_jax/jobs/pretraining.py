@@ -76,8 +76,8 @@ def make_data(config, text_tokenizer, tokenizer_image_size, tfds_dir, names, spl
              if batch_sizes[s]}
   # data.fields is free-form: a stream it does not name reads its inputs where TFDS puts them.
   fields = {s: dict(config.data.fields.get(s, {})) for s in sources}
-  return inputs_lib.make_mixture(input_settings(config, tokenizer_image_size), text_tokenizer, sources, batch_sizes,
-                                 seed, fields=fields,
+  return inputs_lib.make_mixture(input_settings(config, tokenizer_image_size), text_tokenizer,
+                                 sources, batch_sizes, seed, fields=fields,
                                  read_threads=config.data.read_threads)
 
 

@@ -32,8 +32,6 @@ At the end the tokenizer is exported as a params directory (`output`, default
 
 from __future__ import annotations
 
-import os
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

@@ -38,8 +38,9 @@ def _tn(scale: float = 1.0):
 
 
 
-def _linear(cfg, d_in: int, d_out: int, axes=('embed', 'mlp'), scale: float = 1.0,
-            use_bias: bool = True, name: str | None = None) -> Linear:
+def head_linear(cfg, d_in: int, d_out: int, axes=('embed', 'mlp'), scale: float = 1.0,
+                use_bias: bool = True, name: str | None = None) -> Linear:
+  """A head's Linear(d_in, d_out) with unilm's init: TN(0.02) x `scale`, zero bias."""
   return Linear((d_in,), (d_out,), axes, _tn(scale), nn.initializers.zeros,
                 compute_dtype(cfg.dtype), use_bias=use_bias, name=name)
 
@@ -69,7 +70,7 @@ class ImageClassifier(nn.Module):
     x = backbone(self, cfg)(images=images, deterministic=deterministic)['encoder_out']
     pooled = jnp.mean(x[:, 1:].astype(jnp.float32), axis=1)
     pooled = LayerNorm(HEAD_EPS, name='fc_norm')(pooled)
-    head = _linear(cfg, cfg.embed_dim, self.num_classes, ('embed', 'mlp'), scale=1e-3,
+    head = head_linear(cfg, cfg.embed_dim, self.num_classes, ('embed', 'mlp'), scale=1e-3,
                    name='head')
     return head(pooled).astype(jnp.float32)
 
@@ -85,9 +86,9 @@ class TwoLayerMLP(nn.Module):
   def __call__(self, x):
     cfg = self.config
     x = LayerNorm(HEAD_EPS, name='norm1')(x)
-    x = _linear(cfg, self.in_features, self.hidden, scale=1e-3, name='dense1')(x)
+    x = head_linear(cfg, self.in_features, self.hidden, scale=1e-3, name='dense1')(x)
     x = _gelu(LayerNorm(HEAD_EPS, name='norm2')(x))
-    return _linear(cfg, self.hidden, self.out_features, ('mlp', 'embed'), scale=1e-3,
+    return head_linear(cfg, self.hidden, self.out_features, ('mlp', 'embed'), scale=1e-3,
                    name='dense2')(x)
 
 
@@ -125,7 +126,7 @@ class Pooler(nn.Module):
   def __call__(self, cls):
     cfg = self.config
     x = LayerNorm(HEAD_EPS, name='norm')(cls)
-    return jnp.tanh(_linear(cfg, cfg.embed_dim, cfg.embed_dim, name='dense')(x))
+    return jnp.tanh(head_linear(cfg, cfg.embed_dim, cfg.embed_dim, name='dense')(x))
 
 
 class VQAHead(nn.Module):
@@ -137,9 +138,9 @@ class VQAHead(nn.Module):
   def __call__(self, x):
     cfg = self.config
     d = cfg.embed_dim
-    x = _linear(cfg, d, 2 * d, name='layers_0')(x)
+    x = head_linear(cfg, d, 2 * d, name='layers_0')(x)
     x = _gelu(LayerNorm(HEAD_EPS, name='layers_1')(x))
-    return _linear(cfg, 2 * d, self.num_answers, ('mlp', 'vocab'), name='layers_3')(x)
+    return head_linear(cfg, 2 * d, self.num_answers, ('mlp', 'vocab'), name='layers_3')(x)
 
 
 class VQAModel(nn.Module):
@@ -171,8 +172,8 @@ class RetrievalModel(nn.Module):
                deterministic: bool = True):
     cfg = self.config
     beit3 = backbone(self, cfg)
-    vision_head = _linear(cfg, cfg.embed_dim, cfg.embed_dim, use_bias=False, name='vision_head')
-    language_head = _linear(cfg, cfg.embed_dim, cfg.embed_dim, use_bias=False,
+    vision_head = head_linear(cfg, cfg.embed_dim, cfg.embed_dim, use_bias=False, name='vision_head')
+    language_head = head_linear(cfg, cfg.embed_dim, cfg.embed_dim, use_bias=False,
                             name='language_head')
     scale = self.param('logit_scale', nn.with_logical_partitioning(
         lambda *_: jnp.full((), math.log(1 / 0.07), jnp.float32), ()), ())
@@ -204,5 +205,5 @@ class CaptioningModel(nn.Module):
                                  deterministic=deterministic)['encoder_out']
     text = x[:, x.shape[1] - text_ids.shape[1]:]
     picked = jnp.take_along_axis(text, text_index[..., None].astype(jnp.int32), axis=1)
-    head = _linear(cfg, cfg.embed_dim, cfg.vocab_size, ('embed', 'vocab'), name='mlm_head')
+    head = head_linear(cfg, cfg.embed_dim, cfg.vocab_size, ('embed', 'vocab'), name='mlm_head')
     return head(picked).astype(jnp.float32)

@@ -42,7 +42,7 @@ from beit3_jax.models import heads
 from beit3_jax.models.beit3 import BEiT3
 from beit3_jax.models.config import num_patches
 from beit3_jax.models.embeddings import POSITION_OFFSET
-from beit3_jax.models.heads import _linear
+from beit3_jax.models.heads import head_linear
 from beit3_jax.tasks import base, decoding, evaluation, metrics, registry
 
 
@@ -68,7 +68,7 @@ class CaptionDecoder(nn.Module):
   def setup(self):
     cfg = self.config
     self.beit3 = BEiT3(cfg)
-    self.mlm_head = _linear(cfg, cfg.embed_dim, cfg.vocab_size, ('embed', 'vocab'))
+    self.mlm_head = head_linear(cfg, cfg.embed_dim, cfg.vocab_size, ('embed', 'vocab'))
 
   def image_pass(self, images):
     return self.beit3(images=images, return_cache=True)['new_cache']

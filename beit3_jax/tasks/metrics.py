@@ -25,7 +25,7 @@ with those scripts; tests/test_task_metrics.py checks BLEU and CIDEr-D against p
 import collections
 import math
 import re
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 

@@ -72,7 +72,8 @@ def _expected(config) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 
 def expected_torch_shapes(config) -> dict[str, tuple[int, ...]]:
-  """torch key -> shape of every tensor of a tokenizer config (beit2's `VQKD.state_dict()` layout)."""
+  """torch key -> shape of every tensor of a tokenizer config (the layout of beit2's
+  `VQKD.state_dict()`)."""
   return {torch_key(p): torch_layout_shape(layout_kind(p, _LAYOUT_RULES), shape)
           for p, (_, shape) in _expected(config).items()}
 
