@@ -50,8 +50,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from beit3_jax import param_tree, params_io, tasks
-from beit3_jax.models import abstract_params, count_params, get_config
+from beit3_jax import param_tree, params_io, platforms, tasks
+from beit3_jax.models import abstract_params, count_params, get_config, layer_stack
 from beit3_jax.tokenizers import convert as vqkd_convert
 from beit3_jax.tokenizers import get_vqkd_config
 from beit3_jax.torch_layout import (ConversionError, Report, mismatch_error, to_flax_layout,
@@ -148,7 +148,7 @@ def torch_to_flax(state_dict: Mapping[str, Any], config, *, skip: Sequence[str] 
   prefix = UNILM_PREFIX if any(k.startswith(UNILM_PREFIX) for k in sd) else ''
   # With the unilm layout, keys outside `beit3.` (heads) are not backbone keys.
   backbone = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-  flat = param_tree.flatten(abstract_params(config, boxed=False))
+  flat = param_tree.flatten(abstract_params(layer_stack.loop_config(config), boxed=False))
   out, missing, misshaped = {}, [], []
   for path, leaf in flat.items():
     kind = layout_kind(path)
@@ -175,7 +175,8 @@ def torch_to_flax(state_dict: Mapping[str, Any], config, *, skip: Sequence[str] 
     raise mismatch_error('The state dict', missing, unexpected, misshaped,
                          _describe_config(config), describe_state_dict(backbone))
   report.converted = len(out)
-  return param_tree.unflatten(out)
+  return layer_stack.to_layout(param_tree.unflatten(out), scan=layer_stack.scans(config),
+                               num_vl_layers=config.num_vl_layers)
 
 
 def flax_to_torch(params, config, *, layout: str = 'torchscale') -> dict[str, np.ndarray]:
@@ -190,11 +191,19 @@ def flax_to_torch(params, config, *, layout: str = 'torchscale') -> dict[str, np
     ConversionError: the params tree does not match the config (every bad path listed).
   """
   prefix = _prefix(layout)
-  flat = param_tree.flatten(jax.device_get(nn.meta.unbox(params)))
-  param_tree.check_fits(abstract_params(config, boxed=False), flat, 'The params tree',
+  flat = param_tree.flatten(layer_stack.to_layout(jax.device_get(nn.meta.unbox(params)),
+                                                  scan=False))
+  param_tree.check_fits(abstract_params(layer_stack.loop_config(config), boxed=False), flat,
+                        'The params tree',
                         f'the model config ({_describe_config(config)})', error=ConversionError)
-  return {prefix + torch_key(p): np.array(to_torch_layout(layout_kind(p), np.asarray(x)))
+  return {prefix + torch_key(p): np.array(to_torch_layout(layout_kind(p), _float32(x)))
           for p, x in flat.items()}
+
+
+def _float32(x) -> np.ndarray:
+  """A host array, bfloat16 params (model.param_dtype) exported as float32 as torch holds them."""
+  x = np.asarray(x)
+  return x.astype(np.float32) if x.dtype != np.float32 and x.dtype.kind in 'fV' else x
 
 
 def heads_to_torch(heads) -> dict[str, np.ndarray]:
@@ -206,7 +215,7 @@ def heads_to_torch(heads) -> dict[str, np.ndarray]:
   """
   out = {}
   for path, x in param_tree.flatten(jax.device_get(nn.meta.unbox(heads))).items():
-    x = np.asarray(x)
+    x = _float32(x)
     key = re.sub(r'(^|/)layers_(\d+)(?=/)', r'\1\2', path).replace('/', '.')
     if key.endswith('.kernel'):
       key, x = key[:-len('kernel')] + 'weight', np.ascontiguousarray(x.reshape(x.shape[0], -1).T)
@@ -404,6 +413,7 @@ def _task_hint(state_dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  platforms.cpu_unless_accelerators()
   parser = argparse.ArgumentParser(prog='python -m beit3_jax.convert', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest='command', required=True)

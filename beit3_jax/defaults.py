@@ -49,12 +49,18 @@ LOOP_FIELDS: tuple[tuple[str, Any, str], ...] = (
      '(trainer/checkpoints.py)'),
     ('peak_tflops_per_device', 0.0, 'for MFU where the device kind is not in trainer/flops.py'),
     ('stop_at_step', 0, '> 0: checkpoint and stop after this step (a planned interruption)'),
+    ('tpu_slice', '', "the TPU slice the recipe is made for, e.g. 'v5p-128'; `python -m "
+     "beit3_jax.plan` compiles for it when --topology is not given"),
+    ('compilation_cache_dir', '', "'' = off; a directory (local or gs://) that keeps compiled "
+     'steps, so that a restarted job does not compile again'),
 )
 
 # Fields a resumed run may change: they decide how it runs, not what it computes.
 RESUMABLE_CHANGES = ('mesh_shape', 'micro_batches', 'checkpoint_every', 'keep_checkpoints',
                      'log_every', 'eval_every', 'eval_batches', 'peak_tflops_per_device',
-                     'data.read_threads', 'stop_at_step', 'tokenizer.train_if_missing')
+                     'data.read_threads', 'stop_at_step', 'tokenizer.train_if_missing',
+                     'compilation_cache_dir', 'tpu_slice', 'model.remat', 'model.remat_policy',
+                     'model.attention')
 
 # Sub-configs whose keys are the user's to choose (checked by the code that reads them).
 FREE_FORM = ('data.fields',)
@@ -143,8 +149,9 @@ def _optimizer_fields(**values) -> tuple[tuple[str, Any, str], ...]:
       eps='AdamW epsilon', weight_decay='AdamW decoupled weight decay',
       clip_norm='global gradient-norm clipping (0 = off)',
       layer_decay='layer-wise lr decay (1 = off; unilm fine-tuning)',
-      task_head_lr_weight='lr multiplier of the task head (unilm --task_head_lr_weight)')
-  values = {'b1': 0.9, **values}
+      task_head_lr_weight='lr multiplier of the task head (unilm --task_head_lr_weight)',
+      mu_dtype="dtype of Adam's first moment: 'float32', or 'bfloat16' to halve its memory")
+  values = {'b1': 0.9, **values, 'mu_dtype': 'float32'}
   return tuple((f'optimizer.{k}', v, docs[k]) for k, v in values.items())
 
 

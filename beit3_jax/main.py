@@ -30,12 +30,16 @@ import sys
 from types import ModuleType
 from typing import NamedTuple
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from beit3_jax import platforms
 
-from beit3_jax import defaults
-from beit3_jax.jobs import finetuning, pretraining, smoke, tokenizer_training
-from beit3_jax.trainer.run_config import save_run_config
+platforms.cpu_unless_accelerators()   # before JAX starts: no libtpu warnings on a CPU host
+
+from absl import app, flags, logging  # noqa: E402  (after JAX_PLATFORMS)
+from ml_collections import config_flags  # noqa: E402
+
+from beit3_jax import defaults  # noqa: E402
+from beit3_jax.jobs import finetuning, pretraining, smoke, tokenizer_training  # noqa: E402
+from beit3_jax.trainer.run_config import save_run_config  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
@@ -121,7 +125,7 @@ def _unknown_field_message(argv, error: Exception) -> str | None:
           + (f' (did you mean {close}?)' if close else '') + '.')
 
 
-def _parse_flags(argv):
+def parse_flags(argv):
   """absl's flag parsing, where a field the config does not have (misspelled in an override or
   in the config file) exits with one message instead of a traceback."""
   try:
@@ -196,4 +200,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  sys.exit(app.run(main, flags_parser=_parse_flags))
+  sys.exit(app.run(main, flags_parser=parse_flags))

@@ -52,7 +52,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from beit3_jax import param_tree, params_io, tasks
+from beit3_jax import param_tree, params_io, platforms, tasks
 from beit3_jax.data import builtin, image_ops, paths
 from beit3_jax.data.text import TextTokenizer
 from beit3_jax.models import BEiT3, abstract_params
@@ -592,6 +592,7 @@ def _parser(table) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs a command; bad input exits with SystemExit('predict <command>: <what to change>')."""
+  platforms.cpu_unless_accelerators()
   table = commands()
   args = _parser(table).parse_args(argv)
   if args.batch_size < 1 or getattr(args, 'top_k', 1) < 1:

@@ -16,11 +16,17 @@ param; a params directory (the convert CLI's output) gives what it holds.
 
 from __future__ import annotations
 
+import jax
+
+from beit3_jax import sharding as sharding_lib
 from beit3_jax import tasks
 from beit3_jax.data import builtin as builtin_lib
+from beit3_jax.data import schema
 from beit3_jax.data import finetuning as inputs_lib
 from beit3_jax.data import tfds_sources
 from beit3_jax.data.text import TextTokenizer
+from beit3_jax.defaults import ConfigError
+from beit3_jax.models import num_patches
 from beit3_jax.tasks import base as task_base
 from beit3_jax.trainer import loop
 from beit3_jax.trainer.optimizer import make_optimizer
@@ -61,12 +67,51 @@ def text_tokenizer(config, task: task_base.Task, spm_path: str):
   return tokenizer
 
 
-def build_job(config) -> loop.Job:
-  """The loop's job for a fine-tuning config."""
+def _check_batch(config, mesh_shape) -> None:
+  try:
+    sharding_lib.check_batch({'batch_size': int(config.batch_size)}, mesh_shape,
+                             int(config.micro_batches))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
+def abstract_batch(config, task: task_base.Task) -> dict:
+  """ShapeDtypeStructs of one global batch of the task (its `batch_fields`)."""
+  m = config.model
+  sizes = {'B': int(config.batch_size), 'H': m.img_size, 'W': m.img_size,
+           'L': config.data.text_len, 'N': num_patches(m),
+           'A': task.head_sizes(config).get('num_answers', 0)}
+  return {k: jax.ShapeDtypeStruct(shape, dtype)
+          for k, (shape, dtype) in schema.shapes(dict(task.batch_fields), sizes).items()}
+
+
+def _step_parts(config, mesh_shape):
+  """(task, objective, tx, schedule, FLOPs per step, tokens per step) of a config."""
   task = tasks.get(config.task)
   if config.mode not in MODES:
     raise ValueError(f'config.mode={config.mode!r}; expected one of {MODES}.')
+  _check_batch(config, mesh_shape)
   objective = task.objective(config)
+  tx, schedule = make_optimizer(config.optimizer, config.total_steps, config.model.depth)
+  b = int(config.batch_size)
+  forward, tokens = task.flops(config)
+  return task, objective, tx, schedule, 3.0 * forward * b, tokens * b
+
+
+def plan_job(config, mesh) -> loop.Job:
+  """The job of `config` without data, for compiling its step ahead of time
+  (`beit3_jax.plan`): `abstract_batch` set, no data iterators or evaluator."""
+  task, objective, tx, schedule, flops, tokens = _step_parts(config, dict(mesh.shape))
+  return loop.Job(objective=objective, tx=tx, schedule=schedule, train_data=None,
+                  eval_data=None, frozen={}, frozen_shardings={}, flops_per_step=flops,
+                  examples_per_step=int(config.batch_size), tokens_per_step=tokens,
+                  abstract_batch=abstract_batch(config, task))
+
+
+def build_job(config) -> loop.Job:
+  """The loop's job for a fine-tuning config."""
+  task, objective, tx, schedule, flops, tokens = _step_parts(
+      config, dict(sharding_lib.make_mesh(config.mesh_shape).shape))
   tfds_dir, name, spm_path = resolve_source(config.data)
   tokenizer = text_tokenizer(config, task, spm_path)
   d = config.data
@@ -80,10 +125,7 @@ def build_job(config) -> loop.Job:
     if evaluator is None:
       eval_data = lambda: make_data(config, task, eval_source, False,  # noqa: E731
                                     config.seed + 1, tokenizer)
-  tx, schedule = make_optimizer(config.optimizer, config.total_steps, config.model.depth)
-
   b = int(config.batch_size)
-  forward, tokens = task.flops(config)
   m = config.model
   what = task.describe(config)
   describe = [
@@ -96,8 +138,8 @@ def build_job(config) -> loop.Job:
   ]
   return loop.Job(objective=objective, tx=tx, schedule=schedule, train_data=train_data,
                   eval_data=eval_data, frozen={}, frozen_shardings={},
-                  flops_per_step=3.0 * forward * b, examples_per_step=b,
-                  tokens_per_step=tokens * b, describe=describe, evaluator=evaluator)
+                  flops_per_step=flops, examples_per_step=b, tokens_per_step=tokens,
+                  describe=describe, evaluator=evaluator)
 
 
 def run(config, workdir) -> dict:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import shlex
 
+import flax.linen as nn
 import jax
 import numpy as np
 from etils import epath
@@ -30,7 +31,7 @@ from etils import epath
 from beit3_jax import params_io
 from beit3_jax import sharding as sharding_lib
 from beit3_jax.data import builtin as builtin_lib
-from beit3_jax.data import paths, pretraining as inputs_lib, tfds_sources
+from beit3_jax.data import paths, pretraining as inputs_lib, schema, tfds_sources
 from beit3_jax.data.masking import BlockMaskConfig
 from beit3_jax.data.text import TextTokenizer
 from beit3_jax.defaults import ConfigError
@@ -149,6 +150,96 @@ def load_visual_tokenizer(config):
   return params, tok_cfg, path
 
 
+def tokenizer_for_grid(tok_cfg, model_cfg):
+  """The VQ-KD config fed a view whose token grid is the model's patch grid (e.g. a 256 px view
+  for giant's 16 x 16 patches of 14 px at 224 px)."""
+  grid = model_cfg.img_size // model_cfg.patch_size
+  if (tok_cfg.input_size // tok_cfg.patch_size) == grid:
+    return tok_cfg
+  fields = tok_cfg.to_dict()
+  variant = fields.pop('variant')
+  return get_vqkd_config(variant, **{**fields, 'input_size': grid * tok_cfg.patch_size})
+
+
+def planned_streams(config) -> tuple[str, ...]:
+  """The streams a config trains on: those with a source and a batch size."""
+  return tuple(s for s in STREAMS if config.data[s] and config.batch_size[s])
+
+
+def _step_parts(config, tok_cfg, streams, mesh_shape):
+  """(objective, tx, schedule, per-stream batch sizes, FLOPs per step, tokens per step) of a
+  config: everything the step needs that is not data."""
+  batch = {s: int(config.batch_size[s]) for s in streams}
+  try:
+    sharding_lib.check_batch({f'batch_size.{s}': b for s, b in batch.items()}, mesh_shape,
+                             int(config.micro_batches))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  d = config.data
+  spec = make_spec(config.model, d.text_len, d.image_mask_ratio, d.pair_image_mask_ratio,
+                   d.text_mask_ratio, d.pair_text_mask_ratio, dict(config.loss_weights), streams)
+  objective = MaskedModeling(config.model, tok_cfg, spec)
+  tx, schedule = make_optimizer(config.optimizer, config.total_steps, config.model.depth)
+  n = num_patches(config.model)
+  tokens = (batch.get('image', 0) * (1 + n) + batch.get('text', 0) * d.text_len
+            + batch.get('pair', 0) * (1 + n + d.text_len))
+  flops = flops_lib.pretraining_step_flops(config.model, tok_cfg, batch, d.text_len, spec)
+  return objective, tx, schedule, batch, flops, tokens
+
+
+def abstract_batch(config, tok_cfg, batch: dict[str, int]) -> dict:
+  """ShapeDtypeStructs of one global batch (`data.schema`): stream -> key -> array."""
+  m = config.model
+  out = {}
+  for stream, size in batch.items():
+    sizes = {'B': size, 'H': m.img_size, 'W': m.img_size, 'T': tok_cfg.input_size,
+             'N': num_patches(m), 'L': config.data.text_len}
+    out[stream] = {k: jax.ShapeDtypeStruct(shape, dtype)
+                   for k, (shape, dtype) in schema.shapes(stream, sizes).items()}
+  return out
+
+
+def _tokenizer_shardings(tok_cfg, mesh):
+  abstract = jax.eval_shape(
+      lambda r: vqkd_lib.VQKD(tok_cfg).init(r, vqkd_lib.example_images(tok_cfg))['params'],
+      jax.random.key(0))
+  return abstract, sharding_lib.mesh_shardings(abstract, mesh)
+
+
+def planned_tokenizer_config(config):
+  """The visual tokenizer's config without its weights (for `beit3_jax.plan`): the config.json
+  at `visual_tokenizer_path` if it is there, else the model of `tokenizer.train_config`, else
+  BEiT v2's base VQ-KD."""
+  path = config.tokenizer.path
+  if not path and config.tokenizer.train_config:
+    path = f'{paths.tokenizers_dir(config.data.data_dir or None)}/' + os.path.splitext(
+        os.path.basename(config.tokenizer.train_config.split(':')[0]))[0]
+  if path and _has_tokenizer(path):
+    tok_cfg = params_io.load_model_config(path)
+  elif config.tokenizer.train_config:
+    tok_cfg = tokenizer_training.load_config_file(config.tokenizer.train_config).tokenizer
+  else:
+    tok_cfg = get_vqkd_config('base')
+  return tokenizer_for_grid(tok_cfg, config.model)
+
+
+def plan_job(config, mesh) -> loop.Job:
+  """The job of `config` without data or weights, for compiling its step ahead of time: the
+  frozen tokenizer as ShapeDtypeStructs, `abstract_batch` set, no data iterators."""
+  tok_cfg = planned_tokenizer_config(config)
+  streams = planned_streams(config)
+  objective, tx, schedule, batch, flops, tokens = _step_parts(config, tok_cfg, streams,
+                                                              dict(mesh.shape))
+  tok_abstract, tok_shardings = _tokenizer_shardings(tok_cfg, mesh)
+  frozen = {'tokenizer': jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      nn.meta.unbox(tok_abstract), tok_shardings)}
+  return loop.Job(objective=objective, tx=tx, schedule=schedule, train_data=None,
+                  eval_data=None, frozen=frozen, frozen_shardings={'tokenizer': tok_shardings},
+                  flops_per_step=flops, examples_per_step=sum(batch.values()),
+                  tokens_per_step=tokens, abstract_batch=abstract_batch(config, tok_cfg, batch))
+
+
 def build_job(config) -> loop.Job:
   """Everything the loop needs for a pretraining run of `config`."""
   visual_tokenizer_path(config)  # a missing tokenizer: say so before anything is built
@@ -158,19 +249,12 @@ def build_job(config) -> loop.Job:
     raise ConfigError(f'model.vocab_size={config.model.vocab_size} is smaller than the '
                       f'{text_tokenizer.vocab_size} ids of {spm_path}.')
   tok_params, tok_cfg, tok_path = load_visual_tokenizer(config)
-  grid = config.model.img_size // config.model.patch_size
-  if (tok_cfg.input_size // tok_cfg.patch_size) != grid:
-    fields = tok_cfg.to_dict()
-    variant = fields.pop('variant')
-    tok_cfg = get_vqkd_config(variant, **{**fields,
-                                          'input_size': grid * tok_cfg.patch_size})
+  tok_cfg = tokenizer_for_grid(tok_cfg, config.model)
   streams = tuple(s for s in names if config.batch_size[s])
+  mesh = sharding_lib.make_mesh(config.mesh_shape)
+  objective, tx, schedule, batch, flops, tokens = _step_parts(config, tok_cfg, streams,
+                                                              dict(mesh.shape))
   d = config.data
-  spec = make_spec(config.model, d.text_len, d.image_mask_ratio, d.pair_image_mask_ratio,
-                   d.text_mask_ratio, d.pair_text_mask_ratio, dict(config.loss_weights), streams)
-  objective = MaskedModeling(config.model, tok_cfg, spec)
-  tx, schedule = make_optimizer(config.optimizer, config.total_steps, config.model.depth)
-
   view = tok_cfg.input_size
   train_data = make_data(config, text_tokenizer, view, tfds_dir, names, d.train_split,
                          config.seed)
@@ -179,17 +263,9 @@ def build_job(config) -> loop.Job:
     eval_data = lambda: make_data(config, text_tokenizer, view, tfds_dir, names,  # noqa: E731
                                   d.eval_split, config.seed + 1)
 
-  mesh = sharding_lib.make_mesh(config.mesh_shape)
-  tok_abstract = jax.eval_shape(
-      lambda r: vqkd_lib.VQKD(tok_cfg).init(r, vqkd_lib.example_images(tok_cfg))['params'],
-      jax.random.key(0))
-  tok_shardings = sharding_lib.mesh_shardings(tok_abstract, mesh)
+  _, tok_shardings = _tokenizer_shardings(tok_cfg, mesh)
   frozen = {'tokenizer': jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s),
                                       tok_params, tok_shardings)}
-  batch = {s: int(config.batch_size[s]) for s in streams}
-  n = num_patches(config.model)
-  tokens = (batch.get('image', 0) * (1 + n) + batch.get('text', 0) * d.text_len
-            + batch.get('pair', 0) * (1 + n + d.text_len))
   describe = [
       f'Model: {config.model.variant} D={config.model.embed_dim} depth={config.model.depth} '
       f'heads={config.model.num_heads} {config.model.img_size}px/{config.model.patch_size} '
@@ -202,9 +278,8 @@ def build_job(config) -> loop.Job:
   return loop.Job(
       objective=objective, tx=tx, schedule=schedule, train_data=train_data, eval_data=eval_data,
       frozen=frozen, frozen_shardings={'tokenizer': tok_shardings},
-      flops_per_step=flops_lib.pretraining_step_flops(config.model, tok_cfg, batch, d.text_len,
-                                                      spec),
-      examples_per_step=sum(batch.values()), tokens_per_step=tokens, describe=describe)
+      flops_per_step=flops, examples_per_step=sum(batch.values()), tokens_per_step=tokens,
+      describe=describe)
 
 
 def check(config) -> None:

@@ -45,7 +45,7 @@ from beit3_jax.data import image_ops, pipeline, tfds_sources
 from beit3_jax.data.pretraining import load_image
 from beit3_jax.defaults import ConfigError, check_fields
 from beit3_jax.jobs import tokenizer_objective as tobj
-from beit3_jax.models import BEiT3
+from beit3_jax.models import BEiT3, abstract_params
 from beit3_jax.models import flops as flops_lib
 from beit3_jax.tokenizers import vqkd as vqkd_lib
 from beit3_jax.trainer import loop
@@ -100,6 +100,14 @@ class Teacher:
       raise ConfigError(f'The teacher at {cfg.path} sees {side}px images on a {teacher_grid}-patch '
                        f'grid; the tokenizer sees {tokenizer_cfg.input_size}px on a {self.grid} '
                        'grid: they must match.')
+
+  def abstract_params(self):
+    """ShapeDtypeStructs of the teacher's params ({} for the pixel teacher)."""
+    if self.kind == 'beit3':
+      return abstract_params(self.model_cfg, boxed=False)
+    if self.kind == 'vit':
+      return vqkd_lib.abstract_variables(self.model_cfg)[0]
+    return {}
 
   def load(self, path):
     if self.kind == 'beit3':
@@ -247,28 +255,61 @@ def _data(config, tfds_dir, name, split, seed):
   return pipeline.Mixture({'image': stream})
 
 
+def _step_parts(config, mesh):
+  """(objective, tx, schedule, teacher, teacher shardings, FLOPs per step) of a config."""
+  tok_cfg = config.tokenizer
+  try:
+    sharding_lib.check_batch({'batch_size': int(config.batch_size)}, dict(mesh.shape),
+                             int(config.micro_batches))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  teacher = Teacher(config.teacher, tok_cfg)
+  objective = VQKDTraining(tok_cfg, teacher, config.seed, config.dead_code_fraction)
+  tx, schedule = make_optimizer(config.optimizer, config.total_steps, tok_cfg.depth,
+                                frozen=(r'^quantize/',))
+  shardings = jax.tree.map(lambda _: sharding_lib.replicated(mesh), teacher.abstract_params())
+  teacher_flops = 0.0
+  if teacher.kind == 'beit3':
+    teacher_flops = flops_lib.beit3_forward_flops(teacher.model_cfg, images=True)
+  elif teacher.kind == 'vit':
+    teacher_flops = flops_lib.vqkd_encode_flops(teacher.model_cfg)
+  flops = flops_lib.tokenizer_step_flops(tok_cfg, int(config.batch_size), teacher_flops)
+  return objective, tx, schedule, teacher, shardings, flops
+
+
+def plan_job(config, mesh) -> loop.Job:
+  """The job of `config` without data or weights, for compiling its step ahead of time
+  (`beit3_jax.plan`): the teacher as ShapeDtypeStructs (its config.json is read), one batch of
+  images as shapes."""
+  objective, tx, schedule, teacher, shardings, flops = _step_parts(config, mesh)
+  frozen, frozen_shardings = {}, {}
+  if teacher.kind != 'pixel':
+    frozen = {'teacher': jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        teacher.abstract_params(), shardings)}
+    frozen_shardings = {'teacher': shardings}
+  b, size = int(config.batch_size), config.tokenizer.input_size
+  n = (size // config.tokenizer.patch_size) ** 2
+  return loop.Job(objective=objective, tx=tx, schedule=schedule, train_data=None,
+                  eval_data=None, frozen=frozen, frozen_shardings=frozen_shardings,
+                  flops_per_step=flops, examples_per_step=b, tokens_per_step=b * n,
+                  abstract_batch={'image': {'image': jax.ShapeDtypeStruct((b, size, size, 3),
+                                                                          np.uint8)}})
+
+
 def build_job(config, output: str | None = None) -> loop.Job:
   tok_cfg = config.tokenizer
   d = config.data
   tfds_dir, names, _ = builtin_lib.resolve_names(
       {'image': d.image}, d.data_dir or None, d.builtin_image_size)
-  teacher = Teacher(config.teacher, tok_cfg)
-  objective = VQKDTraining(tok_cfg, teacher, config.seed, config.dead_code_fraction)
-  tx, schedule = make_optimizer(config.optimizer, config.total_steps, tok_cfg.depth,
-                                frozen=(r'^quantize/',))
   mesh = sharding_lib.make_mesh(config.mesh_shape)
+  objective, tx, schedule, teacher, shardings, flops = _step_parts(config, mesh)
   frozen, frozen_shardings = {}, {}
-  teacher_flops = 0.0
   if teacher.kind != 'pixel':
     params = teacher.load(config.teacher.path)
-    shardings = jax.tree.map(lambda _: sharding_lib.replicated(mesh), params)
     frozen = {'teacher': jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), params,
                                       shardings)}
     frozen_shardings = {'teacher': shardings}
-    if teacher.kind == 'beit3':
-      teacher_flops = flops_lib.beit3_forward_flops(teacher.model_cfg, images=True)
-    else:
-      teacher_flops = flops_lib.vqkd_encode_flops(teacher.model_cfg)
   train_data = _data(config, tfds_dir, names['image'], d.train_split, config.seed)
   eval_data = None
   if config.eval_every:
@@ -288,8 +329,7 @@ def build_job(config, output: str | None = None) -> loop.Job:
   return loop.Job(
       objective=objective, tx=tx, schedule=schedule, train_data=train_data, eval_data=eval_data,
       frozen=frozen, frozen_shardings=frozen_shardings,
-      flops_per_step=flops_lib.tokenizer_step_flops(tok_cfg, int(config.batch_size),
-                                                    teacher_flops),
+      flops_per_step=flops,
       examples_per_step=int(config.batch_size), tokens_per_step=int(config.batch_size) * n,
       describe=[f'VQ-KD: {tok_cfg.input_size}px/{tok_cfg.patch_size} D={tok_cfg.embed_dim} '
                 f'depth={tok_cfg.depth}, {tok_cfg.n_embed} codes x {tok_cfg.code_dim}, decoder '

@@ -121,7 +121,8 @@ class BEiT3(nn.Module):
     if text_positions is not None:
       text_positions = jnp.asarray(text_positions).astype(jnp.int32)
     out, hidden, new_cache = Encoder(cfg, name='encoder')(
-        x, split, padding_mask, attn_mask, deterministic, text_positions, cache, return_cache)
+        x, split, padding_mask, attn_mask, deterministic, text_positions, cache, return_cache,
+        return_hidden_states)
     return BEiT3Output(encoder_out=out, split_position=split,
                        hidden_states=jnp.stack(hidden) if return_hidden_states else None,
                        new_cache=new_cache)

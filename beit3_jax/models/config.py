@@ -39,8 +39,22 @@ _DEFAULTS = dict(
     # output starts out nearly the same (mean cosine 0.99 in the demo model) and contrastive
     # and vision-language heads learn slowly or collapse; the demo configs use 0.02.
     position_init_std=1.0,
-    dtype='float32',          # compute dtype: 'float32' or 'bfloat16'. Params are float32.
-    remat=False,              # rematerialise each layer in the backward pass (saves memory).
+    dtype='float32',          # compute dtype: 'float32' or 'bfloat16'.
+    # Dtype the trainer keeps the parameters in: 'float32', or 'bfloat16' to halve their memory
+    # (and their gradients'); modules create them in float32 and compute in `dtype` either way.
+    param_dtype='float32',
+    remat=False,              # shorthand for remat_policy='full' (kept for older configs).
+    # What each layer keeps for the backward pass (`REMAT_POLICIES`): 'none' keeps everything,
+    # 'full' recomputes the whole layer, the others save only some products (see encoder.py).
+    remat_policy='none',
+    # Layers as one `nn.scan` over parameters stacked on a leading `layers` axis (the top
+    # vision-language layers of giant as a second scanned group): one layer to compile instead
+    # of `depth`. Parameter paths become encoder/layers/... (and encoder/vl_layers/...);
+    # conversion and `init_from` translate between the two layouts.
+    scan_layers=False,
+    # The attention core: 'xla' (einsum + softmax), 'cudnn_or_xla' (jax.nn.dot_product_attention)
+    # or 'splash' (the Pallas TPU kernel); see models/attention.py.
+    attention='xla',
 )
 
 VARIANTS: dict[str, dict] = {
@@ -54,6 +68,9 @@ VARIANTS: dict[str, dict] = {
 
 INIT_SCHEMES = ('unilm', 'torchscale', 'beit')
 DTYPES = ('float32', 'bfloat16')
+REMAT_POLICIES = ('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable',
+                  'save_qkv_proj', 'save_attention_out')
+ATTENTION_IMPLEMENTATIONS = ('xla', 'cudnn_or_xla', 'splash')
 
 
 def get_config(variant: str = 'base', **overrides) -> ml_collections.ConfigDict:
@@ -101,10 +118,27 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'position_init_std={config.position_init_std} must be > 0.')
   if config.dtype not in DTYPES:
     raise ValueError(f'dtype={config.dtype!r}; expected one of {DTYPES}.')
+  if config.param_dtype not in DTYPES:
+    raise ValueError(f'param_dtype={config.param_dtype!r}; expected one of {DTYPES}.')
   if config.max_text_positions < 3:
     raise ValueError('max_text_positions must be >= 3 (positions start at 2).')
+  if config.remat_policy not in REMAT_POLICIES:
+    raise ValueError(f'remat_policy={config.remat_policy!r}; expected one of {REMAT_POLICIES}.')
+  if config.remat and config.remat_policy not in ('none', 'full'):
+    raise ValueError(f'remat=True means remat_policy=\'full\', but remat_policy='
+                     f'{config.remat_policy!r}: set remat=False to use that policy.')
+  if config.attention not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f'attention={config.attention!r}; expected one of '
+                     f'{ATTENTION_IMPLEMENTATIONS}.')
   if not 0.0 <= config.drop_path_rate < 1.0:
     raise ValueError(f'drop_path_rate={config.drop_path_rate} must lie in [0, 1).')
+
+
+def remat_policy(config) -> str:
+  """The layer's remat policy name: `remat_policy`, or 'full' for the older `remat=True`."""
+  if config.remat and config.remat_policy == 'none':
+    return 'full'
+  return config.remat_policy
 
 
 def num_patches(config) -> int:

@@ -27,30 +27,39 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
-from beit3_jax.models import initializers
-from beit3_jax.models.config import num_patches
+from beit3_jax.models import attention, initializers, layer_stack
+from beit3_jax.models.config import num_patches, remat_policy
 from beit3_jax.models.embeddings import MultiwayPositions
 from beit3_jax.models.layers import (LayerNorm, Linear, Multiway, TEXT_ONLY, VISION_ONLY,
                                      compute_dtype, constrain)
 
-# Logits of padded keys. torchscale uses -inf, which turns a row whose keys are all padding
-# into NaN; the most negative float gives the same softmax for every other row (exp underflows
-# to exactly 0) and a uniform average over the padded keys for such a row.
-_PAD_LOGIT = float(np.finfo(np.float32).min)
 # Additive logit of a position blocked by `attn_mask` (torchscale's masked_fill value).
 _BLOCKED_LOGIT = -1e8
 
 ACT = ('batch', 'length', 'embed')  # logical names of the residual stream (B, S, D).
 
 
-def drop_path(module: nn.Module, x: jax.Array, rate: float, deterministic: bool) -> jax.Array:
-  """Stochastic depth: zeroes whole samples of x (B, ...) with prob `rate`, scales by 1/keep."""
-  if deterministic or rate == 0.0:
+def drop_path_rate(config, layer) -> float | jax.Array:
+  """Layer `layer`'s stochastic-depth rate, linspace(0, drop_path_rate, depth)[layer] (a float
+  for an int layer, a float32 scalar for a traced one inside scanned layers)."""
+  if isinstance(layer, int):
+    return float(np.linspace(0.0, config.drop_path_rate, config.depth)[layer])
+  return config.drop_path_rate * jnp.asarray(layer, jnp.float32) / max(config.depth - 1, 1)
+
+
+def drop_path(module: nn.Module, x: jax.Array, rate, deterministic: bool) -> jax.Array:
+  """Stochastic depth: zeroes whole samples of x (B, ...) with prob `rate`, scales by 1/keep.
+
+  `rate` is a float, or a traced scalar (scanned layers)."""
+  if deterministic or (isinstance(rate, float) and rate == 0.0):
     return x
   keep = 1.0 - rate
   shape = (x.shape[0],) + (1,) * (x.ndim - 1)
   mask = jax.random.bernoulli(module.make_rng('drop_path'), keep, shape)
+  if not isinstance(keep, float):
+    keep = keep.astype(x.dtype)   # a traced rate must not promote bfloat16 activations
   return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
@@ -93,18 +102,16 @@ class Attention(nn.Module):
     q = proj('q_proj', (d_model,), (n_heads, head_dim), qkv_axes)(x, split_position)
     k = proj('k_proj', (d_model,), (n_heads, head_dim), qkv_axes)(x, split_position)
     v = proj('v_proj', (d_model,), (n_heads, head_dim), qkv_axes)(x, split_position)
+    q, k, v = (checkpoint_name(t, n) for t, n in
+               ((q, 'query_proj'), (k, 'key_proj'), (v, 'value_proj')))
     q = q * jnp.asarray(head_dim ** -0.5, dtype)  # after the bias, as torchscale
     q = constrain(q, ('batch', 'length', 'heads', 'kv'))
     if kv_cache is not None:
       k = jnp.concatenate([kv_cache['key'].astype(k.dtype), k], axis=1)
       v = jnp.concatenate([kv_cache['value'].astype(v.dtype), v], axis=1)
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
-    if attn_bias is not None:
-      logits = logits + attn_bias
-    if key_padding is not None:
-      logits = jnp.where(key_padding, _PAD_LOGIT, logits)
-    probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
-    out = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+    out = attention.dot_product_attention(q, k, v, attn_bias=attn_bias,
+                                          key_padding=key_padding,
+                                          implementation=cfg.attention)
     b, s = out.shape[:2]
     out = out.reshape(b, s, d_model)
     ln = functools.partial(LayerNorm, cfg.layernorm_eps, 'norm', dtype)
@@ -112,6 +119,7 @@ class Attention(nn.Module):
     out = out.reshape(b, s, n_heads, head_dim)
     out = proj('out_proj', (n_heads, head_dim), (d_model,), ('heads', 'kv', 'embed'))(
         out, split_position)
+    out = checkpoint_name(out, 'attention_out')
     if return_kv:
       return out, {'key': k, 'value': v}
     return out
@@ -145,17 +153,26 @@ class EncoderLayer(nn.Module):
 
   With `return_kv=True` returns (x, {'key', 'value'}) (the attention's keys/values, cache
   included); `kv_cache` as in `Attention`.
+
+  Attributes:
+    config: the model config.
+    layer: 0-based index (an int; a traced int scalar when the layer is the body of a scan).
+    use_vl: this layer owns the vision-language FFN expert; None: decided from `layer` (the
+      top `num_vl_layers` do).
   """
   config: Any
-  layer: int
+  layer: Any
+  use_vl: bool | None = None
 
   @nn.compact
   def __call__(self, x, split_position, attn_bias, key_padding, deterministic, kv_cache=None,
                return_kv: bool = False):
     cfg = self.config
     dtype = compute_dtype(cfg.dtype)
-    rate = float(np.linspace(0.0, cfg.drop_path_rate, cfg.depth)[self.layer])
-    use_vl = self.layer >= cfg.depth - cfg.num_vl_layers
+    rate = drop_path_rate(cfg, self.layer)
+    use_vl = self.use_vl
+    if use_vl is None:
+      use_vl = self.layer >= cfg.depth - cfg.num_vl_layers
     ln = functools.partial(LayerNorm, cfg.layernorm_eps, 'norm', dtype)
 
     h = _routed('self_attn_layer_norm', ln, cfg.shared_attention)(x, split_position)
@@ -174,13 +191,56 @@ class EncoderLayer(nn.Module):
     return x
 
 
+# Remat policy name -> what a rematerialised layer saves for the backward pass (None: nothing
+# is rematerialised). The names tag products in `Attention` (jax.ad_checkpoint.checkpoint_name).
+REMAT_POLICIES: dict[str, Callable | None] = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots_saveable': jax.checkpoint_policies.dots_saveable,
+    'dots_with_no_batch_dims_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'save_qkv_proj': jax.checkpoint_policies.save_only_these_names(
+        'query_proj', 'key_proj', 'value_proj'),
+    'save_attention_out': jax.checkpoint_policies.save_only_these_names(
+        'query_proj', 'key_proj', 'value_proj', 'attention_out'),
+}
+
+
+class _LayerStep(nn.Module):
+  """One layer as the body of `nn.scan`: (x (B, S, D), (layer index, kv cache or None)) ->
+  (x, (x, new kv or None)). The layer's parameters sit directly in this module's scope, so the
+  stacked tree reads encoder/layers/self_attn/... (no extra level)."""
+  config: Any
+  use_vl: bool
+  split_position: int
+  deterministic: bool
+  with_kv: bool
+
+  @nn.compact
+  def __call__(self, x, per_layer, attn_bias, key_padding):
+    layer, kv_cache = per_layer
+    inner = EncoderLayer(self.config, layer, self.use_vl)
+    nn.share_scope(self, inner)
+    if self.with_kv:
+      x, kv = inner(x, self.split_position, attn_bias, key_padding, self.deterministic,
+                    kv_cache, True)
+    else:
+      x, kv = inner(x, self.split_position, attn_bias, key_padding, self.deterministic), None
+    return x, (x, kv)
+
+
 class Encoder(nn.Module):
   """torchscale's `encoder`: position tables, padding, the layers, the final Multiway norm.
 
   Call: token embeddings (B, S, D) in vision-first order, static split position, padding
   (B, S) bool or None, attention mask (S, S) bool/int or None (True/1 = blocked).
   Returns (encoder_out (B, S, D), hidden states: list of depth + 1 arrays (B, S, D), new cache
-  or None), always three elements.
+  or None), always three elements. With `return_hidden=False` the hidden states are only
+  [input], so that scanned layers do not keep every layer's output.
+
+  Layers: `depth` `EncoderLayer`s named layers_0 ... (the loop layout), or with
+  `config.scan_layers` one `nn.scan` per group of `layer_stack.layer_groups` (params stacked on
+  a leading 'layers' axis: encoder/layers/..., encoder/vl_layers/...). Either way each layer
+  is rematerialised per `config.remat_policy` (`REMAT_POLICIES`).
 
   Incremental decoding: `text_positions` (B, L) int gives the text tokens explicit 0-based
   positions (see `MultiwayPositions`). `cache`, a sequence of `depth` dicts {'key', 'value'}
@@ -193,7 +253,8 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x, split_position, padding_mask, attn_mask, deterministic,
-               text_positions=None, cache=None, return_cache: bool = False):
+               text_positions=None, cache=None, return_cache: bool = False,
+               return_hidden: bool = True):
     cfg = self.config
     dtype = compute_dtype(cfg.dtype)
     seq_len = x.shape[1]
@@ -222,20 +283,43 @@ class Encoder(nn.Module):
             [jnp.zeros((padding_mask.shape[0], cache_len), bool), padding_mask], axis=1)
       key_padding = key_padding[:, None, None, :]
 
-    layer_cls = EncoderLayer
-    if cfg.remat:
-      layer_cls = nn.remat(EncoderLayer, static_argnums=(2, 5, 7) if with_cache else (2, 5))
+    policy = REMAT_POLICIES[remat_policy(cfg)]
     hidden = [x]
     new_cache = []
-    for i in range(cfg.depth):
-      layer = layer_cls(cfg, i, name=f'layers_{i}')
-      if with_cache:
-        x, kv = layer(x, split_position, attn_bias, key_padding, deterministic,
-                      None if cache is None else cache[i], True)
-        new_cache.append(kv)
-      else:
-        x = layer(x, split_position, attn_bias, key_padding, deterministic)
-      hidden.append(x)
+    if cfg.scan_layers:
+      for group in layer_stack.layer_groups(cfg):
+        step = _LayerStep if policy is None else nn.remat(_LayerStep, policy=policy,
+                                                           prevent_cse=False)
+        scanned = nn.scan(step, variable_axes={'params': 0},
+                          split_rngs={'params': True, 'drop_path': True},
+                          in_axes=(0, nn.broadcast, nn.broadcast), length=group.count,
+                          metadata_params={nn.PARTITION_NAME: 'layers'})
+        index = jnp.arange(group.start, group.start + group.count, dtype=jnp.int32)
+        group_cache = None
+        if cache is not None:
+          group_cache = jax.tree.map(lambda *xs: jnp.stack(xs),
+                                     *cache[group.start:group.start + group.count])
+        x, (outs, kvs) = scanned(cfg, group.use_vl, split_position, deterministic, with_cache,
+                                 name=group.name)(x, (index, group_cache), attn_bias,
+                                                  key_padding)
+        if return_hidden:
+          hidden.extend(outs[i] for i in range(group.count))
+        if with_cache:
+          new_cache.extend(jax.tree.map(lambda a, i=i: a[i], kvs) for i in range(group.count))
+    else:
+      layer_cls = EncoderLayer
+      if policy is not None:
+        layer_cls = nn.remat(EncoderLayer, policy=policy,
+                             static_argnums=(2, 5, 7) if with_cache else (2, 5))
+      for i in range(cfg.depth):
+        layer = layer_cls(cfg, i, name=f'layers_{i}')
+        if with_cache:
+          x, kv = layer(x, split_position, attn_bias, key_padding, deterministic,
+                        None if cache is None else cache[i], True)
+          new_cache.append(kv)
+        else:
+          x = layer(x, split_position, attn_bias, key_padding, deterministic)
+        hidden.append(x)
     if cfg.normalize_output:
       ln = functools.partial(LayerNorm, cfg.layernorm_eps, 'norm', dtype)
       x = Multiway(ln, name='layer_norm')(x, split_position)

@@ -62,7 +62,7 @@ def linear_inits(scheme: str, fan_in: int, *, role: str, layer: int, depth: int)
     scheme: 'unilm', 'torchscale' or 'beit'.
     fan_in: input features of the Linear.
     role: its torchscale name: 'q_proj', 'k_proj', 'v_proj', 'out_proj', 'fc1' or 'fc2'.
-    layer: 0-based layer index.
+    layer: 0-based layer index (an int, or a traced int array inside scanned layers).
     depth: number of layers.
   """
   if scheme == 'torchscale':
@@ -70,7 +70,10 @@ def linear_inits(scheme: str, fan_in: int, *, role: str, layer: int, depth: int)
     return uniform_fan_in(fan_in, gain), uniform_fan_in(fan_in, gain)
   scale = 1.0
   if scheme == 'beit' and role in ('out_proj', 'fc2'):
-    scale = 1.0 / math.sqrt(2.0 * (layer + 1))
+    if isinstance(layer, int):
+      scale = 1.0 / math.sqrt(2.0 * (layer + 1))
+    else:
+      scale = jax.lax.rsqrt(2.0 * (jnp.asarray(layer, jnp.float32) + 1.0))
   elif scheme not in ('unilm', 'beit'):
     raise ValueError(f'Unknown init scheme {scheme!r}.')
   return truncated_normal_1sd(UNILM_STD, scale), jax.nn.initializers.zeros

@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from beit3_jax import sharding
+
 Initializer = Callable[..., jax.Array]
 
 
@@ -21,8 +23,9 @@ def compute_dtype(name: str):
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-  """Sharding constraint on an activation by logical axis names (no-op without a mesh)."""
-  return nn.with_logical_constraint(x, tuple(names))
+  """Sharding constraint on an activation by logical axis names (no-op without a mesh); a mesh
+  axis that does not divide its dimension is left out (`sharding.constrain`)."""
+  return sharding.constrain(x, names)
 
 
 class Linear(nn.Module):

@@ -160,6 +160,11 @@ CAPTIONING = _sizes(
 # ------------------------------------------------------------------------------------------
 # Shared parts.
 
+# The slice the fine-tuning recipes are made for (`python -m beit3_jax.plan` plans them there;
+# docs/performance.md has the plans, on v4-8 too).
+TPU_SLICE = 'v5p-8'
+
+
 def steps_per_epoch(source: str, batch_size: int) -> int:
   """unilm's `cosine_scheduler` steps per epoch: len(data_loader_train) = examples // batch."""
   return TRAIN_EXAMPLES[source] // batch_size
@@ -167,10 +172,11 @@ def steps_per_epoch(source: str, batch_size: int) -> int:
 
 def model(size: str, command: Command, img_size: int,
           normalize_output: bool) -> ml_collections.ConfigDict:
-  """unilm's beit3_<size>_patch16_<img_size>_<task> model."""
+  """unilm's beit3_<size>_patch16_<img_size>_<task> model, with scanned layers (one layer to
+  compile; converted unilm weights are restacked when they load)."""
   return model_config(size, img_size=img_size, drop_path_rate=command.drop_path,
                       normalize_output=normalize_output, vocab_size=VOCAB_SIZE,
-                      dtype='bfloat16', remat=command.remat)
+                      dtype='bfloat16', remat=command.remat, scan_layers=True)
 
 
 def start(task: str, size: str, command: Command, img_size: int,
@@ -182,6 +188,7 @@ def start(task: str, size: str, command: Command, img_size: int,
   config = finetune_config(task)
   config.model = model(size, command, img_size, normalize_output)
   config.init_from = ''
+  config.tpu_slice = TPU_SLICE
   return config
 
 

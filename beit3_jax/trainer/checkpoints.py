@@ -36,7 +36,7 @@ from etils import epath
 import grain.checkpoint as grain_checkpoint
 
 from beit3_jax import param_tree, params_io
-from beit3_jax.models import positions
+from beit3_jax.models import layer_stack, positions
 
 CHECKPOINT_DIR = 'checkpoints'
 
@@ -124,7 +124,7 @@ def load_init_params(init_from: str, abstract_params, shardings) -> tuple[Any, s
       raise ValueError(f'init_from={init_from!r} holds a {params_io.read_kind(path)} '
                        'checkpoint, not BEiT-3 weights.')
     model_cfg = params_io.load_model_config(str(path))
-    loaded = params_io.load_params(str(path), model_cfg)
+    loaded = _in_layout_of(params_io.load_params(str(path), model_cfg), abstract_params)
     return _place_params(loaded, abstract_params, shardings, init_from, f'params directory {path}')
   raise FileNotFoundError(
       f'init_from={init_from!r}: no checkpoint ({CHECKPOINT_DIR}/<step>/state) and no params '
@@ -141,6 +141,17 @@ def _restore_checkpoint_params(step_dir, abstract_params, shardings, source: str
   """
   with ocp.PyTreeCheckpointer() as checkpointer:
     stored = checkpointer.metadata(step_dir / 'state').item_metadata.tree['params']
+  if layer_stack.is_scanned(stored) != layer_stack.is_scanned(abstract_params):
+    # The other layer layout (loop <-> scan): read on the host, restack, then place.
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      item = {'params': stored}
+      restored = checkpointer.restore(step_dir / 'state', args=ocp.args.PyTreeRestore(
+          item=item, partial_restore=True,
+          restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)))
+    loaded = _in_layout_of(restored['params'], abstract_params)
+    return _place_params(loaded, abstract_params, shardings, source,
+                         f'params of checkpoint {step_dir} (layers restacked for '
+                         f'scan_layers={layer_stack.is_scanned(abstract_params)})')
   want, have = param_tree.flatten(abstract_params), param_tree.flatten(stored)
   if set(want) <= set(have):
     target = abstract_like(abstract_params, shardings)
@@ -176,6 +187,12 @@ def _restore_checkpoint_params(step_dir, abstract_params, shardings, source: str
         positions.resize_table(np.asarray(got[resize]), want[resize].shape[0]).astype(
             want[resize].dtype), model_leaf.sharding)
   return param_tree.unflatten({k: got.get(k) for k in want}), what
+
+
+def _in_layout_of(loaded, abstract_params):
+  """`loaded` in the layer layout (loop or scan, `models.layer_stack`) of the model."""
+  return layer_stack.to_layout(loaded, scan=layer_stack.is_scanned(abstract_params),
+                               num_vl_layers=layer_stack.num_vl_layers_of(abstract_params))
 
 
 def _position_table_resize(want, have) -> str | None:

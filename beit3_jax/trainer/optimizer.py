@@ -3,7 +3,7 @@
 `make_optimizer(config.optimizer, total_steps, depth)` builds, in order:
 
     clip_by_global_norm(clip_norm)                      (skipped when clip_norm <= 0)
-    -> adam scaling (b1, b2, eps)
+    -> adam scaling (b1, b2, eps; the first moment kept in `mu_dtype`)
     -> + weight_decay * param on every parameter not in the no-decay set
     -> x layer_decay ** (depth + 1 - layer_id(param))   (fine-tuning; 1.0 = off)
        x task_head_lr_weight on the task head (`head/...`; unilm's VQA recipe: 20; 1.0 = off)
@@ -21,7 +21,9 @@ B, the mask token and the text embedding are decayed, as in the reference.
 
 Layer ids (unilm `get_num_layer_for_vit`, num_max_layer = depth + 2): embeddings
 (`text_embed`, `vision_embed`, `embed_positions`) 0, `encoder/layers_i` i + 1, everything after
-the last layer (final norm, heads, including a head's own `layers_k`) depth + 1.
+the last layer (final norm, heads, including a head's own `layers_k`) depth + 1. Scanned layers
+(`encoder/layers/...`, `encoder/vl_layers/...`, stacked on a leading axis) get one id per
+slice, so both layouts train alike.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 # Leaf names of biases and LayerNorm scales (and the VQ-KD's separate q/v biases).
@@ -41,8 +44,10 @@ NO_DECAY_NAMES = (
     r'(^|/)logit_scale$',
     r'(^|/)(encoder|decoder)/(pos_embed|cls_token)$',
 )
+MU_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 _EMBEDDING_PARTS = ('text_embed', 'vision_embed', 'embed_positions')
 _LAYER = re.compile(r'(^|/)encoder/layers_(\d+)(/|$)')
+_STACKED = re.compile(r'(^|/)encoder/(layers|vl_layers)/')
 
 
 def path_name(path) -> str:
@@ -96,15 +101,31 @@ def lr_factor(name: str, depth: int, layer_decay: float = 1.0,
   return factor * (task_head_lr_weight if name.startswith('head/') else 1.0)
 
 
+def lr_factors(name: str, shape: Sequence[int], depth: int, layer_decay: float = 1.0,
+               task_head_lr_weight: float = 1.0) -> float | np.ndarray:
+  """`lr_factor` of a leaf; for a leaf of scanned layers (stacked on its leading axis: n
+  layers of `encoder/layers`, from 0, or of `encoder/vl_layers`, the top n) an array of one
+  factor per layer, shaped (n, 1, ..., 1) to broadcast against the leaf."""
+  match = _STACKED.search(name)
+  if not match:
+    return lr_factor(name, depth, layer_decay, task_head_lr_weight)
+  n = int(shape[0])
+  start = 0 if match.group(2) == 'layers' else depth - n
+  ids = np.arange(start, start + n) + 1
+  factor = np.asarray(layer_decay, np.float64) ** (depth + 1 - ids)
+  return factor.reshape((n,) + (1,) * (len(shape) - 1))
+
+
 def scale_by_layer_decay(layer_decay: float, depth: int, task_head_lr_weight: float = 1.0
                          ) -> optax.GradientTransformation:
-  """Multiplies each update by `lr_factor` of its parameter."""
-  def factors(tree):
-    return _map_names(lambda n: lr_factor(n, depth, layer_decay, task_head_lr_weight), tree)
+  """Multiplies each update by `lr_factors` of its parameter."""
+  def scale(path, u):
+    f = lr_factors(path_name(path), u.shape, depth, layer_decay, task_head_lr_weight)
+    return u * jnp.asarray(f, u.dtype)
 
   def update(updates, state, params=None):
     del params
-    return jax.tree.map(lambda u, f: u * jnp.asarray(f, u.dtype), updates, factors(updates)), state
+    return jax.tree_util.tree_map_with_path(scale, updates), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
@@ -116,7 +137,7 @@ def make_optimizer(config, total_steps: int, depth: int, *,
 
   Args:
     config: fields lr, min_lr, warmup_steps, b1, b2, eps, weight_decay, clip_norm, layer_decay,
-      task_head_lr_weight (`config.optimizer` of every job; `beit3_jax.defaults`).
+      task_head_lr_weight, mu_dtype (`config.optimizer` of every job; `beit3_jax.defaults`).
     total_steps: length of the schedule.
     depth: encoder layers (for layer decay).
     frozen: regexes of parameter names that get no update (e.g. the VQ-KD codebook, which
@@ -126,8 +147,11 @@ def make_optimizer(config, total_steps: int, depth: int, *,
   parts = []
   if float(config.clip_norm) > 0:
     parts.append(optax.clip_by_global_norm(float(config.clip_norm)))
+  mu_dtype = config.get('mu_dtype', 'float32')
+  if mu_dtype not in MU_DTYPES:
+    raise ValueError(f'optimizer.mu_dtype={mu_dtype!r}; expected one of {tuple(MU_DTYPES)}.')
   parts.append(optax.scale_by_adam(b1=float(config.b1), b2=float(config.b2),
-                                   eps=float(config.eps)))
+                                   eps=float(config.eps), mu_dtype=MU_DTYPES[mu_dtype]))
   if float(config.weight_decay) > 0:
     parts.append(optax.add_decayed_weights(float(config.weight_decay),
                                            mask=lambda p: _map_names(decays, p)))

@@ -59,17 +59,41 @@ def checkpoint_items(state: TrainState) -> dict:
   return {name: getattr(state, name) for name in CHECKPOINTED}
 
 
+def param_dtype(objective):
+  """The dtype the params are kept in: the model config's `param_dtype` ('float32' default;
+  'bfloat16' halves their memory, the optimizer then updates bfloat16 weights)."""
+  cfg = getattr(objective, 'model_cfg', None)
+  name = cfg.get('param_dtype', 'float32') if cfg is not None else 'float32'
+  return {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[name]
+
+
+def _cast_params(params, dtype):
+  if dtype == jnp.float32:
+    return params
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                      params)
+
+
 def _boxed_state(objective, tx, rng, frozen):
-  params = objective.init_params(rng)
+  params = _cast_params(objective.init_params(rng), param_dtype(objective))
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     extra=objective.init_extra(params),
                     rng=jax.random.key_data(jax.random.fold_in(rng, 1)), frozen=frozen)
 
 
+def abstract_state(objective, tx, rng) -> TrainState:
+  """ShapeDtypeStructs of the state (plain leaves, `frozen` None), without allocating."""
+  return jax.eval_shape(lambda r: nn.meta.unbox(_boxed_state(objective, tx, r, None)), rng)
+
+
+def boxed_abstract_state(objective, tx, rng) -> TrainState:
+  """`abstract_state` with the logical axis names still on the leaves."""
+  return jax.eval_shape(lambda r: _boxed_state(objective, tx, r, None), rng)
+
+
 def state_shardings(objective, tx, mesh: Mesh, rng, frozen_shardings) -> TrainState:
   """NamedShardings of the whole state from the logical names of the params (rules table)."""
-  abstract = jax.eval_shape(lambda r: _boxed_state(objective, tx, r, None), rng)
-  shardings = sharding_lib.mesh_shardings(abstract, mesh)
+  shardings = sharding_lib.mesh_shardings(boxed_abstract_state(objective, tx, rng), mesh)
   return shardings.replace(frozen=frozen_shardings)
 
 

@@ -3,7 +3,7 @@ r"""BEiT-3 large fine-tuning for COCO captioning (Karpathy splits), unilm's reci
 unilm's large command (get_started_for_captioning.md): lr 8e-6; with both sizes' batch 256, 10
 epochs (22,130 steps), drop path 0.1, mask prob 0.7, 32 text tokens, activation checkpointing
 (here model.remat). The recipe's sources, the steps, the data and the deviations:
-`captioning` and `CAPTIONING` in beit3_jax/jobs/recipes.py.
+`captioning` and `CAPTIONING` in beit3_jax/tasks/recipes.py.
 
 Prepare the TFDS data set `beit3_coco_karpathy` as `retrieval` says and convert unilm's
 beit3_large_patch16_224.pth to ckpt/beit3_large as for configs/finetune/vqa_large.py (its

@@ -3,7 +3,7 @@ r"""BEiT-3 base fine-tuning on ImageNet-1k classification, unilm's recipe, 224 p
 unilm's base command (get_started_for_image_classification.md): lr 7e-4, layer decay 0.65,
 drop path 0.15; with both sizes' batch 1024, 50 epochs (62,550 steps), mixup 0.8 / cutmix 1.0.
 The recipe's sources, the steps, the data and the deviations: `classification` and
-`CLASSIFICATION` in beit3_jax/jobs/recipes.py.
+`CLASSIFICATION` in beit3_jax/tasks/recipes.py.
 
 Prepare the TFDS data set `beit3_imagenet2012` as `classification` says and convert unilm's
 pretrained weights (downloaded by you):

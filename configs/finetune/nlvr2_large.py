@@ -3,7 +3,7 @@ r"""BEiT-3 large fine-tuning on NLVR2 (visual reasoning over image pairs), unilm
 unilm's large command (get_started_for_nlvr2.md): lr 3e-4 (1e-4 for large-indomain), layer
 decay 0.85, activation checkpointing (here model.remat); with both sizes' batch 256, 20 epochs
 (6,740 steps), drop path 0.2, weight decay 0.2. The recipe's sources, the steps, the data and
-the deviations: `nlvr2` and `NLVR2` in beit3_jax/jobs/recipes.py.
+the deviations: `nlvr2` and `NLVR2` in beit3_jax/tasks/recipes.py.
 
 Prepare the TFDS data set `beit3_nlvr2` as `nlvr2` says, convert unilm's pretrained weights
 (downloaded by you) and get unilm's `beit3.spm`:

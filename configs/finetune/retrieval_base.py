@@ -4,7 +4,7 @@ unilm's base commands (get_started_for_retrieval.md): layer decay 0.65; COCO lr 
 (2,760 steps); Flickr30k lr 1e-4, 20 epochs (940 steps); with both sizes' batch 3072, drop path
 0.2, weight decay 0.05, activation checkpointing (here model.remat), from the ITC-tuned
 weights. The recipe's sources, the steps, the data and the deviations: `retrieval` and
-`RETRIEVAL` in beit3_jax/jobs/recipes.py.
+`RETRIEVAL` in beit3_jax/tasks/recipes.py.
 
 Prepare the TFDS data set `beit3_coco_karpathy` (or `beit3_flickr30k_karpathy`) as `retrieval`
 says and convert unilm's beit3_base_itc_patch16_224.pth with its retrieval heads to

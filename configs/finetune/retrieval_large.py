@@ -5,7 +5,7 @@ the Flickr30k lr 1e-4 for base only; large keeps 5e-5); COCO 15 epochs (2,760 st
 Flickr30k 20 epochs (940 steps); with both sizes' batch 3072 (large: 2 nodes x 16 GPUs x 96),
 drop path 0.2, weight decay 0.05, activation checkpointing (here model.remat), from the
 ITC-tuned weights. The recipe's sources, the steps, the data and the deviations: `retrieval`
-and `RETRIEVAL` in beit3_jax/jobs/recipes.py.
+and `RETRIEVAL` in beit3_jax/tasks/recipes.py.
 
 Prepare the TFDS data set `beit3_coco_karpathy` (or `beit3_flickr30k_karpathy`) as `retrieval`
 says and convert unilm's beit3_large_itc_patch16_224.pth with its retrieval heads to

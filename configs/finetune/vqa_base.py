@@ -3,7 +3,7 @@ r"""BEiT-3 base fine-tuning on VQAv2, unilm's recipe, 480 px.
 unilm's base command (get_started_for_vqav2.md): lr 3e-5, drop path 0.1; with both sizes' batch
 128, 10 epochs (50,780 steps with an estimated 650,000 questions), layer decay 1.0, weight decay
 0.01, betas (0.9, 0.98). The recipe's sources, the steps, the data and the deviations: `vqa`
-and `VQA` in beit3_jax/jobs/recipes.py.
+and `VQA` in beit3_jax/tasks/recipes.py.
 
 Prepare the TFDS data set `beit3_vqav2/default` in /data/beit3 as `vqa` says (it writes the
 answer vocabulary this config reads) and convert unilm's beit3_base_patch16_224.pth to

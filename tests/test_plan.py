@@ -1,0 +1,164 @@
+"""The ahead-of-time planner: TPU slices by name, the shape-aware sharding rules, and real
+compiles for a TPU slice with libtpu's compiler (no TPU here)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from beit3_jax import sharding
+from beit3_jax.defaults import ConfigError, load_config_file
+from beit3_jax.planning import planner, slices
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')   # libtpu's machine-wide lock
+
+
+@pytest.mark.parametrize('name, generation, topology, chips', [
+    ('v5p-8', 'v5p', (2, 2, 1), 4),
+    ('v5p-128', 'v5p', (4, 4, 4), 64),
+    ('v5p-256', 'v5p', (4, 4, 8), 128),
+    ('v5p-512', 'v5p', (4, 8, 8), 256),
+    ('v4-8', 'v4', (2, 2, 1), 4),
+    ('v4-512', 'v4', (4, 8, 8), 256),
+    ('v5litepod-64', 'v5e', (8, 8), 64),
+    ('v6e-256', 'v6e', (16, 16), 256),
+    ('v5p:8x8x4', 'v5p', (8, 8, 4), 256),
+])
+def test_slice_names(name, generation, topology, chips):
+  tpu = slices.parse(name)
+  assert (tpu.generation, tpu.topology, tpu.chips) == (generation, topology, chips)
+  assert slices.parse(name, num_slices=2).chips == 2 * chips
+
+
+def test_bad_slice_names_say_what_is_accepted():
+  for bad in ('v5p-7', 'v7-8', 'v5p:2x2', 'tpu'):
+    with pytest.raises(ValueError, match='v5p|two per chip|dimensions'):
+      slices.parse(bad)
+
+
+def test_devices_are_one_per_chip():
+  assert len(slices.devices(slices.parse('v4-8'))) == 4          # megacore: not 8 cores
+  devs = slices.devices(slices.parse('v5p-8', num_slices=2))
+  assert len(devs) == 8 and {d.slice_index for d in devs} == {0, 1}
+
+
+def test_multislice_mesh_puts_data_across_slices():
+  devs = slices.devices(slices.parse('v5p-8', num_slices=2))
+  mesh = sharding.make_mesh((1, -1, 1), devs)
+  assert dict(mesh.shape) == {'data': 2, 'fsdp': 4, 'tensor': 1}
+  for row in mesh.devices.reshape(2, 4):                          # fsdp stays in one slice
+    assert len({d.slice_index for d in row}) == 1
+
+
+def test_rules_move_an_indivisible_axis_to_another_dimension():
+  sizes = {'data': 1, 'fsdp': 256, 'tensor': 1}
+  # giant's FFN kernel: the width 1408 = 2^7 * 11 does not divide 256, the FFN's 6144 does.
+  spec, unplaced = sharding.resolve_spec(('embed', 'mlp'), (1408, 6144), sizes)
+  assert spec == P(None, 'fsdp') and not unplaced
+  # The (259, 1408) position table divides by nothing: replicated, and reported.
+  spec, unplaced = sharding.resolve_spec(('posemb', 'embed'), (259, 1408), sizes)
+  assert spec == P(None, None)
+  assert [(u.mesh_axis, u.logical_axis) for u in unplaced] == [('fsdp', 'embed')]
+  # 12 heads over tensor 8: the tensor axis goes to the width instead.
+  spec, _ = sharding.resolve_spec(('embed', 'heads', 'kv'), (768, 12, 64),
+                                  {'data': 1, 'fsdp': 1, 'tensor': 8})
+  assert spec == P('tensor', None, None)
+  # Activations never move: the batch keeps (data, fsdp) or nothing.
+  spec, _ = sharding.resolve_spec(('batch', 'length', 'embed'), (64, 197, 1408), sizes,
+                                  move=False)
+  assert spec == P(None, None, None)
+
+
+def test_batch_that_does_not_split_is_refused_by_name():
+  with pytest.raises(ValueError, match=r'batch_size.pair=100 .* multiple of 64'):
+    sharding.check_batch({'batch_size.image': 128, 'batch_size.pair': 100},
+                         {'data': 8, 'fsdp': 8, 'tensor': 1})
+  with pytest.raises(ValueError, match='micro_batches=4'):
+    sharding.check_batch({'batch_size': 64}, {'data': 32, 'fsdp': 1, 'tensor': 1}, 4)
+
+
+def _demo(**fields):
+  config = load_config_file(os.path.join(REPO, 'configs/pretrain/demo.py'))
+  config.unlock()
+  for k, v in fields.items():
+    node = config
+    *parents, leaf = k.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return config
+
+
+def test_mesh_that_does_not_match_the_slice_is_named():
+  with pytest.raises(ConfigError, match=r'mesh_shape=\(3, 1, 1\) on v5p-8'):
+    planner.make_plan(_demo(mesh_shape=(3, 1, 1)), slices.parse('v5p-8'))
+  with pytest.raises(ConfigError, match='batch_size.image=30'):
+    planner.make_plan(_demo(**{'batch_size.image': 30}), slices.parse('v5p-8'))
+
+
+def test_cli_plans_the_demo_for_a_tpu_slice():
+  """The README-level command: compiles the demo's real train step for v5p-8, prints JSON."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', ALLOW_MULTIPLE_LIBTPU_LOAD='1')
+  env.pop('JAX_NUM_CPU_DEVICES', None)
+  out = subprocess.run(
+      [sys.executable, '-m', 'beit3_jax.plan', '--config=configs/pretrain/demo.py',
+       '--topology=v5p-8', '--json', '--config.model.scan_layers=True',
+       '--config.model.depth=2'],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  plan = json.loads(out.stdout[out.stdout.index('{'):])
+  for key in ('chips', 'mesh', 'peak_bytes_per_chip', 'hbm_bytes_per_chip', 'fits',
+              'compile_seconds', 'hlo_flops_per_chip', 'model_flops_per_step'):
+    assert key in plan, key
+  assert plan['chips'] == 4 and plan['mesh'] == {'data': 4, 'fsdp': 1, 'tensor': 1}
+  assert plan['fits'] is True and 0 < plan['peak_bytes_per_chip'] < plan['hbm_bytes_per_chip']
+  # The cost of the scanned step is extrapolated to every layer: at least the model's FLOPs.
+  assert plan['hlo_flops_per_chip'] * plan['chips'] >= 0.9 * plan['model_flops_per_step']
+  assert 0 < plan['mfu_bound'] <= 1
+
+
+@pytest.fixture(scope='module')
+def small_plans():
+  """A 2-layer demo model planned on v5p-8 under three settings (loop layout, one compile
+  each)."""
+  small = {'model.depth': 2, 'batch_size.image': 64, 'batch_size.text': 64,
+           'batch_size.pair': 64}
+  tpu = slices.parse('v5p-8')
+  out = {}
+  for name, fields in (('data', {'mesh_shape': (-1, 1, 1)}),
+                       ('fsdp', {'mesh_shape': (1, -1, 1)}),
+                       ('remat', {'mesh_shape': (-1, 1, 1), 'model.remat_policy': 'full'})):
+    config = _demo(**fields)
+    model = config.model.to_dict()
+    model.pop('variant')
+    model.update({k[6:]: v for k, v in {**small, **fields}.items() if k.startswith('model.')})
+    from beit3_jax.models import get_config
+    config.model = get_config('small', **model)
+    for k, v in small.items():
+      if not k.startswith('model.'):
+        config.batch_size[k.split('.')[1]] = v
+    out[name] = planner.make_plan(config, tpu)
+  return out
+
+
+def test_fsdp_shards_parameters_and_optimizer_state(small_plans):
+  data, fsdp = small_plans['data'], small_plans['fsdp']
+  assert fsdp.mesh == {'data': 1, 'fsdp': 4, 'tensor': 1}
+  assert fsdp.params_bytes_per_chip < 0.3 * data.params_bytes_per_chip
+  assert fsdp.opt_state_bytes_per_chip < 0.3 * data.opt_state_bytes_per_chip
+  assert fsdp.argument_bytes_per_chip < data.argument_bytes_per_chip
+
+
+def test_full_remat_lowers_the_peak(small_plans):
+  none, full = small_plans['data'], small_plans['remat']
+  assert full.model['remat_policy'] == 'full'
+  assert full.temp_bytes_per_chip < none.temp_bytes_per_chip
+  assert full.peak_bytes_per_chip < none.peak_bytes_per_chip
+  # Rematerialisation recomputes the forward: more HLO FLOPs for the same model FLOPs.
+  assert full.hlo_flops_per_chip > none.hlo_flops_per_chip
+  assert full.model_flops_per_step == none.model_flops_per_step
