@@ -39,6 +39,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from beit3_jax import defaults  # noqa: E402
 from beit3_jax.jobs import finetuning, pretraining, smoke, tokenizer_training  # noqa: E402
+from beit3_jax.trainer import loop  # noqa: E402
 from beit3_jax.trainer.run_config import save_run_config  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
@@ -160,6 +161,8 @@ def run(config, workdir: str | None) -> dict:
   if entry.trains and not workdir:
     raise app.UsageError(f'The {config.job} job needs --workdir.')
   job = entry.module
+  # Before anything compiles: JAX fixes its cache directory at the first compile.
+  loop.use_compilation_cache(config.get('compilation_cache_dir', ''))
   if hasattr(job, 'check'):
     job.check(config)   # what the job cannot start with, before the workdir is written
   if workdir and _evaluates(config):

@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from beit3_jax import sharding
 from beit3_jax.defaults import ConfigError, load_config_file
+from beit3_jax.models import get_config
 from beit3_jax.planning import planner, slices
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,16 +83,28 @@ def test_batch_that_does_not_split_is_refused_by_name():
     sharding.check_batch({'batch_size': 64}, {'data': 32, 'fsdp': 1, 'tensor': 1}, 4)
 
 
-def _demo(**fields):
-  config = load_config_file(os.path.join(REPO, 'configs/pretrain/demo.py'))
+def _config(path, **fields):
+  """A config file's config with dotted fields replaced ('model.x' rebuilds the model)."""
+  config = load_config_file(os.path.join(REPO, path))
   config.unlock()
+  model = {k[len('model.'):]: v for k, v in fields.items() if k.startswith('model.')}
+  if model:
+    m = config.model.to_dict()
+    variant = m.pop('variant')
+    config.model = get_config(variant, **{**m, **model})
   for k, v in fields.items():
+    if k.startswith('model.'):
+      continue
     node = config
     *parents, leaf = k.split('.')
     for p in parents:
       node = node[p]
     node[leaf] = v
   return config
+
+
+def _demo(**fields):
+  return _config('configs/pretrain/demo.py', **fields)
 
 
 def test_mesh_that_does_not_match_the_slice_is_named():
@@ -102,13 +115,12 @@ def test_mesh_that_does_not_match_the_slice_is_named():
 
 
 def test_cli_plans_the_demo_for_a_tpu_slice():
-  """The README-level command: compiles the demo's real train step for v5p-8, prints JSON."""
+  """The README demo's real train step, compiled for v5p-8 by the CLI, printed as JSON."""
   env = dict(os.environ, JAX_PLATFORMS='cpu', ALLOW_MULTIPLE_LIBTPU_LOAD='1')
   env.pop('JAX_NUM_CPU_DEVICES', None)
   out = subprocess.run(
       [sys.executable, '-m', 'beit3_jax.plan', '--config=configs/pretrain/demo.py',
-       '--topology=v5p-8', '--json', '--config.model.scan_layers=True',
-       '--config.model.depth=2'],
+       '--topology=v5p-8', '--json'],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   plan = json.loads(out.stdout[out.stdout.index('{'):])
@@ -117,33 +129,23 @@ def test_cli_plans_the_demo_for_a_tpu_slice():
     assert key in plan, key
   assert plan['chips'] == 4 and plan['mesh'] == {'data': 4, 'fsdp': 1, 'tensor': 1}
   assert plan['fits'] is True and 0 < plan['peak_bytes_per_chip'] < plan['hbm_bytes_per_chip']
-  # The cost of the scanned step is extrapolated to every layer: at least the model's FLOPs.
   assert plan['hlo_flops_per_chip'] * plan['chips'] >= 0.9 * plan['model_flops_per_step']
   assert 0 < plan['mfu_bound'] <= 1
 
 
 @pytest.fixture(scope='module')
 def small_plans():
-  """A 2-layer demo model planned on v5p-8 under three settings (loop layout, one compile
-  each)."""
-  small = {'model.depth': 2, 'batch_size.image': 64, 'batch_size.text': 64,
-           'batch_size.pair': 64}
+  """The classification demo at 2 layers, planned on v5p-8 four ways."""
   tpu = slices.parse('v5p-8')
-  out = {}
-  for name, fields in (('data', {'mesh_shape': (-1, 1, 1)}),
-                       ('fsdp', {'mesh_shape': (1, -1, 1)}),
-                       ('remat', {'mesh_shape': (-1, 1, 1), 'model.remat_policy': 'full'})):
-    config = _demo(**fields)
-    model = config.model.to_dict()
-    model.pop('variant')
-    model.update({k[6:]: v for k, v in {**small, **fields}.items() if k.startswith('model.')})
-    from beit3_jax.models import get_config
-    config.model = get_config('small', **model)
-    for k, v in small.items():
-      if not k.startswith('model.'):
-        config.batch_size[k.split('.')[1]] = v
-    out[name] = planner.make_plan(config, tpu)
-  return out
+  variants = {
+      'data': {'mesh_shape': (-1, 1, 1)},
+      'fsdp': {'mesh_shape': (1, -1, 1)},
+      'remat': {'mesh_shape': (-1, 1, 1), 'model.remat_policy': 'full'},
+      'scan': {'mesh_shape': (-1, 1, 1), 'model.scan_layers': True},
+  }
+  return {name: planner.make_plan(_config('configs/finetune/classification_demo.py',
+                                          **{'model.depth': 2, **fields}), tpu)
+          for name, fields in variants.items()}
 
 
 def test_fsdp_shards_parameters_and_optimizer_state(small_plans):
@@ -162,3 +164,10 @@ def test_full_remat_lowers_the_peak(small_plans):
   # Rematerialisation recomputes the forward: more HLO FLOPs for the same model FLOPs.
   assert full.hlo_flops_per_chip > none.hlo_flops_per_chip
   assert full.model_flops_per_step == none.model_flops_per_step
+
+
+def test_scanned_cost_is_extrapolated_to_every_layer(small_plans):
+  """XLA counts a scan's body once; the planner's extrapolated count equals the loop's."""
+  loop, scan = small_plans['data'], small_plans['scan']
+  assert scan.model['scan_layers'] and 'extrapolated' in scan.hlo_cost_from
+  assert scan.hlo_flops_per_chip == pytest.approx(loop.hlo_flops_per_chip, rel=0.02)

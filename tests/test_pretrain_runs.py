@@ -13,6 +13,7 @@ a persistent compilation cache.
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -130,6 +131,21 @@ def test_resume_in_a_fresh_process_is_bitwise(setup, straight, interrupted):
     assert a[step] == b[step], (step, a[step], b[step])
   for x, y in zip(_params(straight), _params(workdir)):
     np.testing.assert_array_equal(x, y)
+
+
+def test_compilation_cache_dir_keeps_the_compiled_step(setup, tmp_path):
+  """A job started again with the same compilation_cache_dir loads its train step from there."""
+  cache = tmp_path / 'compiled'
+  times = []
+  for run in ('first', 'again'):
+    out = _run(setup, tmp_path / run, f'--config.compilation_cache_dir={cache}',
+               '--config.total_steps=3', '--config.eval_every=0')
+    found = re.search(r'Compiled the train step in ([\d.]+) s \(compilation cache: (.+)\)',
+                      out.stdout)
+    assert found and found.group(2) == str(cache), out.stdout[-2000:]
+    times.append(float(found.group(1)))
+    assert any(cache.iterdir())
+  assert times[1] < times[0], times
 
 
 def test_checkpoint_from_mesh_222_restores_on_811(setup, straight, interrupted):

@@ -76,13 +76,15 @@ def _check_batch(config, mesh_shape) -> None:
 
 
 def abstract_batch(config, task: task_base.Task) -> dict:
-  """ShapeDtypeStructs of one global batch of the task (its `batch_fields`)."""
+  """ShapeDtypeStructs of one global batch of the task: {task name: its `batch_fields`}, as
+  the task's stream mixture yields it."""
   m = config.model
   sizes = {'B': int(config.batch_size), 'H': m.img_size, 'W': m.img_size,
            'L': config.data.text_len, 'N': num_patches(m),
            'A': task.head_sizes(config).get('num_answers', 0)}
-  return {k: jax.ShapeDtypeStruct(shape, dtype)
-          for k, (shape, dtype) in schema.shapes(dict(task.batch_fields), sizes).items()}
+  return {task.name: {k: jax.ShapeDtypeStruct(shape, dtype)
+                     for k, (shape, dtype) in schema.shapes(dict(task.batch_fields),
+                                                            sizes).items()}}
 
 
 def _step_parts(config, mesh_shape):

@@ -179,11 +179,12 @@ def evaluate_only(config, workdir, job: Job) -> dict:
 
 def use_compilation_cache(directory: str) -> None:
   """Keeps compiled programs in `directory` (local or gs://; '' = off), so that a job restarted
-  with the same step loads it instead of compiling again (JAX's persistent compilation cache)."""
+  with the same step loads it instead of compiling again (JAX's persistent compilation cache).
+  JAX fixes the directory at its first compile: call this before anything is jitted
+  (`beit3_jax.main` does, before the job is built)."""
   if not directory:
     return
   jax.config.update('jax_compilation_cache_dir', str(directory))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
 
 def train(config, workdir, job: Job) -> dict:
