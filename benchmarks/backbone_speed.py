@@ -40,6 +40,29 @@ Analytic FLOP count (matmuls only; biases, norms, softmax, GELU and AdamW are no
   earlier AMD Zen 5 measurement estimated about 637 GFLOP). GFLOP/s = that count / median
   seconds.
 
+Floor of the JAX step (skip with `--no_floor`; ~15-30 s at base): the time the step's matmuls
+alone would take at the rate XLA reaches on them on this machine, measured in the same run.
+
+  Every dot_general of the traced forward and train step (`jit(...).trace(...).jaxpr`, nested
+  jaxprs included) is listed with its (batch, M, K, N) and dtypes: the Multiway Linears as
+  expert A on the B (1 + N_p) image tokens and expert B on the B T text tokens, the attention
+  core's batched q k^T and p v (batch B H), the head, the patch embedding, and, for each
+  forward matmul, the backward's dX and dW (dp, dq, dk, dv for the attention core; no dX for
+  the patch embedding, whose input is the images). The list is checked against an
+  enumeration written out from the model code (`hand_matmuls`; a matmul and its transpose
+  count as one shape). Each distinct shape is then timed alone as a jitted
+  (batch, M, K) x (batch, K, N) `lax.dot_general` in its dtypes, warm; its time is the fastest
+  of 7 samples of >= 100 ms each (the rate XLA reaches on that shape: a floor, so a sample slowed
+  by another process must not raise it), and
+
+    floor = sum over shapes of count x seconds per call,   measured / floor = median / floor.
+
+  The table gives each shape's count in the train step and the forward, GFLOP and ms per call,
+  its GFLOP/s, its seconds in the train floor and their share, and the matmuls it stands for
+  (A/B expert, fwd/dX/dW). The sum of matmul FLOPs is compared with the analytic count: it is
+  larger by the patch embedding (forward + dW, 1.85 GFLOP at base), which the analytic count
+  leaves out; XLA's cost_analysis counts a further ~10 GFLOP of elementwise work.
+
 Also printed: parameter counts, devices, whether GLIBC_TUNABLES is set, XLA's
 `compiled.memory_analysis()` of the JAX train step (argument / output / alias / temp bytes)
 and the process's peak RSS (`resource.getrusage`, monotone: the value after the JAX phase is
@@ -57,7 +80,13 @@ on torch). It must be set before the process starts; the script prints whether i
 
 What to expect on our 2-core CPU machines, base, batch 4, fp32. An earlier measurement of
 ours on a 2-core AMD Zen 5 host: torchscale ~4.2 s a train step and ~1.25 s a forward, peak
-RSS 5.65 GiB; a tuned JAX step 2.08 s, a plain first JAX port 3.30 s. Measured with this script on 2026-11-28 (jax
+RSS 5.65 GiB; a tuned JAX step 2.08 s, a plain first JAX port 3.30 s.
+
+On a 2-core AMD EPYC KVM guest on 2026-12-07 (quiet, hugetlb=1), two runs: JAX train 4.63-4.72
+s, forward 1.43-1.59 s; torch train 5.84-6.12 s, forward 1.50-1.76 s; the floor 3.47 s (train)
+and 1.16 s (forward), so JAX's step is 1.33x its floor and torch's 1.76x.
+
+Measured with this script on 2026-11-28 (jax
 0.10.2, torch 2.13.0) on a 2-core *Intel Xeon* KVM guest (AVX-512/AMX; a 2048^3 fp32 matmul
 runs at ~270 GFLOP/s in XLA and ~290 in torch/MKL there), three full runs back to back:
 
@@ -94,6 +123,9 @@ import time
 
 import numpy as np
 
+# This benchmark is about the CPU: without this, an installed libtpu is probed for a TPU.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The torchscale reference helper lives with the tests (it imports torchscale without timm's
 # data package, which fails on the CPU torch); reuse it rather than copy it.
@@ -116,6 +148,9 @@ def parse_args(argv=None):
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--no_torch', action='store_true', help='skip the torchscale measurements')
   p.add_argument('--no_jax', action='store_true', help='skip the JAX measurements')
+  p.add_argument('--no_floor', action='store_true',
+                 help='skip the matmul floor of the JAX step (times every distinct matmul '
+                      'shape of the step; ~20-40 s at base)')
   return p.parse_args(argv)
 
 
@@ -288,8 +323,11 @@ def bench_jax(cfg, backbone_np, head_np, batch_np, args, rows, losses, info):
 
   # (a) forward only.
   t0 = time.perf_counter()
-  lowered = jax.jit(loss_fn).lower(params, batch)
+  traced = jax.jit(loss_fn).trace(params, batch)
+  lowered = traced.lower()
   t1 = time.perf_counter()
+  info['jax_forward_matmuls'] = traced_matmuls(traced.jaxpr)
+  del traced
   fwd = lowered.compile()
   t2 = time.perf_counter()
   info['jax_forward_trace_s'] = t1 - t0
@@ -313,8 +351,11 @@ def bench_jax(cfg, backbone_np, head_np, batch_np, args, rows, losses, info):
   state = (params, tx.init(params))
   del params, backbone
   t0 = time.perf_counter()
-  lowered = jax.jit(train_step, donate_argnums=0).lower(state, batch)
+  traced = jax.jit(train_step, donate_argnums=0).trace(state, batch)
+  lowered = traced.lower()
   t1 = time.perf_counter()
+  info['jax_train_matmuls'] = traced_matmuls(traced.jaxpr)
+  del traced
   step = lowered.compile()
   t2 = time.perf_counter()
   info['jax_train_trace_s'] = t1 - t0
@@ -339,6 +380,141 @@ def bench_jax(cfg, backbone_np, head_np, batch_np, args, rows, losses, info):
   rows.append(('jax', 'train', t2 - t0, first, times, cpw))
   del holder, step, lowered
   gc.collect()
+
+
+# ----------------------------------------------------------------------------- floor
+
+
+def _subjaxprs(params):
+  """(jaxpr, multiplicity) of the sub-jaxprs in an equation's params (scan bodies x length)."""
+  length = params.get('length', 1) if 'length' in params else 1
+  for value in params.values():
+    for v in (value if isinstance(value, (tuple, list)) else (value,)):
+      inner = getattr(v, 'jaxpr', v)          # ClosedJaxpr -> Jaxpr
+      if hasattr(inner, 'eqns'):
+        yield inner, length
+
+
+def traced_matmuls(jaxpr, mult: int = 1, out=None):
+  """Counter {(batch, M, K, N, lhs dtype, rhs dtype, out dtype): count} of every dot_general
+  in a (closed) jaxpr, nested ones included (a scan body counts `length` times).
+
+  A dot_general's operand dims are batch, contracting and free: batch = product of the batch
+  dims, K = product of the contracting dims, M = product of the lhs free dims, N = product of
+  the rhs free dims. FLOPs = 2 batch M K N."""
+  import collections
+  out = collections.Counter() if out is None else out
+  jaxpr = getattr(jaxpr, 'jaxpr', jaxpr)
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'dot_general':
+      (lc, rc), (lb, rb) = eqn.params['dimension_numbers']
+      lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
+      prod = lambda shape, dims: int(np.prod([shape[i] for i in dims], dtype=np.int64))
+      b = prod(lhs.shape, lb)
+      k = prod(lhs.shape, lc)
+      m = prod(lhs.shape, [i for i in range(lhs.ndim) if i not in lc and i not in lb])
+      n = prod(rhs.shape, [i for i in range(rhs.ndim) if i not in rc and i not in rb])
+      out_dtype = eqn.outvars[0].aval.dtype
+      out[(b, m, k, n, str(lhs.dtype), str(rhs.dtype), str(out_dtype))] += mult
+    else:
+      for sub, length in _subjaxprs(eqn.params):
+        traced_matmuls(sub, mult * length, out)
+  return out
+
+
+def hand_matmuls(cfg, batch: int, text_len: int, train: bool = True):
+  """The matmuls of one step written out from the model code, as a check of the traced list:
+  (Counter {(batch, M, K, N): count}, {(batch, M, K, N): set of labels}). Released layout only
+  (Multiway attention and FFN, no vision-language expert), image + text input.
+
+  A forward Y (M, N) = X (M, K) W (K, N) adds, in the backward, dX = dY W^T: (M, N, K) and
+  dW = X^T dY: (K, M, N). Every Multiway Linear runs as expert A on the B (1 + N_p) image
+  tokens and expert B on the B T text tokens (`layers.Multiway` slices the sequence). The
+  attention core ('xla', batch B H) does q k^T (S, d, S) and p v (S, S, d) forward; dp = dO v^T
+  (S, d, S), dv = p^T dO, dq = ds k and dk = ds^T q (all (S, S, d)) backward. The patch
+  embedding (a matmul over flattened P x P x C patches) has no dX (the images are inputs);
+  the head is Linear(D, V) on the B T text tokens.
+  """
+  import collections
+  d, f, h, depth, vocab = cfg.embed_dim, cfg.mlp_dim, cfg.num_heads, cfg.depth, cfg.vocab_size
+  n_p = (cfg.img_size // cfg.patch_size) ** 2
+  s = 1 + n_p + text_len
+  count, labels = collections.Counter(), collections.defaultdict(set)
+
+  def add(key, n, label):
+    count[key] += n
+    labels[key].add(label)
+
+  def linear(name, m, k, n, times=1, dx=True):
+    add((1, m, k, n), times, f'{name} fwd')
+    if train:
+      if dx:
+        add((1, m, n, k), times, f'{name} dX')
+      add((1, k, m, n), times, f'{name} dW')
+
+  for expert, m in (('A', batch * (1 + n_p)), ('B', batch * text_len)):
+    linear(f'{expert} qkvo', m, d, d, 4 * depth)
+    linear(f'{expert} fc1', m, d, f, depth)
+    linear(f'{expert} fc2', m, f, d, depth)
+  bh = batch * h
+  add((bh, s, d // h, s), depth, 'qk^T fwd')
+  add((bh, s, s, d // h), depth, 'pv fwd')
+  if train:
+    add((bh, s, d // h, s), depth, 'dp')
+    add((bh, s, s, d // h), 3 * depth, 'dv dq dk')
+  linear('head', batch * text_len, d, vocab)
+  linear('patch', batch * n_p, cfg.patch_size ** 2 * cfg.in_chans, d, dx=False)
+  return count, labels
+
+
+def time_matmul(b, m, k, n, lhs_dtype, rhs_dtype, out_dtype, min_sample_s=0.1, samples=7):
+  """(fastest seconds of one jitted `lax.dot_general` (b, M, K) x (b, K, N) -> (b, M, N) (no
+  batch dim when b = 1), warm; process CPU s and wall s of the timed samples). A sample runs
+  the call enough times back to back to last >= `min_sample_s`; the fastest of `samples`
+  samples counts."""
+  import jax
+  import jax.numpy as jnp
+  key = jax.random.key(0)
+  ka, kb = jax.random.split(key)
+  lhs = jax.random.normal(ka, ((b,) if b > 1 else ()) + (m, k), jnp.float32).astype(lhs_dtype)
+  rhs = jax.random.normal(kb, ((b,) if b > 1 else ()) + (k, n), jnp.float32).astype(rhs_dtype)
+  dims = (([2], [1]), ([0], [0])) if b > 1 else (([1], [0]), ([], []))
+  fn = jax.jit(lambda x, y: jax.lax.dot_general(x, y, dims, preferred_element_type=out_dtype))
+  fn = fn.lower(lhs, rhs).compile()
+  jax.block_until_ready(fn(lhs, rhs))
+  t = time.perf_counter()
+  jax.block_until_ready(fn(lhs, rhs))
+  one = max(time.perf_counter() - t, 1e-7)
+  reps = max(1, min(1000, int(min_sample_s / one)))
+  times = []
+  cpu0 = _cpu_seconds()
+  for _ in range(samples):
+    t = time.perf_counter()
+    for _ in range(reps):
+      r = fn(lhs, rhs)
+    jax.block_until_ready(r)
+    times.append((time.perf_counter() - t) / reps)
+  return min(times), _cpu_seconds() - cpu0, sum(times) * reps
+
+
+def measure_floor(train_matmuls, forward_matmuls):
+  """Times every distinct matmul shape of the step; returns (rows, info). A row: (key, count in
+  the train step, count in the forward, GFLOP per call, seconds per call). info: the totals."""
+  keys = sorted(set(train_matmuls) | set(forward_matmuls),
+                key=lambda k: -train_matmuls.get(k, 0) * 2 * k[0] * k[1] * k[2] * k[3])
+  rows = []
+  t0, cpu, wall = time.perf_counter(), 0.0, 0.0
+  for key in keys:
+    b, m, k, n = key[:4]
+    gflop = 2 * b * m * k * n / 1e9
+    sec, c, w = time_matmul(*key)
+    cpu, wall = cpu + c, wall + w
+    rows.append((key, train_matmuls.get(key, 0), forward_matmuls.get(key, 0), gflop, sec))
+  info = {'wall_s': time.perf_counter() - t0, 'cpu_per_wall': cpu / wall}
+  for mode, col in (('train', 1), ('forward', 2)):
+    info[f'{mode}_floor_s'] = sum(r[col] * r[4] for r in rows)
+    info[f'{mode}_gflop'] = sum(r[col] * r[3] for r in rows)
+  return rows, info
 
 
 # ----------------------------------------------------------------------------- report
@@ -379,6 +555,96 @@ def print_memory(mem):
   parts = [f'{f.replace("_size_in_bytes", "")} {getattr(mem, f) / GIB:.2f} GiB'
            for f in fields if getattr(mem, f, None) is not None]
   print('XLA memory_analysis (jax train step): ' + ', '.join(parts))
+
+
+def _canonical(key):
+  """(batch, M, K, N) with M <= N: a matmul and its transpose (the same work with the operands
+  swapped, as autodiff and einsum often emit it) compare equal."""
+  b, m, k, n = key[:4]
+  return (b, min(m, n), k, max(m, n))
+
+
+def _canonical_counter(counter):
+  import collections
+  out = collections.Counter()
+  for key, n in counter.items():
+    out[_canonical(key)] += n
+  return out
+
+
+def _short_dtype(name: str) -> str:
+  return {'float32': 'f32', 'bfloat16': 'bf16', 'float16': 'f16'}.get(name, name)
+
+
+def print_floor(floor_rows, finfo, info, rows, gflop, cfg, args):
+  """The matmul-floor table, its totals, the check against the hand enumeration and the
+  analytic count, and measured / floor."""
+  import collections
+  hand, labels = hand_matmuls(cfg, args.batch, args.text_len, train=True)
+  hand_fwd, _ = hand_matmuls(cfg, args.batch, args.text_len, train=False)
+  canon_labels = collections.defaultdict(set)
+  for key, names in labels.items():
+    canon_labels[_canonical(key)] |= names
+  hand, hand_fwd = _canonical_counter(hand), _canonical_counter(hand_fwd)
+  header = ('train #', 'fwd #', 'batch', 'M', 'K', 'N', 'dtype', 'GFLOP', 'ms', 'GFLOP/s',
+            'train s', 'share', 'what (hand enumeration)')
+  total = finfo['train_floor_s']
+  lines = []
+  for key, n_train, n_fwd, g, sec in floor_rows:
+    b, m, k, n, lt, rt, ot = key
+    dt = (_short_dtype(lt) if lt == rt == ot
+          else f'{_short_dtype(lt)}x{_short_dtype(rt)}->{_short_dtype(ot)}')
+    lines.append((str(n_train), str(n_fwd), str(b), str(m), str(k), str(n), dt, f'{g:.3f}',
+                  f'{sec * 1e3:.2f}', f'{g / sec:.0f}', f'{n_train * sec:.3f}',
+                  f'{100 * n_train * sec / total:.1f}%',
+                  ', '.join(sorted(canon_labels.get(_canonical(key), {'?'})))))
+  widths = [max(len(str(r[i])) for r in [header] + lines) for i in range(len(header))]
+  print(' | '.join(str(h).ljust(w) for h, w in zip(header, widths)))
+  print('-+-'.join('-' * w for w in widths))
+  for r in lines:
+    print(' | '.join(str(c).ljust(w) for c, w in zip(r, widths)))
+  print()
+
+  # The traced list against the hand enumeration (shapes and counts; dtypes from the trace).
+  for mode, mine in (('train', hand), ('forward', hand_fwd)):
+    traced = _canonical_counter(info[f'jax_{mode}_matmuls'])
+    if cfg.shared_attention or cfg.num_vl_layers:
+      print(f'{mode}: {sum(traced.values())} dot_generals traced (the hand enumeration covers '
+            'the released layout only)')
+    elif traced == mine:
+      print(f'{mode}: the {sum(traced.values())} traced dot_generals ({len(traced)} shapes) '
+            'match the hand enumeration')
+    else:
+      diff = {k: (traced.get(k, 0), mine.get(k, 0)) for k in set(traced) | set(mine)
+              if traced.get(k, 0) != mine.get(k, 0)}
+      print(f'{mode}: traced dot_generals differ from the hand enumeration, '
+            f'(batch, M, K, N): (traced, hand): {diff}')
+
+  n_p = (cfg.img_size // cfg.patch_size) ** 2
+  patch = 2 * args.batch * n_p * cfg.patch_size ** 2 * cfg.in_chans * cfg.embed_dim / 1e9
+  for mode, n_patch in (('train', 2), ('forward', 1)):
+    got = finfo[f'{mode}_gflop']
+    rest = got - gflop[mode] - n_patch * patch
+    print(f'{mode}: sum of matmul GFLOP {got:.1f} = analytic {gflop[mode]:.1f} + patch '
+          f'embedding {n_patch * patch:.2f} (fwd{" + dW" if n_patch == 2 else ""}; the '
+          f'analytic count leaves it out) {rest:+.2f} ({100 * (got / gflop[mode] - 1):+.2f} % '
+          'in all)')
+  if 'jax_train_xla_gflop' in info:
+    print(f'XLA cost_analysis counts {info["jax_train_xla_gflop"]:.1f} GFLOP for the train '
+          f'step: {info["jax_train_xla_gflop"] - finfo["train_gflop"]:.1f} more than its '
+          'matmuls (elementwise work: norms, GELU, softmax, AdamW, ...)')
+  by = {(r[0], r[1]): statistics.median(r[4]) for r in rows if r[4]}
+  print(f'matmul timing: {len(floor_rows)} shapes in {finfo["wall_s"]:.1f} s (compiles '
+        f'included); cpu/wall over the timed calls {finfo["cpu_per_wall"]:.2f}')
+  for mode in ('train', 'forward'):
+    fl = finfo[f'{mode}_floor_s']
+    line = (f'{mode} floor: {fl:.3f} s ({finfo[f"{mode}_gflop"]:.1f} GFLOP at '
+            f'{finfo[f"{mode}_gflop"] / fl:.0f} GFLOP/s, the measured rate of its shapes)')
+    if ('jax', mode) in by:
+      line += f'; JAX median {by["jax", mode]:.3f} s = {by["jax", mode] / fl:.2f}x the floor'
+    if ('torch', mode) in by:
+      line += f'; torch {by["torch", mode] / fl:.2f}x'
+    print(line)
 
 
 def main(argv=None) -> int:
@@ -434,6 +700,11 @@ def main(argv=None) -> int:
   rss_after_jax = None
   if not args.no_jax:
     bench_jax(cfg, backbone_np, head_np, batch_np, args, rows, losses, info)
+    if not args.no_floor:
+      print('timing every distinct matmul shape of the JAX step (the floor; --no_floor skips '
+            'it) ...')
+      sys.stdout.flush()
+      info['floor'] = measure_floor(info['jax_train_matmuls'], info['jax_forward_matmuls'])
     rss_after_jax = peak_rss_gib()
     print(f'JAX: backbone params {info["jax_params"]:,} + head {head_params:,} = '
           f'{info["jax_params"] + head_params:,} trained; trace s: forward '
@@ -455,6 +726,13 @@ def main(argv=None) -> int:
           f'(analytic {gflop["train"]:.1f})')
   if 'jax_train_memory' in info:
     print_memory(info['jax_train_memory'])
+  if 'floor' in info:
+    print()
+    print('Floor of the JAX step: every matmul (dot_general) of the traced step, timed alone as '
+          'a jitted (batch, M, K) x (batch, K, N) lax.dot_general in its dtypes (fastest of 7 '
+          'samples, warm):')
+    print_floor(*info['floor'], info, rows, gflop, cfg, args)
+    print()
   if rss_after_jax is not None:
     print(f'peak RSS after the JAX phase: {rss_after_jax:.2f} GiB'
           + ('' if torch_parts is None else ' (the torch model and its weights were alive too)'))

@@ -111,7 +111,8 @@ def main(argv=None) -> int:
       continue
     t = time.time()
     p = plan(config, tpu, slices, overrides)
-    p.update(row_name=name, row_slice=tpu, row_slices=slices, plan_seconds=round(time.time() - t, 1))
+    p.update(row_name=name, row_slice=tpu, row_slices=slices,
+             plan_seconds=round(time.time() - t, 1))
     fresh[_key(p)] = p
     print(row(name, p) + f'  ({p["plan_seconds"]:.0f} s)', flush=True)
     results = [{**previous, **fresh}[k] for k in _ordered({**previous, **fresh})]
