@@ -107,6 +107,18 @@ def _demo(**fields):
   return _config('configs/pretrain/demo.py', **fields)
 
 
+def test_out_of_memory_messages_give_the_bytes_needed():
+  gib = 2 ** 30
+  # The total, as XLA:TPU states it for some programs...
+  assert planner._oom_bytes('Ran out of memory in memory space hbm. Used 40.5G of 31.2G hbm.',
+                            5 * gib) == int(40.5 * gib)
+  # ...or only the temporaries, to which the arguments held per chip add.
+  message = ('RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO '
+             'temporaries (72.26G) exceeds available HBM (30.75G).')
+  assert planner._oom_bytes(message, 2 * gib) == int(72.26 * gib) + 2 * gib
+  assert planner._oom_bytes('some other failure', gib) is None
+
+
 def test_mesh_that_does_not_match_the_slice_is_named():
   with pytest.raises(ConfigError, match=r'mesh_shape=\(3, 1, 1\) on v5p-8'):
     planner.make_plan(_demo(mesh_shape=(3, 1, 1)), slices.parse('v5p-8'))

@@ -97,13 +97,18 @@ def _with_shardings(tree, shardings):
       else x, shardings, tree)
 
 
-def _oom_bytes(message: str) -> int | None:
-  """The bytes a TPU compile said it needed when it ran out of HBM, if it says."""
-  m = re.search(r'Used ([\d.]+)([KMGT]?)i?B? of ([\d.]+)([KMGT]?)i?B? hbm', message)
-  if not m:
-    return None
+def _oom_bytes(message: str, state_bytes: int) -> int | None:
+  """The bytes a TPU compile said it needed when it ran out of HBM, if it says: its total, or,
+  when it names only the temporaries, those plus `state_bytes` (what the step's arguments hold
+  per chip), a lower bound on the peak."""
   scale = {'': 1, 'K': 2 ** 10, 'M': 2 ** 20, 'G': 2 ** 30, 'T': 2 ** 40}
-  return int(float(m.group(1)) * scale[m.group(2)])
+  m = re.search(r'Used ([\d.]+)([KMGT]?)i?B? of ([\d.]+)([KMGT]?)i?B? hbm', message)
+  if m:
+    return int(float(m.group(1)) * scale[m.group(2)])
+  m = re.search(r'HLO temporaries \(([\d.]+)([KMGT]?)i?B?\) exceeds available HBM', message)
+  if m:
+    return int(float(m.group(1)) * scale[m.group(2)]) + state_bytes
+  return None
 
 
 def _model_of(config):
@@ -312,7 +317,7 @@ def make_plan(config, tpu: Slice) -> Plan:
       flops, traffic, cost_from = hlo_cost(config, mesh)
   else:
     argument = output = alias = temp = 0
-    peak = _oom_bytes(c.oom) or -1
+    peak = _oom_bytes(c.oom, params_bytes + opt_bytes + batch_bytes + frozen_bytes) or -1
   fits = c.compiled is not None and 0 <= peak <= (1 - HEADROOM) * chip.hbm_bytes
   t_compute, t_memory = flops / chip.peak_flops, traffic / chip.hbm_bandwidth
   step_time = max(t_compute, t_memory)

@@ -20,7 +20,7 @@ Command (every host of a TPU slice, see launch/README.md):
 Made for a v5p-128 slice (64 chips), data parallel, scanned layers, no remat. Plan it (no TPU
 needed): python -m beit3_jax.plan --config=configs/pretrain/base.py
 Expect from the plan (docs/performance.md): fits, 45.8 of 95 GiB per chip at the peak, compile
-about 100 s, roofline bound 71 ms per step (MFU <= 32%).
+about 125 s, roofline bound 71 ms per step (MFU <= 32%).
 
 Expect: 220,987,392 backbone parameters (+ the two heads); the paper's run took 1M steps on
 far more data than these three TFDS sets (Table 3 of arXiv 2208.10442: 21M image-text pairs,

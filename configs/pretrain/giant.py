@@ -10,7 +10,7 @@ with --num_slices=2 in the planner), scanned layers, full remat, bfloat16 comput
 
 Plan it (no TPU needed): python -m beit3_jax.plan --config=configs/pretrain/giant.py
 Expect from the plan (docs/performance.md): fits, 2.8 of 95 GiB per chip at the peak, compile
-about 150 s, roofline bound 183 ms per step (MFU <= 39%).
+about 200 s, roofline bound 183 ms per step (MFU <= 39%).
 Expect: 1,848,320,384 backbone parameters (the paper's 1.9B, with heads). Not run by us.
 """
 
