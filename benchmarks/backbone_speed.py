@@ -387,7 +387,7 @@ def bench_jax(cfg, backbone_np, head_np, batch_np, args, rows, losses, info):
 
 def _subjaxprs(params):
   """(jaxpr, multiplicity) of the sub-jaxprs in an equation's params (scan bodies x length)."""
-  length = params.get('length', 1) if 'length' in params else 1
+  length = params.get('length', 1)
   for value in params.values():
     for v in (value if isinstance(value, (tuple, list)) else (value,)):
       inner = getattr(v, 'jaxpr', v)          # ClosedJaxpr -> Jaxpr

@@ -115,8 +115,7 @@ from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import topologies
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from beit3_jax import sharding as sharding_lib
 from beit3_jax.chips import CHIPS
@@ -124,6 +123,7 @@ from beit3_jax.models import attention as attention_lib
 from beit3_jax.models import encoder, get_config
 from beit3_jax.models.config import num_patches
 from beit3_jax.models.layers import TEXT_ONLY, VISION_ONLY, LayerNorm, Linear, Multiway
+from beit3_jax.planning import slices
 
 CHIP = CHIPS['v5p']
 F32, BF16 = jnp.float32, jnp.bfloat16
@@ -222,11 +222,10 @@ class Compiler:
 
   def __init__(self, cache_path: str | None, jobs: int, dump_dir: str = ''):
     self.dump_dir = dump_dir
-    devs = topologies.get_topology_desc(platform='tpu', topology_name='v5p:2x2x1',
-                                        chip_config_name='megacore').devices
+    devs = slices.devices(slices.parse('v5p-8'))
     # The trainer's axis names, all of size 1: activation constraints and splash's shard_map
     # see the mesh they see in training, on one chip.
-    self.mesh = Mesh(np.array(devs[:1]).reshape(1, 1, 1), ('data', 'fsdp', 'tensor'))
+    self.mesh = sharding_lib.make_mesh((1, 1, 1), devs[:1])
     self.replicated = NamedSharding(self.mesh, P())
     self.cache_path = cache_path
     self.cache = {}

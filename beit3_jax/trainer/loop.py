@@ -190,7 +190,6 @@ def use_compilation_cache(directory: str) -> None:
 def train(config, workdir, job: Job) -> dict:
   """Runs (or resumes) the job in `workdir`; returns the final metrics and where outputs went."""
   workdir = epath.Path(workdir)
-  use_compilation_cache(config.get('compilation_cache_dir', ''))
   mesh = sharding_lib.make_mesh(config.mesh_shape)
   process0 = jax.process_index() == 0
   objective = job.objective
