@@ -60,7 +60,7 @@ RESUMABLE_CHANGES = ('mesh_shape', 'micro_batches', 'checkpoint_every', 'keep_ch
                      'log_every', 'eval_every', 'eval_batches', 'peak_tflops_per_device',
                      'data.read_threads', 'stop_at_step', 'tokenizer.train_if_missing',
                      'compilation_cache_dir', 'tpu_slice', 'model.remat', 'model.remat_policy',
-                     'model.attention')
+                     'model.attention', 'teacher.variant')
 
 # Sub-configs whose keys are the user's to choose (checked by the code that reads them).
 FREE_FORM = ('data.fields',)
@@ -169,6 +169,8 @@ def tokenizer_fields() -> tuple[tuple[str, Any, str], ...]:
       ('teacher.kind', 'vit', "the teacher whose features are reconstructed: 'pixel', 'beit3' "
        "or 'vit' (jobs/tokenizer_training.py)"),
       ('teacher.path', '', "the teacher's params directory ('beit3' and 'vit')"),
+      ('teacher.variant', '', "the teacher's size ('base', 'large') for `beit3_jax.plan` "
+       'without teacher.path; a run reads the teacher from teacher.path'),
       ('teacher.cells', 2, "pooling cells of the 'pixel' teacher's features"),
       ('data.data_dir', '', "'' = $BEIT3_JAX_DATA_DIR or ~/.cache/beit3_jax"),
       ('data.builtin_image_size', 64, 'image size of the built-in data set (px)'),

@@ -37,6 +37,8 @@ ROWS = (
     ('pretrain giant', 'configs/pretrain/giant.py', 'v5p-512', 1, ()),
     ('pretrain giant', 'configs/pretrain/giant.py', 'v4-512', 1, ()),
     ('pretrain giant, 2 slices', 'configs/pretrain/giant.py', 'v5p-512', 2, ()),
+    ('pretrain giant, no remat', 'configs/pretrain/giant.py', 'v5p-512', 1,
+     ('--config.model.remat=False',)),
     ('VQA base 480 px', 'configs/finetune/vqa_base.py', 'v5p-8', 1, ()),
     ('VQA base 480 px', 'configs/finetune/vqa_base.py', 'v4-8', 1, ()),
     ('VQA large 480 px', 'configs/finetune/vqa_large.py', 'v5p-8', 1, ()),
@@ -46,7 +48,17 @@ ROWS = (
     # VQA base is made for v5p-8; on v4-8's 32 GiB it needs remat (large has it already).
     ('VQA base 480 px, full remat', 'configs/finetune/vqa_base.py', 'v4-8', 1,
      ('--config.model.remat=True',)),
+    ('classification base', 'configs/finetune/classification_base.py', 'v5p-8', 1, ()),
     ('classification large', 'configs/finetune/classification_large.py', 'v5p-8', 1, ()),
+    ('NLVR2 base', 'configs/finetune/nlvr2_base.py', 'v5p-8', 1, ()),
+    ('NLVR2 large', 'configs/finetune/nlvr2_large.py', 'v5p-8', 1, ()),
+    ('retrieval base 384 px', 'configs/finetune/retrieval_base.py', 'v5p-8', 1, ()),
+    # Retrieval large is made for v5p-16: its batch of 3072 does not fit v5p-8.
+    ('retrieval large 384 px', 'configs/finetune/retrieval_large.py', 'v5p-8', 1, ()),
+    ('retrieval large 384 px', 'configs/finetune/retrieval_large.py', 'v5p-16', 1, ()),
+    ('captioning base 480 px', 'configs/finetune/captioning_base.py', 'v5p-8', 1, ()),
+    ('captioning large 480 px', 'configs/finetune/captioning_large.py', 'v5p-8', 1, ()),
+    ('VQ-KD tokenizer base', 'configs/pretrain/tokenizer_base.py', 'v5p-8', 1, ()),
 )
 
 GIB = 2 ** 30
@@ -58,7 +70,9 @@ def plan(config: str, tpu: str, num_slices: int, overrides) -> dict:
          f'--num_slices={num_slices}', '--json', *overrides]
   out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
   if out.returncode:
-    tail = [line for line in out.stderr.splitlines() if 'Error' in line][-3:]
+    lines = out.stderr.splitlines()   # our own message starts with 'Error:'; libtpu's do not
+    tail = ([line for line in lines if line.startswith('Error')]
+            or [line for line in lines if 'Error' in line])[-3:]
     return {'error': ' / '.join(tail) or out.stderr[-500:], 'command': ' '.join(cmd[1:])}
   result = json.loads(out.stdout[out.stdout.index('{'):])
   result['command'] = ' '.join(['python'] + cmd[1:])

@@ -36,6 +36,21 @@ def test_slice_names(name, generation, topology, chips):
   assert slices.parse(name, num_slices=2).chips == 2 * chips
 
 
+def test_every_recipe_names_its_slice_and_the_table_plans_it_there():
+  sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
+  import plan_table
+  planned = {(config, tpu) for _, config, tpu, n, overrides in plan_table.ROWS
+             if n == 1 and not overrides}
+  recipes = [f'configs/{kind}/{name}' for kind in ('pretrain', 'finetune')
+             for name in sorted(os.listdir(os.path.join(REPO, 'configs', kind)))
+             if name.endswith('.py') and 'demo' not in name]
+  assert len(recipes) == 14, recipes   # 3 pretraining + the tokenizer + 5 tasks x 2 sizes
+  for recipe in recipes:
+    tpu = load_config_file(os.path.join(REPO, recipe)).tpu_slice
+    slices.parse(tpu)
+    assert (recipe, tpu) in planned, f'{recipe} is made for {tpu}: plan_table.ROWS lacks it'
+
+
 def test_bad_slice_names_say_what_is_accepted():
   for bad in ('v5p-7', 'v7-8', 'v5p:2x2', 'tpu'):
     with pytest.raises(ValueError, match='v5p|two per chip|dimensions'):

@@ -83,6 +83,21 @@ def test_teacher_size_must_match_the_decoder():
     Teacher(_teacher(kind='beit3', path=''), cfg)
 
 
+def test_the_planner_builds_a_named_teacher_without_its_weights():
+  # The planner needs only the teacher's shapes: teacher.variant stands in for teacher.path.
+  from beit3_jax.tokenizers import get_vqkd_config
+  cfg = get_vqkd_config('base', decoder_out_dim=768)
+  fields = _teacher(kind='beit3', path='', variant='base')
+  with pytest.raises(ValueError, match='teacher.path'):
+    Teacher(fields, cfg)   # a run needs the weights
+  teacher = Teacher(fields, cfg, planning=True)
+  assert (teacher.size, teacher.model_cfg.depth) == (768, 12)
+  shapes = jax.tree.leaves(teacher.abstract_params())
+  assert 215e6 < sum(np.prod(x.shape) for x in shapes) < 225e6   # all of BEiT-3 base
+  with pytest.raises(ValueError, match='teacher.variant'):
+    Teacher(_teacher(kind='beit3', path=''), cfg, planning=True)
+
+
 def test_dead_codes_move_onto_batch_features():
   codebook = jnp.array(
       [[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 0, 0]], jnp.float32)

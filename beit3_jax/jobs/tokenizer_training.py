@@ -46,6 +46,7 @@ from beit3_jax.data.pretraining import load_image
 from beit3_jax.defaults import ConfigError, check_fields
 from beit3_jax.jobs import tokenizer_objective as tobj
 from beit3_jax.models import BEiT3, abstract_params
+from beit3_jax.models import get_config as get_model_config
 from beit3_jax.models import flops as flops_lib
 from beit3_jax.tokenizers import vqkd as vqkd_lib
 from beit3_jax.trainer import loop
@@ -71,7 +72,9 @@ def _with(tree, path, value):
 class Teacher:
   """Frozen targets: `features(frozen, images_in_[-1,1]) -> (B, N, F)` float32."""
 
-  def __init__(self, cfg, tokenizer_cfg):
+  def __init__(self, cfg, tokenizer_cfg, *, planning: bool = False):
+    """planning: for `beit3_jax.plan`, which needs only the teacher's shapes: without
+    `cfg.path` they come from the named `cfg.variant`."""
     self.kind = cfg.kind
     self.grid = tokenizer_cfg.input_size // tokenizer_cfg.patch_size
     self.cells = cfg.cells
@@ -82,22 +85,27 @@ class Teacher:
     if self.kind == 'pixel':
       self.size = tobj.teacher_feature_size('pixel', self.cells)
       return
-    if not cfg.path:
-      raise ConfigError(f'teacher.kind={self.kind!r} needs teacher.path (a params directory).')
+    variant = cfg.get('variant', '')
+    if not cfg.path and not (planning and variant):
+      raise ConfigError(f'teacher.kind={self.kind!r} needs teacher.path (a params directory)'
+                        + ('; to plan without it, name its size in teacher.variant.'
+                           if planning else '.'))
     if self.kind == 'beit3':
-      self.model_cfg = params_io.load_model_config(cfg.path)
+      self.model_cfg = (params_io.load_model_config(cfg.path) if cfg.path
+                        else get_model_config(variant))
       self.model = BEiT3(self.model_cfg)
       self.size = self.model_cfg.embed_dim
       teacher_grid = self.model_cfg.img_size // self.model_cfg.patch_size
       side = self.model_cfg.img_size
     else:
-      self.model_cfg = params_io.load_model_config(cfg.path)
+      self.model_cfg = (params_io.load_model_config(cfg.path) if cfg.path
+                        else vqkd_lib.get_vqkd_config(variant))
       self.model = vqkd_lib.VQKD(self.model_cfg)
       self.size = self.model_cfg.embed_dim
       teacher_grid = self.model_cfg.input_size // self.model_cfg.patch_size
       side = self.model_cfg.input_size
     if teacher_grid != self.grid or side != tokenizer_cfg.input_size:
-      raise ConfigError(f'The teacher at {cfg.path} sees {side}px images on a {teacher_grid}-patch '
+      raise ConfigError(f'The teacher at {cfg.path or variant} sees {side}px images on a {teacher_grid}-patch '
                        f'grid; the tokenizer sees {tokenizer_cfg.input_size}px on a {self.grid} '
                        'grid: they must match.')
 
@@ -255,15 +263,16 @@ def _data(config, tfds_dir, name, split, seed):
   return pipeline.Mixture({'image': stream})
 
 
-def _step_parts(config, mesh):
-  """(objective, tx, schedule, teacher, teacher shardings, FLOPs per step) of a config."""
+def _step_parts(config, mesh, planning: bool = False):
+  """(objective, tx, schedule, teacher, teacher shardings, FLOPs per step) of a config
+  (planning: see `Teacher`)."""
   tok_cfg = config.tokenizer
   try:
     sharding_lib.check_batch({'batch_size': int(config.batch_size)}, dict(mesh.shape),
                              int(config.micro_batches))
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  teacher = Teacher(config.teacher, tok_cfg)
+  teacher = Teacher(config.teacher, tok_cfg, planning=planning)
   objective = VQKDTraining(tok_cfg, teacher, config.seed, config.dead_code_fraction)
   tx, schedule = make_optimizer(config.optimizer, config.total_steps, tok_cfg.depth,
                                 frozen=(r'^quantize/',))
@@ -279,9 +288,9 @@ def _step_parts(config, mesh):
 
 def plan_job(config, mesh) -> loop.Job:
   """The job of `config` without data or weights, for compiling its step ahead of time
-  (`beit3_jax.plan`): the teacher as ShapeDtypeStructs (its config.json is read), one batch of
-  images as shapes."""
-  objective, tx, schedule, teacher, shardings, flops = _step_parts(config, mesh)
+  (`beit3_jax.plan`): the teacher as ShapeDtypeStructs (its config.json is read, or without
+  teacher.path its teacher.variant is built), one batch of images as shapes."""
+  objective, tx, schedule, teacher, shardings, flops = _step_parts(config, mesh, planning=True)
   frozen, frozen_shardings = {}, {}
   if teacher.kind != 'pixel':
     frozen = {'teacher': jax.tree.map(

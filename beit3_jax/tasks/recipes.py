@@ -88,6 +88,12 @@ TRAIN_EXAMPLES = {
 }
 
 
+# The slice a fine-tuning recipe is made for unless its command names another
+# (`python -m beit3_jax.plan` plans each recipe there; docs/performance.md has the plans, on
+# v4-8 too).
+TPU_SLICE = 'v5p-8'
+
+
 @dataclasses.dataclass(frozen=True)
 class Command:
   """What one unilm get_started command sets (the rest: `UNILM_DEFAULTS`)."""
@@ -100,6 +106,7 @@ class Command:
   drop_path: float                      # --drop_path
   remat: bool = False                   # --checkpoint_activations
   betas: tuple[float, float] = (0.9, 0.999)   # --opt_betas (the script's default)
+  tpu_slice: str = TPU_SLICE            # where the batch fits (not a unilm setting)
 
 
 def _sizes(both: dict, **by_size: dict) -> dict[str, Command]:
@@ -137,12 +144,17 @@ NLVR2 = _sizes(
 # Flickr30k --epochs 20 --warmup_epochs 5. The doc gives the Flickr30k --lr 1e-4 for base
 # only; large keeps its --lr 5e-5.
 _RETRIEVAL = dict(batch_size=3072, drop_path=0.2, weight_decay=0.05, remat=True)
+# Large's 3072 examples at 384 px need 114 GiB per chip on v5p-8's 4 chips even with full
+# remat (docs/performance.md); unilm spreads them over 32 GPUs, 96 each. Here: 8 chips, 384 each.
+_RETRIEVAL_LARGE_SLICE = 'v5p-16'
 RETRIEVAL = {
     'coco': _sizes(dict(_RETRIEVAL, epochs=15, warmup_epochs=3),
-                   base=dict(lr=2e-4, layer_decay=0.65), large=dict(lr=5e-5, layer_decay=0.85)),
+                   base=dict(lr=2e-4, layer_decay=0.65),
+                   large=dict(lr=5e-5, layer_decay=0.85, tpu_slice=_RETRIEVAL_LARGE_SLICE)),
     'flickr30k': _sizes(dict(_RETRIEVAL, epochs=20, warmup_epochs=5),
                         base=dict(lr=1e-4, layer_decay=0.65),
-                        large=dict(lr=5e-5, layer_decay=0.85)),
+                        large=dict(lr=5e-5, layer_decay=0.85,
+                                   tpu_slice=_RETRIEVAL_LARGE_SLICE)),
 }
 RETRIEVAL_SOURCES = {'coco': 'beit3_coco_karpathy', 'flickr30k': 'beit3_flickr30k_karpathy'}
 
@@ -159,11 +171,6 @@ CAPTIONING = _sizes(
 
 # ------------------------------------------------------------------------------------------
 # Shared parts.
-
-# The slice the fine-tuning recipes are made for (`python -m beit3_jax.plan` plans them there;
-# docs/performance.md has the plans, on v4-8 too).
-TPU_SLICE = 'v5p-8'
-
 
 def steps_per_epoch(source: str, batch_size: int) -> int:
   """unilm's `cosine_scheduler` steps per epoch: len(data_loader_train) = examples // batch."""
@@ -188,7 +195,7 @@ def start(task: str, size: str, command: Command, img_size: int,
   config = finetune_config(task)
   config.model = model(size, command, img_size, normalize_output)
   config.init_from = ''
-  config.tpu_slice = TPU_SLICE
+  config.tpu_slice = command.tpu_slice
   return config
 
 

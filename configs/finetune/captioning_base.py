@@ -16,6 +16,12 @@ Command:
 Score the Karpathy test split afterwards with
     ... --config.mode=eval --config.data.eval_split=test
 
+Made for a v5p-8 slice (4 chips): data parallel, scanned layers, full remat. Plan it (no TPU
+needed):
+    python -m beit3_jax.plan --config=configs/finetune/captioning_base.py
+Expect from the plan (docs/performance.md): fits, 14.4 of 95 GiB per chip at the peak, compile
+about 45 s on a 2-core host, roofline bound 235 ms per step (MFU <= 34%).
+
 Expect (the results table of unilm's beit3/README.md, github.com/microsoft/unilm): COCO
 Karpathy test CIDEr 133.6 (no CIDEr optimisation; our in-process CIDEr-D tokenises the
 references close to but not as the COCO toolkit's PTB tokeniser, see `captioning`). This

@@ -16,6 +16,12 @@ Command:
 Score the Karpathy test split afterwards with
     ... --config.mode=eval --config.data.eval_split=test
 
+Made for a v5p-8 slice (4 chips): data parallel, scanned layers, full remat. Plan it (no TPU
+needed):
+    python -m beit3_jax.plan --config=configs/finetune/captioning_large.py
+Expect from the plan (docs/performance.md): fits, 29.5 of 95 GiB per chip at the peak, compile
+about 69 s on a 2-core host, roofline bound 620 ms per step (MFU <= 44%).
+
 Expect (the results table of unilm's beit3/README.md, github.com/microsoft/unilm): COCO
 Karpathy test CIDEr 143.2 (no CIDEr optimisation; our in-process CIDEr-D tokenises the
 references close to but not as the COCO toolkit's PTB tokeniser, see `captioning`). This

@@ -16,6 +16,12 @@ Command (init_from may also be a pretraining workdir of ours, configs/pretrain/l
 To score the whole validation set afterwards:
     ... --config.mode=eval --config.batch_size=1000 --config.eval_batches=50
 
+Made for a v5p-8 slice (4 chips): data parallel, scanned layers, full remat. Plan it (no TPU
+needed):
+    python -m beit3_jax.plan --config=configs/finetune/classification_large.py
+Expect from the plan (docs/performance.md): fits, 19.8 of 95 GiB per chip at the peak, compile
+about 40 s on a 2-core host, roofline bound 320 ms per step (MFU <= 64%).
+
 Expect (unilm's beit3/README.md and get_started/get_started_for_image_classification.md,
 github.com/microsoft/unilm): top-1 87.6 (unilm's fine-tuned large: Acc@1 87.580, Acc@5 98.326)
 on the validation set. This repository has not run it.

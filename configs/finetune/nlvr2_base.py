@@ -17,6 +17,12 @@ Command (init_from may also be a pretraining workdir of ours, configs/pretrain/b
 Score test-P afterwards with
     ... --config.mode=eval --config.data.eval_split=test --config.eval_batches=27
 
+Made for a v5p-8 slice (4 chips): data parallel, scanned layers, no remat. Plan it (no TPU
+needed):
+    python -m beit3_jax.plan --config=configs/finetune/nlvr2_base.py
+Expect from the plan (docs/performance.md): fits, 60.9 of 95 GiB per chip at the peak, compile
+about 45 s on a 2-core host, roofline bound 93 ms per step (MFU <= 42%).
+
 Expect (the results table of unilm's beit3/README.md, github.com/microsoft/unilm): dev 83.6
 / test-P 84.4 accuracy (unilm's fine-tuned base: test Acc 84.386 in get_started_for_nlvr2.md).
 This repository has not run it.

@@ -20,6 +20,12 @@ Command (COCO; append `:flickr30k` to the config path for Flickr30k):
 Score the Karpathy test split (5k COCO / 1k Flickr30k images) afterwards with
     ... --config.mode=eval --config.data.eval_split=test
 
+Made for a v5p-8 slice (4 chips): data parallel, scanned layers, full remat. Plan it (no TPU
+needed):
+    python -m beit3_jax.plan --config=configs/finetune/retrieval_base.py
+Expect from the plan (docs/performance.md): fits, 79.6 of 95 GiB per chip at the peak, compile
+about 65 s on a 2-core host, roofline bound 1823 ms per step (MFU <= 34%).
+
 Expect (unilm's beit3/README.md, github.com/microsoft/unilm, retrieval @384 from -itc): COCO
 5k test IR@1 61.4 / TR@1 79.1 (retrieval/t2i_r1 / retrieval/i2t_r1); Flickr30k 1k test
 IR@1 86.2 / TR@1 96.3. This repository has not run it.

@@ -21,6 +21,12 @@ Command (COCO; append `:flickr30k` to the config path for Flickr30k):
 Score the Karpathy test split (5k COCO / 1k Flickr30k images) afterwards with
     ... --config.mode=eval --config.data.eval_split=test
 
+Made for a v5p-16 slice (8 chips): data parallel, scanned layers, full remat. Plan it (no TPU
+needed):
+    python -m beit3_jax.plan --config=configs/finetune/retrieval_large.py
+Expect from the plan (docs/performance.md): fits, 62.9 of 95 GiB per chip at the peak, compile
+about 77 s on a 2-core host, roofline bound 2425 ms per step (MFU <= 44%).
+
 Expect (unilm's beit3/README.md, github.com/microsoft/unilm, retrieval @384 from -itc): COCO
 5k test IR@1 63.4 / TR@1 82.1 (retrieval/t2i_r1 / retrieval/i2t_r1); Flickr30k 1k test
 IR@1 88.1 / TR@1 97.2. This repository has not run it.

@@ -18,6 +18,13 @@ Command (after `:` the data dir the data was prepared in, or an answer_vocabular
         --workdir=workdirs/vqav2_base --config.init_from=ckpt/beit3_base \
         --config.data.spm_path=/path/to/beit3.spm
 
+Made for a v5p-8 slice (4 chips): data parallel, scanned layers, no remat. Plan it (no TPU
+needed):
+    python -m beit3_jax.plan --config=configs/finetune/vqa_base.py
+Expect from the plan (docs/performance.md): fits, 74.3 of 95 GiB per chip at the peak, compile
+about 42 s on a 2-core host, roofline bound 120 ms per step (MFU <= 35%). On v4-8 (32 GiB per
+chip) it needs --config.model.remat=True (9.0 GiB at the peak).
+
 Expect (the results table of unilm's beit3/README.md, github.com/microsoft/unilm): VQAv2
 test-dev 77.65 (VQA accuracy; the
 evaluation server scores test-dev, this job reports the held-out validation split, which is

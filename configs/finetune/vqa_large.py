@@ -19,6 +19,12 @@ Command (after `:` the data dir the data was prepared in, or an answer_vocabular
         --workdir=workdirs/vqav2_large --config.init_from=ckpt/beit3_large \
         --config.data.spm_path=/path/to/beit3.spm
 
+Made for a v5p-8 slice (4 chips): data parallel, scanned layers, full remat. Plan it (no TPU
+needed):
+    python -m beit3_jax.plan --config=configs/finetune/vqa_large.py
+Expect from the plan (docs/performance.md): fits, 21.2 of 95 GiB per chip at the peak, compile
+about 50 s on a 2-core host, roofline bound 324 ms per step (MFU <= 44%).
+
 Expect (the results table of unilm's beit3/README.md, github.com/microsoft/unilm): VQAv2
 test-dev 81.85 (VQA accuracy; the
 evaluation server scores test-dev, this job reports the held-out validation split, which is

@@ -10,6 +10,12 @@ released base, converted with the convert CLI) or a ViT encoder of a converted V
         --workdir=gs://BUCKET/runs/vqkd_base --config.data.data_dir=gs://BUCKET/data \
         --config.teacher.path=gs://BUCKET/beit3_base
 
+Made for a v5p-8 slice (4 chips): data parallel, batch 512. Plan it (no TPU and no teacher
+weights needed: the planner builds the teacher that teacher.variant names, here base):
+    python -m beit3_jax.plan --config=configs/pretrain/tokenizer_base.py
+Expect from the plan (docs/performance.md): fits, 21.2 of 95 GiB per chip at the peak, compile
+about 110 s on a 2-core host, roofline bound 90 ms per step (MFU <= 52%).
+
 The trained tokenizer is exported to <workdir>/tokenizer, for a pretraining config's
 `tokenizer.path`. Expect (BEiT v2 reports for its CLIP teacher) codebook usage near 100%.
 Not run by us (no TPU available).
@@ -24,4 +30,6 @@ def get_config(arg=None):
   config = tokenizer_config()
   config.tokenizer = get_vqkd_config('base', decoder_out_dim=768)  # the teacher's width
   config.teacher.kind = 'beit3'
+  config.teacher.variant = 'base'   # for the planner; the run reads teacher.path
+  config.tpu_slice = 'v5p-8'
   return config
