@@ -32,6 +32,7 @@ from typing import Any, Iterable, Mapping
 import ml_collections
 
 from beit3_jax.models import get_config as model_config
+from beit3_jax.models.config import validate_config as validate_model_config
 from beit3_jax.tokenizers import get_vqkd_config
 
 # (dotted name, default, doc) of the fields every training job shares.
@@ -53,6 +54,10 @@ LOOP_FIELDS: tuple[tuple[str, Any, str], ...] = (
      "beit3_jax.plan` compiles for it when --topology is not given"),
     ('compilation_cache_dir', '', "'' = off; a directory (local or gs://) that keeps compiled "
      'steps, so that a restarted job does not compile again'),
+    ('max_nonfinite_steps', 10, 'a run stops after this many steps in a row whose loss or '
+     'gradient is not finite (each such step skips its update)'),
+    ('workdir_lock_lease_seconds', 600.0, "lease of the workdir's run.lock, renewed while the "
+     'run lives; a second run is refused until it expires (0 = no lock)'),
 )
 
 # Fields a resumed run may change: they decide how it runs, not what it computes.
@@ -60,10 +65,11 @@ RESUMABLE_CHANGES = ('mesh_shape', 'micro_batches', 'checkpoint_every', 'keep_ch
                      'log_every', 'eval_every', 'eval_batches', 'peak_tflops_per_device',
                      'data.read_threads', 'stop_at_step', 'tokenizer.train_if_missing',
                      'compilation_cache_dir', 'tpu_slice', 'model.remat', 'model.remat_policy',
-                     'model.attention', 'teacher.variant')
+                     'model.attention', 'teacher.variant', 'max_nonfinite_steps',
+                     'workdir_lock_lease_seconds')
 
 # Sub-configs whose keys are the user's to choose (checked by the code that reads them).
-FREE_FORM = ('data.fields',)
+FREE_FORM = ('data.fields', 'data.splits')
 
 
 def _build(fields: Iterable[tuple[str, Any, str]]) -> ml_collections.ConfigDict:
@@ -118,6 +124,9 @@ def pretrain_fields() -> tuple[tuple[str, Any, str], ...]:
        'per stream: where its inputs live in an example (e.g. caption)'),
       ('data.train_split', 'train', 'TFDS split for training'),
       ('data.eval_split', 'validation', 'TFDS split for validation'),
+      ('data.splits', ml_collections.ConfigDict(),
+       "per stream, splits other than train_split / eval_split, e.g. {'text': {'train': "
+       "'train[:99.9%]', 'eval': 'train[99.9%:]'}} for a data set without a validation split"),
       ('data.spm_path', '', 'SentencePiece model (beit3.spm for the released vocabulary)'),
       ('data.text_len', 64, 'tokens per text, <s> and </s> included'),
       ('data.image_mask_ratio', 0.4, 'share of image patches masked (block-wise)'),
@@ -310,8 +319,69 @@ class ConfigError(ValueError):
   `beit3_jax.main` prints the message and exits (no traceback)."""
 
 
+class RunError(RuntimeError):
+  """What stops a started run (no readable checkpoint, a loss that stays non-finite), with a
+  message that says what happened and what to do: `beit3_jax.main` prints it and exits with
+  status 1 (no traceback)."""
+
+
 class UnknownFieldError(ConfigError):
   """A config field the job does not declare."""
+
+
+_POSITIVE = ('total_steps', 'log_every', 'micro_batches', 'keep_checkpoints')
+_NON_NEGATIVE = ('checkpoint_every', 'eval_every', 'eval_batches', 'stop_at_step',
+                 'max_nonfinite_steps', 'workdir_lock_lease_seconds')
+
+
+def check_values(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError, one line naming the field, for a value no run can start with: a
+  non-positive step count or batch, a warmup as long as the run, a model whose image size the
+  patch does not divide (and the model's other inconsistencies). Batches that do not divide
+  the mesh's data-parallel axes are refused by the jobs, which know the mesh."""
+  def number(name):
+    value = config
+    for part in name.split('.'):
+      value = value[part]
+    return value
+
+  def present(name):
+    node = config
+    for part in name.split('.'):
+      if part not in node:
+        return False
+      node = node[part]
+    return True
+
+  for name in _POSITIVE:
+    if present(name) and number(name) is not None and not number(name) > 0:
+      raise ConfigError(f'{name}={number(name)}: expected a number > 0.')
+  for name in _NON_NEGATIVE:
+    if present(name) and not number(name) >= 0:
+      raise ConfigError(f'{name}={number(name)}: expected a number >= 0.')
+  if present('batch_size'):
+    sizes = config.batch_size
+    sizes = dict(sizes.items()) if hasattr(sizes, 'items') else {'': sizes}
+    for stream, b in sizes.items():
+      field = f'batch_size.{stream}' if stream else 'batch_size'
+      if int(b) != b or b < 0 or (not stream and b == 0):
+        raise ConfigError(f'{field}={b}: expected a whole number '
+                          + ('>= 0 (0 turns the stream off).' if stream else '> 0.'))
+    if not any(sizes.values()):
+      raise ConfigError('batch_size: every stream is 0; give at least one a batch.')
+  if present('optimizer.warmup_steps') and present('total_steps'):
+    if not 0 <= config.optimizer.warmup_steps < config.total_steps:
+      raise ConfigError(f'optimizer.warmup_steps={config.optimizer.warmup_steps}: expected '
+                        f'0 <= warmup_steps < total_steps={config.total_steps}.')
+  if present('model'):
+    try:
+      validate_model_config(config.model)
+    except ValueError as e:
+      raise ConfigError(f'model: {e}') from None
+  if present('tokenizer.input_size') and present('tokenizer.patch_size'):
+    if config.tokenizer.input_size % config.tokenizer.patch_size:
+      raise ConfigError(f'tokenizer.input_size={config.tokenizer.input_size} is not a multiple '
+                        f'of tokenizer.patch_size={config.tokenizer.patch_size}.')
 
 
 def check_fields(config: ml_collections.ConfigDict, source: str = 'the config') -> None:

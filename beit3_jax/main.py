@@ -148,7 +148,8 @@ def _report(config, result: dict) -> None:
   train, val = result['train'], result['val']
   shown = ('accuracy', 'usage', 'rec_loss', 'cider', 'bleu4', '_r1', 'r_mean')
   head = ('Evaluated' if _evaluates(config)
-          else f'Finished: loss {train.get("loss", float("nan")):.4f}')
+          else (f'Stopped ({result["stopped"]})' if result.get('stopped') else 'Finished')
+          + f': loss {train.get("loss", float("nan")):.4f}')
   print(head + ''.join(f'; val {k} {v:.4f}' for k, v in sorted(val.items())
                        if any(s in k for s in shown)))
   print(f'Checkpoints: {result["checkpoints"]}')
@@ -189,6 +190,7 @@ def main(argv):
     raise app.UsageError(f'{source}: config.job={job!r}; known jobs: {", ".join(JOBS)}.')
   try:
     defaults.check_fields(config, source=source)
+    defaults.check_values(config)
     workdir = _WORKDIR.value
     if not flags.FLAGS['verbosity'].present:
       logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
@@ -197,7 +199,7 @@ def main(argv):
       workdir = os.path.abspath(workdir)
     print(f'Job: {job}; config {source}; workdir {workdir or "(none)"}')
     run(config, workdir)
-  except defaults.ConfigError as e:
+  except (defaults.ConfigError, defaults.RunError) as e:
     raise SystemExit(f'Error: {e}') from None
   return 0
 

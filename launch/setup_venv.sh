@@ -9,9 +9,14 @@
 #   bash launch/setup_venv.sh tpu        # + jax[tpu], on a TPU VM (run on every host)
 #   bash launch/setup_venv.sh torch tpu  # several extras at once
 #
+# beit3_jax needs Python >= 3.11 (setup.cfg's python_requires; jax 0.10 supports no older one).
 # Environment: PYTHON (a Python >= 3.11; default: the first of python3, python3.13, python3.12,
 # python3.11 that is one), VENV (default <repo>/.venv).
-# Only package registries are used; nothing else is downloaded.
+# Without PYTHON, where none of those is >= 3.11 and apt-get exists (TPU VM images are Ubuntu
+# 22.04, with Python 3.10), it installs python3.11 and python3.11-venv with apt-get (through
+# `sudo -n` unless it runs as root) and uses python3.11.
+# Only package registries are used (PyPI; apt's archives for python3.11); nothing else is
+# downloaded.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -44,9 +49,41 @@ else
     found="python3 is missing"
     command -v python3 >/dev/null 2>&1 \
       && found="python3 ($(command -v python3)) is $(python3 --version 2>&1)"
-    echo "setup_venv.sh: no Python >= 3.11 among python3, python3.13, python3.12, python3.11" \
-      "($found); beit3_jax needs Python >= 3.11 (jax 0.10). Set PYTHON to one." >&2
-    exit 1
+    no_python="setup_venv.sh: no Python >= 3.11 among python3, python3.13, python3.12, python3.11\
+ ($found); beit3_jax needs Python >= 3.11 (jax 0.10)."
+    if ! command -v apt-get >/dev/null 2>&1; then
+      echo "$no_python Set PYTHON to one." >&2
+      exit 1
+    fi
+    as_root=()
+    if [ "$(id -u)" != 0 ]; then
+      if ! command -v sudo >/dev/null 2>&1; then
+        echo "$no_python apt-get could install python3.11, but this is not root and sudo is" \
+          "missing. Install python3.11 and python3.11-venv as root, or set PYTHON to a" \
+          "Python >= 3.11." >&2
+        exit 1
+      fi
+      as_root=(sudo -n)
+    fi
+    echo "setup_venv.sh: no Python >= 3.11 found ($found); installing python3.11 and" \
+      "python3.11-venv with ${as_root[*]:+${as_root[*]} }apt-get"
+    # noninteractive: a package's configuration must not stop to ask questions.
+    # A failed update (one unreachable source list, say) need not stop the install.
+    ${as_root[@]+"${as_root[@]}"} env DEBIAN_FRONTEND=noninteractive apt-get update \
+      || echo "setup_venv.sh: warning: apt-get update failed; installing from the lists at hand" >&2
+    if ! ${as_root[@]+"${as_root[@]}"} env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y python3.11 python3.11-venv; then
+      echo "setup_venv.sh: apt-get could not install python3.11 and python3.11-venv (see" \
+        "above; \`sudo -n\` fails where sudo asks for a password). Install them yourself," \
+        "or set PYTHON to a Python >= 3.11." >&2
+      exit 1
+    fi
+    if ! python_version_ok python3.11 >/dev/null; then
+      echo "setup_venv.sh: python3.11 is still not a usable Python >= 3.11 after apt-get" \
+        "install; set PYTHON to one." >&2
+      exit 1
+    fi
+    python=python3.11
   fi
 fi
 

@@ -23,6 +23,13 @@ class DatasetNotPreparedError(FileNotFoundError):
   """The data set is not prepared under the data dir; the message says how to prepare it."""
 
 
+class MissingSplitError(KeyError):
+  """The data set has no such split; the message names the ones it has."""
+
+  def __str__(self) -> str:
+    return str(self.args[0]) if self.args else ''
+
+
 def _how_to_prepare(name: str, data_dir: str) -> str:
   return (f'Prepare it where its data is reachable, e.g.\n'
           f'  tfds build {name} --data_dir={data_dir} --file_format=array_record\n'
@@ -62,8 +69,10 @@ def open_source(name: str, split: str, tfds_dir: str | None = None):
   """A random-access source (len, [i]) of one split of a prepared data set in `tfds_dir`."""
   folder = dataset_dir(name, tfds_dir)
   builder = tfds.builder_from_directory(folder)
-  if split not in builder.info.splits:
-    raise KeyError(f'{name} has no split {split!r}; it has {sorted(builder.info.splits)}.')
+  base = split.split('[')[0]   # 'train[99.9%:]': a slice of the train split
+  if base not in builder.info.splits:
+    raise MissingSplitError(f'{name} (in {folder}) has no split {base!r}; it has '
+                            f'{sorted(builder.info.splits)}.')
   try:
     return builder.as_data_source(split=split)
   except NotImplementedError as e:

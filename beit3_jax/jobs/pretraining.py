@@ -69,12 +69,38 @@ def input_settings(config, tokenizer_image_size: int) -> inputs_lib.PretrainInpu
       color_jitter=d.color_jitter)
 
 
-def make_data(config, text_tokenizer, tokenizer_image_size, tfds_dir, names, split: str,
-              seed: int):
-  """The mixture of the configured streams on `split`."""
+def stream_split(data_cfg, stream: str, kind: str) -> str:
+  """The TFDS split a stream reads for `kind` ('train' or 'eval'): data.splits[stream][kind],
+  else data.train_split / data.eval_split."""
+  default = data_cfg.train_split if kind == 'train' else data_cfg.eval_split
+  return dict(data_cfg.splits.get(stream, {}) if 'splits' in data_cfg else {}).get(kind, default)
+
+
+def open_sources(config, tfds_dir, names, kind: str) -> dict:
+  """stream -> the random-access source of its `kind` split, for the streams with a batch;
+  a split the data set lacks is a ConfigError naming the data set, the split and the field."""
+  sources = {}
+  for stream, name in names.items():
+    if not int(config.batch_size[stream]):
+      continue
+    split = stream_split(config.data, stream, kind)
+    try:
+      sources[stream] = tfds_sources.open_source(name, split, tfds_dir)
+    except tfds_sources.MissingSplitError as e:
+      field = (f'data.splits.{stream}.{kind}' if kind in config.data.splits.get(stream, {})
+               else f'data.{kind}_split')
+      raise ConfigError(f'The {stream} stream cannot read its {kind} split: {e} Set {field} '
+                        f"(a held-out slice such as \"{config.data.train_split}[99.9%:]\" "
+                        'works where a data set has no validation split).') from None
+  return sources
+
+
+def make_data(config, text_tokenizer, tokenizer_image_size, tfds_dir, names, kind: str,
+              seed: int, sources: dict | None = None):
+  """The mixture of the configured streams on their `kind` ('train' or 'eval') splits
+  (`sources`: those splits already opened by `open_sources`)."""
   batch_sizes = {s: int(config.batch_size[s]) for s in names}
-  sources = {s: tfds_sources.open_source(n, split, tfds_dir) for s, n in names.items()
-             if batch_sizes[s]}
+  sources = sources or open_sources(config, tfds_dir, names, kind)
   # data.fields is free-form: a stream it does not name reads its inputs where TFDS puts them.
   fields = {s: dict(config.data.fields.get(s, {})) for s in sources}
   return inputs_lib.make_mixture(input_settings(config, tokenizer_image_size), text_tokenizer,
@@ -254,14 +280,15 @@ def build_job(config) -> loop.Job:
   mesh = sharding_lib.make_mesh(config.mesh_shape)
   objective, tx, schedule, batch, flops, tokens = _step_parts(config, tok_cfg, streams,
                                                               dict(mesh.shape))
-  d = config.data
   view = tok_cfg.input_size
-  train_data = make_data(config, text_tokenizer, view, tfds_dir, names, d.train_split,
-                         config.seed)
+  # Every split the run will read is opened now, so that a missing one stops the run before
+  # anything compiles, not at its first evaluation.
+  eval_sources = open_sources(config, tfds_dir, names, 'eval') if config.eval_every else None
+  train_data = make_data(config, text_tokenizer, view, tfds_dir, names, 'train', config.seed)
   eval_data = None
   if config.eval_every:
     eval_data = lambda: make_data(config, text_tokenizer, view, tfds_dir, names,  # noqa: E731
-                                  d.eval_split, config.seed + 1)
+                                  'eval', config.seed + 1, eval_sources)
 
   _, tok_shardings = _tokenizer_shardings(tok_cfg, mesh)
   frozen = {'tokenizer': jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s),

@@ -6,7 +6,8 @@ Layout of a workdir (local or gs://):
     <workdir>/checkpoints/<step>/data/    process_<i>-of-<n>.json: each host's input position
 
 Saves are asynchronous (`every` steps, and `force=True` at the end), the newest `keep` are
-kept, and a run restarted in the same workdir resumes from the newest one: parameters,
+kept, and a run restarted in the same workdir resumes from the newest one that can be read
+(damaged ones are moved aside to <workdir>/checkpoints_unreadable/): parameters,
 optimizer state, step, RNG and the data iterator, so the batches continue exactly where they
 stopped. Restoring reads each array straight into the shardings of the current mesh, so a
 checkpoint written on one mesh shape restores on another.
@@ -26,28 +27,37 @@ leaf must have the model's shape.
 from __future__ import annotations
 
 import json
-from typing import Any
+import time
+from typing import Any, Callable
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 import grain.checkpoint as grain_checkpoint
 
 from beit3_jax import param_tree, params_io
+from beit3_jax.defaults import RunError
 from beit3_jax.models import layer_stack, positions
+from beit3_jax.trainer import fault_points
 
 CHECKPOINT_DIR = 'checkpoints'
+UNREADABLE_DIR = 'checkpoints_unreadable'
 
 
 class _DataState:
-  """Adapts a `data.pipeline.Mixture` to grain's Orbax handler (one JSON file per host)."""
+  """Adapts a `data.pipeline.Mixture` to grain's Orbax handler (one JSON file per host);
+  `on_save` runs when a save reads the position (a test's fault point)."""
 
-  def __init__(self, mixture):
+  def __init__(self, mixture, on_save: Callable[[], None] | None = None):
     self.mixture = mixture
+    self.on_save = on_save
 
   def get_state(self) -> bytes:
+    if self.on_save is not None:
+      self.on_save()
     return json.dumps(self.mixture.get_state()).encode()
 
   def set_state(self, state: bytes) -> None:
@@ -75,12 +85,57 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
+  def should_save(self, step: int, *, force: bool = False) -> bool:
+    """Whether `save(step, force=force)` writes a checkpoint."""
+    return force or self.manager.should_save(step)
+
   def save(self, step: int, items: dict, mixture=None, *, force: bool = False) -> bool:
     """Starts saving `items` (and the data position) at `step`; returns whether it saves."""
     args = {'state': ocp.args.StandardSave(items)}
     if mixture is not None:
-      args['data'] = grain_checkpoint.CheckpointSave(_DataState(mixture))
+      fault = lambda: fault_points.reached('kill_in_checkpoint_save', step)  # noqa: E731
+      args['data'] = grain_checkpoint.CheckpointSave(_DataState(mixture, on_save=fault))
     return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+
+  def restore_newest_readable(self, abstract_items: dict, mixture=None) -> tuple[int, dict] | None:
+    """(step, items) of the newest checkpoint that restores (see `restore`), or None when
+    there is no checkpoint.
+
+    A newer checkpoint that cannot be read (cut short, a file truncated, an item missing) is
+    reported by step and path and moved aside to `<workdir>/checkpoints_unreadable/<step>`,
+    never deleted. When no checkpoint restores, nothing is moved and the newest one's error is
+    raised: then the cause is more likely the run (e.g. its config) than the files.
+    """
+    failures = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        items = self.restore(step, abstract_items, mixture)
+      except Exception as e:  # noqa: BLE001 -- a damaged file surfaces as many error types
+        failures.append((step, e))
+        continue
+      for bad, error in failures:
+        self._set_aside(bad, error)
+      return step, items
+    if failures:
+      step, error = failures[0]
+      raise RunError(f'No checkpoint in {self.directory} could be restored; the newest, '
+                         f'step {step}, failed with: {_first_line(error)}') from error
+    return None
+
+  def _set_aside(self, step: int, error: Exception) -> None:
+    source = self.directory / str(step)
+    target_dir = self.directory.parent / UNREADABLE_DIR
+    target = target_dir / str(step)
+    if jax.process_index() == 0:
+      target_dir.mkdir(parents=True, exist_ok=True)
+      if target.exists():
+        target = target_dir / f'{step}-{int(time.time())}'
+      source.rename(target)
+      print(f'Checkpoint at step {step} ({source}) could not be read ({_first_line(error)}); '
+            f'moved it to {target}.', flush=True)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'set aside checkpoint {step}')
+    self.manager.reload()
 
   def restore(self, step: int, abstract_items: dict, mixture=None) -> dict:
     """The items at `step`, laid out as `abstract_items` (ShapeDtypeStructs with shardings);
@@ -93,6 +148,11 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _first_line(error: Exception, limit: int = 300) -> str:
+  text = f'{type(error).__name__}: {error}'.strip().splitlines()[0]
+  return text if len(text) <= limit else text[:limit] + '...'
 
 
 def abstract_like(tree, shardings) -> Any:

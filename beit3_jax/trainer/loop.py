@@ -1,22 +1,28 @@
 """The training loop shared by every objective: state, resume, steps, logs, evaluation, saves.
 
-    state = newest checkpoint in the workdir          (resume: params, optimizer, step, RNG,
-          | else fresh init, then `init_from`           data position)
-          | else fresh init
+    lock the workdir (process 0 holds <workdir>/run.lock: one run per workdir)
+    state = newest readable checkpoint in the workdir (resume: params, optimizer, step, RNG,
+          | else fresh init, then `init_from`           data position; an unreadable newer
+          | else fresh init                             checkpoint is moved aside)
     for step in [state.step, total_steps):
         batch = next(train data) as global arrays over (data, fsdp)
         state, metrics = train_step(state, batch, fold_in(rng, step))     (jitted, donated)
         every log_every steps: metrics.jsonl + TensorBoard + the progress line
-        every eval_every steps: validation sums over eval_batches fixed batches
-        every checkpoint_every steps and at the end: async Orbax save
+        every checkpoint_every steps, at the end, at stop_at_step and on SIGTERM: async Orbax
+            save (never of non-finite parameters); SIGTERM and stop_at_step then end the run
+        every eval_every steps: validation sums over eval_batches fixed batches (after the save)
+
+A step whose loss or gradient is not finite skips its update (`skipped_updates` in
+metrics.jsonl, `skipped` on the progress line); max_nonfinite_steps of them in a row stop the
+run with a message naming the streams (`NonFiniteSteps`).
 
 Config fields read here (declared, with their defaults, in `beit3_jax.defaults.LOOP_FIELDS`):
 total_steps, checkpoint_every, keep_checkpoints, log_every, eval_every, eval_batches, seed,
 mesh_shape, micro_batches, init_from, peak_tflops_per_device, compilation_cache_dir (the
 train step is compiled before the first step and its compile time printed; with a cache
-directory a restarted job loads it from there), and stop_at_step (> 0: save and stop after
-that step, as a preemption would; rerunning the command resumes); `evaluate_only` also reads
-eval_step (a finetune field).
+directory a restarted job loads it from there), stop_at_step (> 0: save and stop after
+that step, as a preemption would; rerunning the command resumes), max_nonfinite_steps and
+workdir_lock_lease_seconds; `evaluate_only` also reads eval_step (a finetune field).
 """
 
 from __future__ import annotations
@@ -33,9 +39,12 @@ from beit3_jax import sharding as sharding_lib
 from beit3_jax import param_tree
 from beit3_jax.data import pipeline
 from beit3_jax.models import count_params
-from beit3_jax.trainer import checkpoints
+from beit3_jax.defaults import RunError
+from beit3_jax.trainer import checkpoints, fault_points
 from beit3_jax.trainer import flops as flops_lib
+from beit3_jax.trainer import preemption
 from beit3_jax.trainer import step as step_lib
+from beit3_jax.trainer import workdir_lock
 from beit3_jax.trainer.progress import Progress
 from beit3_jax.trainer.writers import MetricWriter
 
@@ -90,13 +99,49 @@ def _host(tree):
 
 
 def _mean_metrics(history: list, objective) -> dict[str, float]:
-  """Scalars averaged over the steps since the last log; task sums summed, then summarized."""
+  """Scalars averaged over the steps since the last log; task sums summed, then summarized.
+  Steps that skipped their update (a non-finite loss or gradient) are counted in
+  `skipped_updates` and left out of the rest, unless every step skipped."""
   host = [_host(m) for m in history]
-  out = {k: float(np.mean([h[k] for h in host]))
+  kept = [h for h in host if not int(h['skipped'])] or host
+  out = {k: float(np.mean([h[k] for h in kept]))
          for k in ('loss', 'grad_norm', 'param_norm', 'learning_rate')}
-  totals = jax.tree.map(lambda *xs: np.sum(xs, axis=0), *[h['tasks'] for h in host])
+  totals = jax.tree.map(lambda *xs: np.sum(xs, axis=0), *[h['tasks'] for h in kept])
   out.update(objective.summarize(totals))
+  out['skipped_updates'] = float(sum(int(h['skipped']) for h in host))
   return out
+
+
+class NonFiniteSteps:
+  """Counts the steps that skipped their update because their loss or gradient was not
+  finite, and stops the run (RunError) after `limit` of them in a row (0 = never)."""
+
+  def __init__(self, limit: int):
+    self.limit = int(limit)
+    self.in_a_row = 0
+    self.total = 0
+    self.first = 0
+
+  def record(self, step: int, metrics) -> None:
+    """`metrics` of the step that ended at `step` (read from the devices here)."""
+    if not int(jax.device_get(metrics['skipped'])):
+      self.in_a_row = 0
+      return
+    self.total += 1
+    self.in_a_row += 1
+    if self.in_a_row == 1:
+      self.first = step
+    if self.limit and self.in_a_row >= self.limit:
+      tasks = _host(metrics['tasks'])
+      streams = sorted(name for name, sums in tasks.items()
+                       if not all(np.isfinite(x).all() for x in jax.tree.leaves(sums)))
+      raise RunError(
+          f'Steps {self.first} to {step}: {self.in_a_row} steps in a row had a non-finite loss '
+          f'or gradient and skipped their updates (max_nonfinite_steps={self.limit}). '
+          f'Non-finite at step {step}: '
+          + (f'the loss of stream(s) {", ".join(streams)}' if streams else 'the gradient')
+          + '. Every checkpoint holds finite parameters; lower the learning rate or check '
+          'that data, then rerun (it resumes from the newest checkpoint).')
 
 
 def evaluate(eval_step, state, eval_data: Callable[[], Iterator], mesh, batches: int,
@@ -116,11 +161,15 @@ def _initial_state(config, job: Job, mesh, checkpointer, step: int | None = None
   state, shardings = step_lib.create_state(job.objective, job.tx, mesh,
                                            jax.random.key(config.seed), job.frozen,
                                            job.frozen_shardings)
-  start = checkpointer.latest_step() if step is None else step
-  if start is not None:
-    abstract = checkpoints.abstract_like(step_lib.checkpoint_items(state),
-                                         step_lib.checkpoint_items(shardings))
-    restored = checkpointer.restore(start, abstract, job.train_data)
+  abstract = checkpoints.abstract_like(step_lib.checkpoint_items(state),
+                                       step_lib.checkpoint_items(shardings))
+  if step is not None:
+    restored = checkpointer.restore(step, abstract, job.train_data)
+    return (state.replace(**restored), shardings,
+            f'resumed from {checkpointer.directory / str(step)}')
+  newest = checkpointer.restore_newest_readable(abstract, job.train_data)
+  if newest is not None:
+    start, restored = newest
     return (state.replace(**restored), shardings,
             f'resumed from {checkpointer.directory / str(start)}')
   if config.init_from:
@@ -177,6 +226,16 @@ def evaluate_only(config, workdir, job: Job) -> dict:
           'state': state}
 
 
+def _check_finite_params(metrics, step: int) -> None:
+  """RunError instead of a checkpoint of non-finite parameters (an update whose loss and
+  gradient were finite can still overflow them)."""
+  norm = float(jax.device_get(metrics['param_norm']))
+  if not np.isfinite(norm):
+    raise RunError(f'The parameters after step {step} are not finite (norm {norm}); they were '
+                   'not saved, and the newest checkpoint is the last finite one. Lower the '
+                   'learning rate (or clip gradients: optimizer.clip_norm), then rerun to resume.')
+
+
 def use_compilation_cache(directory: str) -> None:
   """Keeps compiled programs in `directory` (local or gs://; '' = off), so that a job restarted
   with the same step loads it instead of compiling again (JAX's persistent compilation cache).
@@ -190,10 +249,18 @@ def use_compilation_cache(directory: str) -> None:
 def train(config, workdir, job: Job) -> dict:
   """Runs (or resumes) the job in `workdir`; returns the final metrics and where outputs went."""
   workdir = epath.Path(workdir)
+  lock = workdir_lock.acquire(workdir, config.get('workdir_lock_lease_seconds', 0.0))
+  try:
+    return _train(config, workdir, job)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train(config, workdir: epath.Path, job: Job) -> dict:
   mesh = sharding_lib.make_mesh(config.mesh_shape)
   process0 = jax.process_index() == 0
   objective = job.objective
-
   checkpointer = checkpoints.Checkpointer(workdir, every=config.checkpoint_every,
                                           keep=config.keep_checkpoints)
   state, shardings, origin = _initial_state(config, job, mesh, checkpointer)
@@ -243,6 +310,11 @@ def train(config, workdir, job: Job) -> dict:
   log_every, eval_every = int(config.log_every), int(config.eval_every)
   t_log = time.perf_counter()
   steps_since_log = 0
+  nonfinite = NonFiniteSteps(config.get('max_nonfinite_steps', 0))
+  previous = None   # (step, metrics) of the step before: read one step late, so that the
+                    # host never waits for the step it has just dispatched
+  stopped = ''
+  watcher = preemption.PreemptionWatcher()
   try:
     for step in range(first_step, config.total_steps):
       if step > first_step:
@@ -252,6 +324,9 @@ def train(config, workdir, job: Job) -> dict:
       history.append(metrics)
       steps_since_log += 1
       done = step + 1
+      if previous is not None:
+        nonfinite.record(*previous)
+      previous = (done, metrics)
       if done == first_step + 1 or done % log_every == 0 or done == config.total_steps:
         last = _mean_metrics(history, objective)
         now = time.perf_counter()
@@ -266,24 +341,40 @@ def train(config, workdir, job: Job) -> dict:
           last[f'skipped/{stream}'] = float(sum(counts.values()))
         writer.write(done, last)
         history, t_log, steps_since_log = [], now, 0
-      if ((job.eval_data or job.evaluator) and eval_every
+      fault_points.reached('sigterm_after_step', done)
+      if watcher.reached(done):
+        stopped = watcher.signal_name
+      elif done == config.stop_at_step:
+        stopped = 'stop_at_step'
+      force = done == config.total_steps or bool(stopped)
+      if checkpointer.should_save(done, force=force):
+        nonfinite.record(*previous)   # this step too, before its parameters are written
+        previous = None
+        _check_finite_params(metrics, done)
+        checkpointer.save(done, step_lib.checkpoint_items(state), job.train_data, force=force)
+      # After the save: an evaluation that fails never costs the step's checkpoint.
+      if (not stopped and (job.eval_data or job.evaluator) and eval_every
           and (done % eval_every == 0 or done == config.total_steps)):
         with sharding_lib.use_mesh(mesh):
           summary = _validate(job, eval_step, state, mesh, config.eval_batches)
         writer.write(done, summary, prefix='val')
-      stop = done == config.stop_at_step
-      checkpointer.save(done, step_lib.checkpoint_items(state), job.train_data,
-                        force=done == config.total_steps or stop)
-      progress.update(done, loss=last.get('loss', float('nan')))
-      if stop:
-        print(f'Stopping after step {done} (stop_at_step); rerun the command to resume.')
+      progress.update(done, loss=last.get('loss', float('nan')),
+                      **({'skipped': nonfinite.total} if nonfinite.total else {}))
+      if stopped:
         break
+    if previous is not None:
+      nonfinite.record(*previous)
   finally:
+    watcher.close()
     progress.close()
     checkpointer.close()
     writer.close()
-  if job.on_finish is not None and int(jax.device_get(state.step)) == config.total_steps:
+  if stopped:
+    print(f'Stopping after step {done} ({stopped}): its checkpoint is '
+          f'{checkpointer.directory / str(done)}; rerun the same command to resume from it.',
+          flush=True)
+  elif job.on_finish is not None and int(jax.device_get(state.step)) == config.total_steps:
     job.on_finish(state, workdir)
   return {'train': last, 'val': summary, 'checkpoints': str(checkpointer.directory),
           'metrics': str(workdir / 'metrics.jsonl'), 'tensorboard': str(workdir / 'tensorboard'),
-          'state': state}
+          'state': state, 'stopped': stopped}

@@ -13,7 +13,9 @@ An objective (`masked_modeling.MaskedModeling`, `tokenizer_training.VQKDTraining
 into `micro_batches` slices whose gradients are summed (each slice's loss is divided by the
 whole batch's normalizers, so the sum is the whole batch's gradient), then one optimizer
 update. Per-task sums (cross-entropy, correct, count, the most frequent target's count) come
-back as metrics with the loss, gradient and parameter norms, and the learning rate.
+back as metrics with the loss, gradient and parameter norms, and the learning rate. A step
+whose loss or gradient is not finite changes nothing but the step count (`skipped` = 1 in its
+metrics).
 """
 
 from __future__ import annotations
@@ -156,8 +158,16 @@ def make_train_step(objective, tx: optax.GradientTransformation, schedule: Calla
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     params, extra = objective.finish(params, extra)
-    metrics = {'loss': loss, 'grad_norm': global_norm(grads), 'param_norm': global_norm(params),
-               'learning_rate': schedule(state.step), 'tasks': objective.reduce(sums)}
+    grad_norm = global_norm(grads)
+    # A non-finite loss or gradient skips the update: params, optimizer and extra state stay
+    # as they were (the step still counts, so the data and the schedule move on).
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa
+    params, opt_state, extra = (keep(params, state.params), keep(opt_state, state.opt_state),
+                                keep(extra, state.extra))
+    metrics = {'loss': loss, 'grad_norm': grad_norm, 'param_norm': global_norm(params),
+               'learning_rate': schedule(state.step), 'tasks': objective.reduce(sums),
+               'skipped': 1 - finite.astype(jnp.int32)}
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               extra=extra)
     return new_state, metrics

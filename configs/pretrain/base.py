@@ -5,9 +5,11 @@
 after 10k warmup steps, cosine decay, weight decay 0.05, clipping 3.0, drop path 0.1.
 
 Prepare the data once (TFDS manual downloads; nothing is downloaded at run time):
-    tfds build imagenet2012 --data_dir=gs://BUCKET/data/tfds --manual_dir=...
-    tfds build coco_captions --data_dir=gs://BUCKET/data/tfds
-    tfds build wikipedia/20230601.en --data_dir=gs://BUCKET/data/tfds
+    tfds build imagenet2012 --data_dir=gs://BUCKET/data/tfds --file_format=array_record \
+        --manual_dir=...
+    tfds build coco_captions --data_dir=gs://BUCKET/data/tfds --file_format=array_record
+    tfds build wikipedia/20230601.en --data_dir=gs://BUCKET/data/tfds \
+        --file_format=array_record
 and convert the BEiT v2 tokenizer and get the vocabulary (both downloaded by you):
     python -m beit3_jax.convert to-flax vqkd_encoder_base_decoder_3x768x12_clip.pth \
         gs://BUCKET/vqkd_base --model vqkd --variant base
@@ -35,6 +37,8 @@ def get_config(arg=None):
   del arg
   config = pretrain_config()
   config.data.text = 'wikipedia/20230601.en'
+  # Wikipedia has only a train split: its last 0.1% (about 6,400 articles) is held out.
+  config.data.splits = {'text': {'train': 'train[:99.9%]', 'eval': 'train[99.9%:]'}}
   config.model.dtype = 'bfloat16'
   config.model.scan_layers = True
   config.tpu_slice = 'v5p-128'

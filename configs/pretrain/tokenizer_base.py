@@ -3,7 +3,8 @@ ImageNet, BEiT v2's recipe (beit2/TOKENIZER.md) with the teacher swapped: BEiT v
 ViT-B/16, which this project does not ship; here the teacher is a frozen BEiT-3 (e.g. the
 released base, converted with the convert CLI) or a ViT encoder of a converted VQ-KD.
 
-    tfds build imagenet2012 --data_dir=gs://BUCKET/data/tfds --manual_dir=...
+    tfds build imagenet2012 --data_dir=gs://BUCKET/data/tfds --file_format=array_record \
+        --manual_dir=...
     python -m beit3_jax.convert to-flax beit3_base_patch16_224.pth gs://BUCKET/beit3_base \
         --variant base
     bash launch/tpu_pod.sh run beit3_jax.main --config=configs/pretrain/tokenizer_base.py \
