@@ -23,9 +23,9 @@ from beit3_jax import tasks
 from beit3_jax.data import builtin as builtin_lib
 from beit3_jax.data import schema
 from beit3_jax.data import finetuning as inputs_lib
-from beit3_jax.data import tfds_sources
 from beit3_jax.data.text import TextTokenizer
 from beit3_jax.defaults import ConfigError
+from beit3_jax.jobs.data_splits import open_split
 from beit3_jax.models import num_patches
 from beit3_jax.tasks import base as task_base
 from beit3_jax.trainer import loop
@@ -110,13 +110,6 @@ def plan_job(config, mesh) -> loop.Job:
                   abstract_batch=abstract_batch(config, task))
 
 
-def _open_split(name: str, split: str, field: str, tfds_dir):
-  try:
-    return tfds_sources.open_source(name, split, tfds_dir)
-  except tfds_sources.MissingSplitError as e:
-    raise ConfigError(f'{field}={split!r}: {e}') from None
-
-
 def build_job(config) -> loop.Job:
   """The loop's job for a fine-tuning config."""
   task, objective, tx, schedule, flops, tokens = _step_parts(
@@ -124,11 +117,11 @@ def build_job(config) -> loop.Job:
   tfds_dir, name, spm_path = resolve_source(config.data)
   tokenizer = text_tokenizer(config, task, spm_path)
   d = config.data
-  train_source = _open_split(name, d.train_split, 'data.train_split', tfds_dir)
+  train_source = open_split(name, d.train_split, 'data.train_split', tfds_dir)
   train_data = make_data(config, task, train_source, True, config.seed, tokenizer)
   eval_data, evaluator = None, None
   if config.eval_every or config.mode == 'eval':
-    eval_source = _open_split(name, d.eval_split, 'data.eval_split', tfds_dir)
+    eval_source = open_split(name, d.eval_split, 'data.eval_split', tfds_dir)
     evaluator = task.evaluator(config, objective, eval_source, train_source, tokenizer,
                                task_base.field_map(task, config))
     if evaluator is None:

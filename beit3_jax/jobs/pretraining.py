@@ -31,11 +31,12 @@ from etils import epath
 from beit3_jax import params_io
 from beit3_jax import sharding as sharding_lib
 from beit3_jax.data import builtin as builtin_lib
-from beit3_jax.data import paths, pretraining as inputs_lib, schema, tfds_sources
+from beit3_jax.data import paths, pretraining as inputs_lib, schema
 from beit3_jax.data.masking import BlockMaskConfig
 from beit3_jax.data.text import TextTokenizer
 from beit3_jax.defaults import ConfigError
 from beit3_jax.jobs import tokenizer_training
+from beit3_jax.jobs.data_splits import open_split
 from beit3_jax.jobs.masked_modeling import MaskedModeling, make_spec
 from beit3_jax.models import flops as flops_lib
 from beit3_jax.models import num_patches
@@ -83,15 +84,10 @@ def open_sources(config, tfds_dir, names, kind: str) -> dict:
   for stream, name in names.items():
     if not int(config.batch_size[stream]):
       continue
-    split = stream_split(config.data, stream, kind)
-    try:
-      sources[stream] = tfds_sources.open_source(name, split, tfds_dir)
-    except tfds_sources.MissingSplitError as e:
-      field = (f'data.splits.{stream}.{kind}' if kind in config.data.splits.get(stream, {})
-               else f'data.{kind}_split')
-      raise ConfigError(f'The {stream} stream cannot read its {kind} split: {e} Set {field} '
-                        f"(a held-out slice such as \"{config.data.train_split}[99.9%:]\" "
-                        'works where a data set has no validation split).') from None
+    field = (f'data.splits.{stream}.{kind}' if kind in config.data.splits.get(stream, {})
+             else f'data.{kind}_split')
+    sources[stream] = open_split(name, stream_split(config.data, stream, kind), field,
+                                 tfds_dir)
   return sources
 
 

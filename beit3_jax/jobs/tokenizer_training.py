@@ -41,10 +41,11 @@ from etils import epath
 from beit3_jax import defaults, params_io
 from beit3_jax import sharding as sharding_lib
 from beit3_jax.data import builtin as builtin_lib
-from beit3_jax.data import image_ops, pipeline, tfds_sources
+from beit3_jax.data import image_ops, pipeline
 from beit3_jax.data.pretraining import load_image
 from beit3_jax.defaults import ConfigError, check_fields
 from beit3_jax.jobs import tokenizer_objective as tobj
+from beit3_jax.jobs.data_splits import open_split
 from beit3_jax.models import BEiT3, abstract_params
 from beit3_jax.models import get_config as get_model_config
 from beit3_jax.models import flops as flops_lib
@@ -253,10 +254,10 @@ def _image_transform(size: int, crop_scale, field: str):
   return transform
 
 
-def _data(config, tfds_dir, name, split, seed):
+def _data(config, source, seed):
   d = config.data
   stream = pipeline.Stream(
-      tfds_sources.open_source(name, split, tfds_dir),
+      source,
       _image_transform(config.tokenizer.input_size, d.crop_scale, d.image_field),
       global_batch=int(config.batch_size), seed=seed * 1000,
       read_threads=d.read_threads)
@@ -319,11 +320,12 @@ def build_job(config, output: str | None = None) -> loop.Job:
     frozen = {'teacher': jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), params,
                                       shardings)}
     frozen_shardings = {'teacher': shardings}
-  train_data = _data(config, tfds_dir, names['image'], d.train_split, config.seed)
+  train_data = _data(config, open_split(names['image'], d.train_split, 'data.train_split',
+                                        tfds_dir), config.seed)
   eval_data = None
   if config.eval_every:
-    eval_data = lambda: _data(config, tfds_dir, names['image'], d.eval_split,  # noqa: E731
-                              config.seed + 1)
+    eval_source = open_split(names['image'], d.eval_split, 'data.eval_split', tfds_dir)
+    eval_data = lambda: _data(config, eval_source, config.seed + 1)  # noqa: E731
   n = (tok_cfg.input_size // tok_cfg.patch_size) ** 2
   out = output or config.output
 
