@@ -11,6 +11,8 @@ import os
 import re
 import shutil
 import socket
+import subprocess
+import sys
 import time
 
 import jax
@@ -23,7 +25,8 @@ from beit3_jax import params_io, sharding
 from beit3_jax.trainer import loop
 from beit3_jax.trainer import step as step_lib
 from beit3_jax.trainer import workdir_lock
-from test_pretrain_runs import _losses, _params, _run, setup, straight  # noqa: F401 (fixtures)
+from test_pretrain_runs import (REPO, _free_port, _losses, _params, _run, setup,  # noqa: F401
+                                straight)
 
 pytestmark = pytest.mark.faults
 
@@ -58,6 +61,38 @@ def test_sigterm_saves_the_step_and_the_rerun_is_bitwise(setup, straight):  # no
   assert 'Stopping after step 4 (SIGTERM)' in out.stdout and 'Stopped (SIGTERM)' in out.stdout
   assert _steps(workdir) == [1, 4]   # Orbax keeps a run's first step; then the stop, not 5
   _assert_resumed_equal(setup, workdir, straight, 4)
+
+
+def _two_processes(setup, workdir, fault_on_process_1=''):  # noqa: F811
+  """Runs the tiny config as two processes of 4 CPU devices; returns their outputs."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='4',
+             JAX_COMPILATION_CACHE_DIR=setup['cache'], JAX_DISABLE_MOST_OPTIMIZATIONS='1',
+             PYTHONPATH=REPO, JAX_COORDINATOR_ADDRESS=f'localhost:{_free_port()}',
+             JAX_NUM_PROCESSES='2')
+  cmd = [sys.executable, '-m', 'beit3_jax.main', f'--config={setup["config"]}',
+         f'--workdir={workdir}']
+  procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=dict(env, JAX_PROCESS_ID=str(i), **(
+                                {'BEIT3_JAX_FAULT': fault_on_process_1} if i and
+                                fault_on_process_1 else {})))
+           for i in range(2)]
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-4000:]
+  return outs
+
+
+def test_sigterm_to_one_host_stops_every_host_at_the_same_step(setup, straight):  # noqa: F811
+  workdir = setup['root'] / 'sigterm_two_processes'
+  outs = _two_processes(setup, workdir, 'sigterm_after_step:4')
+  stops = [re.search(r'Stopping after step (\d+) \(', out) for out in outs]
+  assert all(stops), outs[0][-3000:]
+  step = int(stops[0].group(1))
+  assert int(stops[1].group(1)) == step and 4 <= step < 10
+  assert _steps(workdir)[-1] == step
+  _two_processes(setup, workdir)
+  a, b = _losses(straight), _losses(workdir)
+  assert abs(a[10] - b[10]) <= 1e-5 * abs(a[10]), (a[10], b[10])
 
 
 def test_truncated_newest_checkpoint_is_set_aside(setup, straight):  # noqa: F811
