@@ -21,7 +21,7 @@ modules, stay at the top level). Reading accepts either layout and a checkpoint 
 listed in the returned report.
 
 CLI (reads and writes .safetensors and .pth; the Flax side is a params checkpoint directory,
-see `beit3_jax.params_io`)::
+see `beit3_jax.params_io`; any input or output may be a gs:// URL)::
 
     python -m beit3_jax.convert to-flax beit3_base_patch16_224.pth out/base --variant base
     python -m beit3_jax.convert to-torch out/base beit3_base.pth --layout unilm
@@ -51,6 +51,7 @@ import jax
 import numpy as np
 
 from beit3_jax import param_tree, params_io, platforms, tasks
+from beit3_jax.data import paths
 from beit3_jax.models import abstract_params, count_params, get_config, layer_stack
 from beit3_jax.tokenizers import convert as vqkd_convert
 from beit3_jax.tokenizers import get_vqkd_config
@@ -412,6 +413,11 @@ def _task_hint(state_dict) -> str:
   return ''
 
 
+def _shown(path: str) -> str:
+  """`path` as printed: a URL as given, a local path absolute."""
+  return str(path) if paths.is_remote(path) else os.path.abspath(path)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   platforms.cpu_unless_accelerators()
   parser = argparse.ArgumentParser(prog='python -m beit3_jax.convert', description=__doc__,
@@ -484,7 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       print(f'Skipped on request ({len(report.skipped)}): {", ".join(report.skipped)}')
     params_io.save_params(args.output, params, config, overwrite=args.overwrite,
                           kind=args.model, extra=extra, task=task, head_sizes=head_sizes)
-    print(f'Wrote the Flax params checkpoint to {os.path.abspath(args.output)}')
+    print(f'Wrote the Flax params checkpoint to {_shown(args.output)}')
   else:
     config = _model_config(args, fallback_dir=args.input)
     task = None if training or args.model != 'beit3' else params_io.read_task(args.input)[0]
@@ -510,7 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f'Read {args.input} as {config.variant} ({args.model}): {_describe(args.model, config)}; '
           f'{count_params(params):,} parameters.')
     save_state_dict(sd, args.output, wrap_model=args.layout == 'unilm', overwrite=args.overwrite)
-    print(f'Wrote {len(sd)} tensors ({args.layout} layout) to {os.path.abspath(args.output)}')
+    print(f'Wrote {len(sd)} tensors ({args.layout} layout) to {_shown(args.output)}')
   return 0
 
 

@@ -38,6 +38,7 @@ from absl import app, flags, logging  # noqa: E402  (after JAX_PLATFORMS)
 from ml_collections import config_flags  # noqa: E402
 
 from beit3_jax import defaults  # noqa: E402
+from beit3_jax.data import paths  # noqa: E402
 from beit3_jax.jobs import finetuning, pretraining, smoke, tokenizer_training  # noqa: E402
 from beit3_jax.trainer import loop  # noqa: E402
 from beit3_jax.trainer.run_config import save_run_config  # noqa: E402
@@ -156,6 +157,17 @@ def _report(config, result: dict) -> None:
   print(f'Metrics:     {result["metrics"]} (TensorBoard: {result["tensorboard"]})')
 
 
+def _remote_fields(config, prefix: str = 'config.') -> dict[str, str]:
+  """{'config.<field>': value} of every config field whose value is a URL (gs://...)."""
+  found = {}
+  for key, value in config.items():
+    if hasattr(value, 'items'):
+      found.update(_remote_fields(value, f'{prefix}{key}.'))
+    elif isinstance(value, str) and paths.is_remote(value):
+      found[f'{prefix}{key}'] = value
+  return found
+
+
 def run(config, workdir: str | None) -> dict:
   """Runs `config.job` (the config already checked) in `workdir`; returns the job's result."""
   entry = JOBS[config.job]
@@ -166,6 +178,7 @@ def run(config, workdir: str | None) -> dict:
   loop.use_compilation_cache(config.get('compilation_cache_dir', ''))
   if hasattr(job, 'check'):
     job.check(config)   # what the job cannot start with, before the workdir is written
+  paths.check_reachable({'--workdir': workdir or '', **_remote_fields(config)})
   if workdir and _evaluates(config):
     # Evaluation reads a run (or init_from) and adds val/ rows to its metrics; the run's own
     # config.json stays as it is.
@@ -195,11 +208,11 @@ def main(argv):
     if not flags.FLAGS['verbosity'].present:
       logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
     maybe_initialize_distributed()
-    if workdir and '://' not in workdir:
+    if workdir and not paths.is_remote(workdir):
       workdir = os.path.abspath(workdir)
     print(f'Job: {job}; config {source}; workdir {workdir or "(none)"}')
     run(config, workdir)
-  except (defaults.ConfigError, defaults.RunError) as e:
+  except (defaults.ConfigError, defaults.RunError, paths.StorageUnreachable) as e:
     raise SystemExit(f'Error: {e}') from None
   return 0
 

@@ -29,7 +29,8 @@ for a classification model, unilm's in1k recipe; `--image-mean/--image-std` over
 tokenized with the SentencePiece model given by `--spm` (default: the run's `data.spm_path`,
 or the demo's .spm for a run on the built-in data).
 
-Every command prints its results; `--output FILE` also writes them as .npz or .json.
+Every command prints its results; `--output FILE` also writes them as .npz or .json. MODEL,
+image files and folders, text files and --output may be gs:// URLs.
 
     python -m beit3_jax.predict embed out/base --image cat.jpg --text "a cat" --spm beit3.spm
     python -m beit3_jax.predict retrieve out/coco_retrieval --images photos/ --texts queries.txt \\
@@ -45,6 +46,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import io
 import json
 import os
 import sys
@@ -188,13 +190,31 @@ def load_model(path: str) -> LoadedModel:
 # Inputs.
 
 
+def _epath(path: str):
+  from etils import epath
+  return epath.Path(path)
+
+
+def _is_dir(path: str) -> bool:
+  return _epath(path).is_dir() if paths.is_remote(path) else os.path.isdir(path)
+
+
+def _is_file(path: str) -> bool:
+  return _epath(path).is_file() if paths.is_remote(path) else os.path.isfile(path)
+
+
 def list_images(folder: str) -> list[str]:
-  """The image files (by suffix, IMAGE_SUFFIXES) directly in `folder`, sorted by name."""
-  if not os.path.isdir(folder):
+  """The image files (by suffix, IMAGE_SUFFIXES) directly in `folder` (local or gs://),
+  sorted by name."""
+  if not _is_dir(folder):
     raise PredictError(f'{folder} is not a folder.')
-  found = sorted(os.path.join(folder, n) for n in os.listdir(folder)
-                 if n.lower().endswith(IMAGE_SUFFIXES)
-                 and os.path.isfile(os.path.join(folder, n)))
+  if paths.is_remote(folder):
+    found = sorted(str(p) for p in _epath(folder).iterdir()
+                   if p.name.lower().endswith(IMAGE_SUFFIXES) and p.is_file())
+  else:
+    found = sorted(os.path.join(folder, n) for n in os.listdir(folder)
+                   if n.lower().endswith(IMAGE_SUFFIXES)
+                   and os.path.isfile(os.path.join(folder, n)))
   if not found:
     raise PredictError(f'The folder {folder} has no images (files ending in '
                        f'{", ".join(IMAGE_SUFFIXES)}).')
@@ -202,12 +222,13 @@ def list_images(folder: str) -> list[str]:
 
 
 def image_paths(items: Sequence[str]) -> list[str]:
-  """Image files of `items`: files as given, folders expanded with `list_images`."""
+  """Image files of `items` (local or gs://): files as given, folders expanded with
+  `list_images`."""
   out = []
   for item in items:
-    if os.path.isdir(item):
+    if _is_dir(item):
       out.extend(list_images(item))
-    elif os.path.isfile(item):
+    elif _is_file(item):
       out.append(item)
     else:
       raise PredictError(f'No image file or folder at {item}.')
@@ -226,8 +247,7 @@ def load_images(paths: Sequence[str], img_size: int, mean: Sequence[float],
   """
   out = np.empty((len(paths), img_size, img_size, 3), np.float32)
   for i, p in enumerate(paths):
-    with open(p, 'rb') as f:
-      data = f.read()
+    data = _read_bytes(p)
     try:
       image = image_ops.decode_pil(data)
     except image_ops.CorruptImageError as e:
@@ -236,12 +256,23 @@ def load_images(paths: Sequence[str], img_size: int, mean: Sequence[float],
   return out
 
 
+def _read_bytes(path: str) -> bytes:
+  if paths.is_remote(path):
+    return _epath(path).read_bytes()
+  with open(path, 'rb') as f:
+    return f.read()
+
+
 def read_lines(path: str, what: str) -> list[str]:
-  """The non-empty lines (stripped) of a UTF-8 text file."""
-  if not os.path.isfile(path):
+  """The non-empty lines (stripped) of a UTF-8 text file (local or gs://)."""
+  if not _is_file(path):
     raise PredictError(f'No {what} file at {path}.')
-  with open(path, encoding='utf-8') as f:
-    lines = [line.strip() for line in f]
+  if paths.is_remote(path):
+    text = _read_bytes(path).decode('utf-8')
+    lines = [line.strip() for line in io.StringIO(text, newline=None)]
+  else:
+    with open(path, encoding='utf-8') as f:
+      lines = [line.strip() for line in f]
   lines = [line for line in lines if line]
   if not lines:
     raise PredictError(f'The {what} file {path} has no non-empty line.')
@@ -275,8 +306,8 @@ def run_spm_path(model: LoadedModel) -> str:
   if data.get('spm_path'):
     return str(data['spm_path'])
   if str(data.get('source', '')).startswith('builtin'):
-    path = os.path.join(paths.spm_dir(data.get('data_dir') or None), builtin.SPM_NAME)
-    if os.path.exists(path):
+    path = paths.join(paths.spm_dir(data.get('data_dir') or None), builtin.SPM_NAME)
+    if _is_file(path):
       return path
   return ''
 
@@ -419,16 +450,23 @@ def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_output(path: str, result: dict) -> None:
-  """Writes `result` (arrays, lists, str, numbers) as .npz (np.savez) or .json."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)) or '.', exist_ok=True)
+  """Writes `result` (arrays, lists, str, numbers) as .npz (np.savez) or .json, to a local
+  path or a gs:// URL."""
   if path.endswith('.npz'):
-    np.savez(path, **{k: np.asarray(v) for k, v in result.items()})
+    buffer = io.BytesIO()
+    np.savez(buffer, **{k: np.asarray(v) for k, v in result.items()})
+    data = buffer.getvalue()
   elif path.endswith('.json'):
     plain = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in result.items()}
-    with open(path, 'w', encoding='utf-8') as f:
-      json.dump(plain, f, indent=1, ensure_ascii=False)
+    data = json.dumps(plain, indent=1, ensure_ascii=False).encode('utf-8')
   else:
     raise PredictError(f'--output {path}: expected a .npz or .json file name.')
+  if paths.is_remote(path):
+    _epath(path).write_bytes(data)
+  else:
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or '.', exist_ok=True)
+    with open(path, 'wb') as f:
+      f.write(data)
   print(f'Wrote {path}')
 
 

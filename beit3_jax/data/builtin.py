@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import time
+
+from etils import epath
 
 from beit3_jax.data import paths
 from beit3_jax.data import text as text_lib
@@ -55,8 +56,8 @@ def prepare_builtin(data_dir: str | None = None, image_size: int = 64, *,
   # The version is pinned: a data dir may also hold a build of another version of the code, and
   # a name without one reads the newest there.
   names = {which: f'{b.name}/{b.builder_config.name}:{b.version}' for which, b in builders.items()}
-  spm_path = os.path.join(paths.spm_dir(data_dir), SPM_NAME)
-  if os.path.exists(spm_path):
+  spm_path = paths.join(paths.spm_dir(data_dir), SPM_NAME)
+  if epath.Path(spm_path).exists():
     if verbose:
       print(f'Reusing the SentencePiece model {spm_path}')
   else:

@@ -297,12 +297,19 @@ def _reservoir_sample(items: Iterable[str], k: int, seed: int) -> list[str]:
 
 
 def save_spm(proto: bytes, path: str | os.PathLike, overwrite: bool = False) -> str:
-  """Writes a SentencePiece model to `path` (creating its folder) and returns the path.
+  """Writes a SentencePiece model to `path` (local, creating its folder, or a gs:// URL) and
+  returns the path.
 
   Raises:
     FileExistsError: `path` exists and `overwrite` is False.
   """
   path = os.fspath(path)
+  if '://' in path:   # one object written whole: no half-written model either
+    from etils import epath
+    if epath.Path(path).exists() and not overwrite:
+      raise FileExistsError(f'{path} already exists; pass overwrite=True to replace it.')
+    epath.Path(path).write_bytes(proto)
+    return path
   if os.path.exists(path) and not overwrite:
     raise FileExistsError(f'{path} already exists; pass overwrite=True to replace it.')
   folder = os.path.dirname(os.path.abspath(path))

@@ -7,6 +7,8 @@ timing is not reproducible). Unset in normal runs: `reached` then costs one look
                                                  complete
     BEIT3_JAX_FAULT=sigterm_after_step:25        the process sends itself SIGTERM (what a
                                                  preemption sends) after step 25
+    BEIT3_JAX_FAULT=kill_after_step:25           the process sends itself SIGKILL after step
+                                                 25 (before that step's checkpoint, if any)
 """
 
 from __future__ import annotations
@@ -28,5 +30,7 @@ def reached(point: str, step: int) -> None:
   sys.stderr.flush()
   if point == 'sigterm_after_step':
     os.kill(os.getpid(), signal.SIGTERM)
+  elif point == 'kill_after_step':
+    os.kill(os.getpid(), signal.SIGKILL)
   else:
     os._exit(137)

@@ -28,6 +28,7 @@ workdir_lock_lease_seconds; `evaluate_only` also reads eval_step (a finetune fie
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from typing import Any, Callable, Iterator
 
@@ -37,7 +38,7 @@ from etils import epath
 
 from beit3_jax import sharding as sharding_lib
 from beit3_jax import param_tree
-from beit3_jax.data import pipeline
+from beit3_jax.data import paths, pipeline
 from beit3_jax.models import count_params
 from beit3_jax.defaults import RunError
 from beit3_jax.trainer import checkpoints, fault_points
@@ -250,11 +251,40 @@ def train(config, workdir, job: Job) -> dict:
   """Runs (or resumes) the job in `workdir`; returns the final metrics and where outputs went."""
   workdir = epath.Path(workdir)
   lock = workdir_lock.acquire(workdir, config.get('workdir_lock_lease_seconds', 0.0))
+  release = [lock.release] if lock is not None else []
   try:
-    return _train(config, workdir, job)
-  finally:
-    if lock is not None:
-      lock.release()
+    result = _train(config, workdir, job)
+  except Exception as e:
+    _close_all(release, failing=True)
+    if paths.is_remote(str(workdir)) and paths.is_storage_error(e):
+      raise RunError(
+          f'Lost the connection to {workdir} during the run ({type(e).__name__}: '
+          f'{(str(e).strip().splitlines() or [""])[0]}). The checkpoints that were complete are '
+          'kept; rerun the same command to resume from the newest one.') from e
+    raise
+  except BaseException:
+    _close_all(release, failing=True)
+    raise
+  _close_all(release, failing=False)
+  return result
+
+
+def _close_all(closers, *, failing: bool) -> None:
+  """Calls each of `closers`. While an error is on its way out (`failing`), an error of a
+  closer is printed as a warning instead of hiding the first (with storage gone, every close
+  fails too); otherwise the first error is raised after every closer has run."""
+  first = None
+  for close in closers:
+    try:
+      close()
+    except Exception as e:  # noqa: BLE001 -- reported or re-raised below
+      if failing:
+        print(f'Warning: while stopping, {getattr(close, "__qualname__", close)} failed: '
+              f'{type(e).__name__}: {e}', file=sys.stderr, flush=True)
+      elif first is None:
+        first = e
+  if first is not None:
+    raise first
 
 
 def _train(config, workdir: epath.Path, job: Job) -> dict:
@@ -342,6 +372,7 @@ def _train(config, workdir: epath.Path, job: Job) -> dict:
         writer.write(done, last)
         history, t_log, steps_since_log = [], now, 0
       fault_points.reached('sigterm_after_step', done)
+      fault_points.reached('kill_after_step', done)
       if watcher.reached(done):
         stopped = watcher.signal_name
       elif done == config.stop_at_step:
@@ -364,11 +395,10 @@ def _train(config, workdir: epath.Path, job: Job) -> dict:
         break
     if previous is not None:
       nonfinite.record(*previous)
-  finally:
-    watcher.close()
-    progress.close()
-    checkpointer.close()
-    writer.close()
+  except BaseException:
+    _close_all([watcher.close, progress.close, checkpointer.close, writer.close], failing=True)
+    raise
+  _close_all([watcher.close, progress.close, checkpointer.close, writer.close], failing=False)
   if stopped:
     print(f'Stopping after step {done} ({stopped}): its checkpoint is '
           f'{checkpointer.directory / str(done)}; rerun the same command to resume from it.',
