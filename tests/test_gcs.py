@@ -349,3 +349,25 @@ def test_a_sentencepiece_model_is_written_to_and_read_from_gcs(gcs, setup):  # n
     text_lib.save_spm(local, url)
   assert text_lib.TextTokenizer.from_file(url).spm_size > 3
   assert not os.path.exists(os.path.join(REPO, 'gs:'))
+
+
+def test_the_workdir_lock_on_gcs_refuses_a_second_run_and_is_taken_over_when_stale(gcs):
+  import time
+
+  from beit3_jax.trainer import workdir_lock
+  workdir = gcs.path('locked_run')
+  first = workdir_lock.WorkdirLock(workdir, 600)
+  assert first.try_acquire() == ''
+  with pytest.raises(workdir_lock.WorkdirBusy, match=f'pid {os.getpid()}'):
+    workdir_lock.WorkdirLock(workdir, 600).try_acquire()
+  first.release()
+  assert not epath.Path(workdir, workdir_lock.LOCK_FILE).exists()
+
+  expired = workdir_lock.WorkdirLock(workdir, 600, clock=lambda: time.time() - 3600)
+  expired.try_acquire()   # renewed an hour ago as far as the lock file says
+  taker = workdir_lock.WorkdirLock(workdir, 600)
+  assert 'taking over the lock' in taker.try_acquire()
+  expired.release()       # no longer its lock: left in place
+  assert epath.Path(workdir, workdir_lock.LOCK_FILE).exists()
+  taker.release()
+  assert not epath.Path(workdir, workdir_lock.LOCK_FILE).exists()

@@ -255,8 +255,10 @@ def train(config, workdir, job: Job) -> dict:
   try:
     result = _train(config, workdir, job)
   except Exception as e:
-    _close_all(release, failing=True)
-    if paths.is_remote(str(workdir)) and paths.is_storage_error(e):
+    lost = paths.is_remote(str(workdir)) and paths.is_storage_error(e)
+    _close_all([lambda: lock.release(storage_lost=True)] if lost and lock else release,
+               failing=True)
+    if lost:
       raise RunError(
           f'Lost the connection to {workdir} during the run ({type(e).__name__}: '
           f'{(str(e).strip().splitlines() or [""])[0]}). The checkpoints that were complete are '
@@ -395,8 +397,12 @@ def _train(config, workdir: epath.Path, job: Job) -> dict:
         break
     if previous is not None:
       nonfinite.record(*previous)
-  except BaseException:
-    _close_all([watcher.close, progress.close, checkpointer.close, writer.close], failing=True)
+  except BaseException as e:
+    # With the storage gone, the metrics are not copied there (each try would wait for the
+    # client's retries first).
+    lost = paths.is_remote(str(workdir)) and paths.is_storage_error(e)
+    _close_all([watcher.close, progress.close, checkpointer.close,
+                lambda: writer.close(sync=not lost)], failing=True)
     raise
   _close_all([watcher.close, progress.close, checkpointer.close, writer.close], failing=False)
   if stopped:

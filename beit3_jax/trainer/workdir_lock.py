@@ -117,14 +117,20 @@ class WorkdirLock:
                 f'{holder.get("pid")}; two runs may now write this workdir.', flush=True)
           return
         self.path.write_text(json.dumps(self._record()))
-      except OSError as e:   # storage briefly unreachable: try again at the next renewal
+      except Exception as e:  # noqa: BLE001 -- storage briefly unreachable (an OSError or
+        # a gcsfs / aiohttp error): try again at the next renewal
         print(f'Warning: could not renew {self.path}: {e}', flush=True)
 
-  def release(self) -> None:
+  def release(self, *, storage_lost: bool = False) -> None:
+    """Stops renewing and removes the lock file if it is still this run's; with
+    `storage_lost` (the workdir cannot be reached) only stops renewing: the lease then
+    expires, and a rerun takes the lock over."""
     self._stop.set()
     if self._thread is not None:
       self._thread.join()
       self._thread = None
+    if self.held and storage_lost:
+      self.held = False
     if self.held:
       holder = self._read()
       if holder and holder.get('run_id') == self._run_id:

@@ -246,15 +246,20 @@ class MetricWriter:
     if self._events:
       self._events.flush()
 
-  def close(self) -> None:
-    """Flushes and closes both files; calling it again does nothing."""
+  def close(self, sync: bool = True) -> None:
+    """Flushes and closes both files and copies them to a remote workdir; calling it again does
+    nothing. `sync=False` (the remote workdir cannot be reached) leaves them in the local
+    folder and says where."""
     if not self.enabled or self._closed:
       return
     self._closed = True
     self._jsonl.close()
     if self._events:
       self._events.close()
-    self._sync()
+    if sync:
+      self._sync()
+    elif self._remote:
+      print(f'The metrics not yet copied to {self._remote} are in {self._local}.', flush=True)
 
   def __enter__(self) -> MetricWriter:
     return self
