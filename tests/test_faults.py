@@ -278,3 +278,16 @@ def test_a_stream_reads_a_held_out_slice_of_its_train_split(setup):  # noqa: F81
   held_out = pretraining.open_sources(config, tfds_dir, names, 'eval')
   assert len(train['text']) + len(held_out['text']) == 48 and len(held_out['text']) == 12
   assert len(held_out['image']) == 8   # the other streams keep data.eval_split (validation)
+
+
+def test_restore_target_keeps_the_optimizer_s_masked_nodes():
+  """A frozen parameter's optimizer state is an optax.MaskedNode (no array) while the state's
+  shardings hold a sharding there (the VQ-KD tokenizer's codebook): a fresh run and a resume
+  both build their restore target from the two."""
+  from beit3_jax.trainer import checkpoints
+  import optax
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  tree = {'mu': {'w': jnp.zeros((2, 3)), 'codebook': optax.MaskedNode()}}
+  got = checkpoints.abstract_like(tree, {'mu': {'w': sharding, 'codebook': sharding}})
+  assert isinstance(got['mu']['codebook'], optax.MaskedNode)
+  assert got['mu']['w'] == jax.ShapeDtypeStruct((2, 3), jnp.float32, sharding=sharding)

@@ -31,6 +31,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import optax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -156,9 +157,13 @@ def _first_line(error: Exception, limit: int = 300) -> str:
 
 
 def abstract_like(tree, shardings) -> Any:
-  """ShapeDtypeStructs of `tree` with `shardings` (the restore target)."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
-                      shardings)
+  """ShapeDtypeStructs of `tree` with `shardings` (the restore target). An optimizer state's
+  `optax.MaskedNode` (a parameter the optimizer does not update; it holds no array) stays as it
+  is, whatever `shardings` has in its place."""
+  masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+  return jax.tree.map(
+      lambda x, s: x if masked(x) else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      tree, shardings, is_leaf=masked)
 
 
 def load_init_params(init_from: str, abstract_params, shardings) -> tuple[Any, str]:
