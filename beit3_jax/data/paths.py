@@ -126,11 +126,11 @@ def check_reachable(named_paths: dict[str, str]) -> None:
   """
   import logging
   from etils import epath
+  gcsfs_log = logging.getLogger('gcsfs')
+  level = gcsfs_log.level
   for what, path in named_paths.items():
     if not is_remote(path):
       continue
-    gcsfs_log = logging.getLogger('gcsfs')
-    level = gcsfs_log.level
     gcsfs_log.setLevel(logging.CRITICAL)   # it logs each failed retry with a traceback
     try:
       epath.Path(path).exists()

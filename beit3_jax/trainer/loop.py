@@ -251,24 +251,33 @@ def train(config, workdir, job: Job) -> dict:
   """Runs (or resumes) the job in `workdir`; returns the final metrics and where outputs went."""
   workdir = epath.Path(workdir)
   lock = workdir_lock.acquire(workdir, config.get('workdir_lock_lease_seconds', 0.0))
-  release = [lock.release] if lock is not None else []
   try:
     result = _train(config, workdir, job)
-  except Exception as e:
-    lost = paths.is_remote(str(workdir)) and paths.is_storage_error(e)
-    _close_all([lambda: lock.release(storage_lost=True)] if lost and lock else release,
-               failing=True)
-    if lost:
-      raise RunError(
-          f'Lost the connection to {workdir} during the run ({type(e).__name__}: '
-          f'{(str(e).strip().splitlines() or [""])[0]}). The checkpoints that were complete are '
-          'kept; rerun the same command to resume from the newest one.') from e
+  except BaseException as e:
+    lost = e if isinstance(e, StorageLost) else _storage_lost(workdir, e)   # (before the loop)
+    if lock is not None:
+      _close_all([lambda: lock.release(storage_lost=lost is not None)], failing=True)
+    if lost is not None and lost is not e:
+      raise lost from e
     raise
-  except BaseException:
-    _close_all(release, failing=True)
-    raise
-  _close_all(release, failing=False)
+  if lock is not None:
+    lock.release()
   return result
+
+
+class StorageLost(RunError):
+  """The remote workdir could not be reached during the run."""
+
+
+def _storage_lost(workdir: epath.Path, error: BaseException) -> StorageLost | None:
+  """The one-line error to stop with when `error` is a failure to reach a remote workdir."""
+  if not (paths.is_remote(str(workdir)) and paths.is_storage_error(error)):
+    return None
+  reason = (str(error).strip().splitlines() or [''])[0]
+  return StorageLost(
+      f'Lost the connection to {workdir} during the run ({type(error).__name__}: {reason}). '
+      'The checkpoints that were complete are kept; rerun the same command to resume from '
+      'the newest one.')
 
 
 def _close_all(closers, *, failing: bool) -> None:
@@ -400,9 +409,11 @@ def _train(config, workdir: epath.Path, job: Job) -> dict:
   except BaseException as e:
     # With the storage gone, the metrics are not copied there (each try would wait for the
     # client's retries first).
-    lost = paths.is_remote(str(workdir)) and paths.is_storage_error(e)
+    lost = _storage_lost(workdir, e)
     _close_all([watcher.close, progress.close, checkpointer.close,
-                lambda: writer.close(sync=not lost)], failing=True)
+                lambda: writer.close(sync=lost is None)], failing=True)
+    if lost is not None:
+      raise lost from e
     raise
   _close_all([watcher.close, progress.close, checkpointer.close, writer.close], failing=False)
   if stopped:
