@@ -63,10 +63,15 @@ LOOP_FIELDS: tuple[tuple[str, Any, str], ...] = (
 # Fields a resumed run may change: they decide how it runs, not what it computes.
 RESUMABLE_CHANGES = ('mesh_shape', 'micro_batches', 'checkpoint_every', 'keep_checkpoints',
                      'log_every', 'eval_every', 'eval_batches', 'peak_tflops_per_device',
-                     'data.read_threads', 'stop_at_step', 'tokenizer.train_if_missing',
+                     'data.read_threads', 'data.workers', 'data.on_bad_example', 'stop_at_step', 'tokenizer.train_if_missing',
                      'compilation_cache_dir', 'tpu_slice', 'model.remat', 'model.remat_policy',
                      'model.attention', 'teacher.variant', 'max_nonfinite_steps',
                      'workdir_lock_lease_seconds')
+
+DATA_ON_BAD_EXAMPLE_DOC = (
+    "an example that cannot be used (undecodable image, empty text): 'skip' counts it "
+    "(skipped/<stream> in metrics.jsonl) and uses a randomly drawn one instead, 'stop' ends "
+    'the run naming the stream and the record')
 
 # Sub-configs whose keys are the user's to choose (checked by the code that reads them).
 FREE_FORM = ('data.fields', 'data.splits')
@@ -137,7 +142,10 @@ def pretrain_fields() -> tuple[tuple[str, Any, str], ...]:
       ('data.pair_text_mask_ratio', 0.5, 'share of caption tokens masked'),
       ('data.crop_scale', (0.08, 1.0), 'RandomResizedCrop area range'),
       ('data.color_jitter', 0.4, 'colour jitter strength (0 = off)'),
-      ('data.read_threads', 16, 'reader threads per stream'),
+      ('data.read_threads', 16, 'threads that make steps ahead (in each worker, if any)'),
+      ('data.workers', 0, "worker processes that make the steps' batches (0 = in the "
+       "trainer's process)"),
+      ('data.on_bad_example', 'skip', DATA_ON_BAD_EXAMPLE_DOC),
       ('batch_size.image', 2048, 'images per step (global)'),
       ('batch_size.text', 2048, 'texts per step (global)'),
       ('batch_size.pair', 2048, 'image-text pairs per step (global)'),
@@ -188,7 +196,10 @@ def tokenizer_fields() -> tuple[tuple[str, Any, str], ...]:
       ('data.train_split', 'train', 'TFDS split for training'),
       ('data.eval_split', 'validation', 'TFDS split for validation'),
       ('data.crop_scale', (0.08, 1.0), 'RandomResizedCrop area range'),
-      ('data.read_threads', 16, 'reader threads'),
+      ('data.read_threads', 16, 'threads that make batches ahead (in each worker, if any)'),
+      ('data.workers', 0, "worker processes that make the batches (0 = in the trainer's "
+       'process)'),
+      ('data.on_bad_example', 'skip', DATA_ON_BAD_EXAMPLE_DOC),
       ('batch_size', 512, 'images per step (global)'),
       *_optimizer_fields(lr=1e-4, min_lr=1e-5, warmup_steps=25_000, b2=0.99, eps=1e-8,
                          weight_decay=1e-4, clip_norm=0.0, layer_decay=1.0,
@@ -237,7 +248,10 @@ def finetune_fields(task: str) -> tuple[tuple[str, Any, str], ...]:
       ('data.image_mean', (0.5, 0.5, 0.5), "image mean, [0, 1] units (unilm's VL tasks; "
        'ImageNet: IMAGENET_MEAN)'),
       ('data.image_std', (0.5, 0.5, 0.5), 'image std, [0, 1] units'),
-      ('data.read_threads', 2, 'reader threads'),
+      ('data.read_threads', 2, 'threads that make batches ahead (in each worker, if any)'),
+      ('data.workers', 0, "worker processes that make the training batches (0 = in the "
+       "trainer's process)"),
+      ('data.on_bad_example', 'skip', DATA_ON_BAD_EXAMPLE_DOC),
       ('batch_size', 256, 'examples per step (global)'),
       *_optimizer_fields(lr=5e-4, min_lr=1e-6, warmup_steps=500, b2=0.999, eps=1e-8,
                          weight_decay=0.05, clip_norm=0.0, layer_decay=0.65,

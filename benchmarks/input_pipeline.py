@@ -1,99 +1,54 @@
-"""Throughput of the BEiT-3 pretraining input pipeline per CPU core, and the cores a TPU host needs.
+"""Throughput of the BEiT-3 pretraining input pipeline per CPU core, and the share of a TPU
+host's CPUs each shipped recipe needs.
 
 What it measures
 
   The real pretraining mixture (`beit3_jax.data.pretraining.make_mixture`: the 'image', 'text'
-  and 'pair' streams, each a `pipeline.Stream` over a random-access TFDS source, shuffled and
-  transformed by grain with `read_threads` threads, then batched) is drawn batch after batch
-  and timed. Batch sizes are image:text:pair = 1:1:1 (`--batch`, default 32 each; the paper
-  uses 2048 each). One "example" is one row of any stream; "images" are the rows of the image
-  and pair streams (2/3 of the examples).
+  and 'pair' streams over random-access TFDS sources), drawn step after step and timed; host
+  batches of `--batch` per stream (default 128: base pretraining on v5p-128 is 2048 per stream
+  over 16 hosts). One "example" is one row of any stream; "images" are the image and pair rows
+  (2/3 of the examples).
 
-  Per example, exactly what training gets (see `pretraining.py`): the image streams read the
-  image (a PNG decoded by TFDS for the built-in data, JPEG bytes decoded by PIL for the JPEG
-  case), draw a random resized crop (scale 0.08-1), resize it bicubic to `image_size` and
-  lanczos to `tokenizer_image_size`, flip both, apply colour jitter 0.4 and (image stream) a
-  block-wise 40% patch mask; outputs stay uint8 (normalisation happens on the device). The
-  text streams tokenize with sentencepiece into `text_len` ids and mask 15% (text) or 50%
-  (pair) of the tokens.
+  Two pipelines, in the same run:
+    today - the pipeline as of git revision `--baseline_rev` (default the last one before
+            worker processes and the device half), run from a `git archive` of it: one
+            process, reader threads per stream, both views (bicubic model view, lanczos
+            tokenizer view) and the colour jitter on the host. Without git it falls back to
+            this checkout's host reference, `PretrainInputs(views_on_device=False)`.
+    new   - this checkout: W worker processes (`--new_rows WxC`: W workers pinned to C cores),
+            each making whole steps; the host makes one uint8 view (the tokenizer's, JPEG
+            draft-decoded when the crop allows) and draws the flip and jitter, which the jitted
+            step applies (`device_augment.finish_images`); the device half is timed apart (one
+            core of this CPU, jitted; in training it runs on the accelerator).
+  Per example, what training gets: random resized crop 0.08-1, flip, colour jitter 0.4, a 40%
+  block mask on the image stream; SentencePiece and 15% / 50% text masking.
 
-  Cases (`--cases`):
-    world64  - the built-in synthetic world at the demo size: PretrainInputs(image_size=64,
-               tokenizer_image_size=64, patch_size=16, text_len=32); image and pair streams
-               read `beit3_synthetic_world/64px_<n>_0_0`, the text stream
-               `beit3_synthetic_world_text/default_<m>_0_0`.
-    world224 - the same at 224 px: PretrainInputs(224, 224, 16, text_len=64).
-    jpeg224  - realistic images: `--num_jpegs` synthetic photo-like JPEGs (gradients, octave
-               noise, shapes, sensor noise; q90, 4:2:0; `--jpeg_sizes`, default 500x375) with
-               one caption each, written to a JSONL and built with
-               `local_files.build_image_text`; they feed the image and pair streams (JPEG
-               bytes decoded per example), the synthetic sentences the text stream. This is
-               the case to compare with an earlier measurement of ours on an AMD Zen 5
-               machine (which decoded ~0.28 MP COCO-like JPEGs of 97 KB mean).
-  The tokenizer is a unigram sentencepiece model trained on `--num_sentences`
-  `synthetic_world.text_corpus_sentence` sentences (`--vocab_size` 500, or the largest size
-  below it that trains).
+  Cases (`--cases`): world64 / world224 (the built-in world at 64 / 224 px) and jpeg224
+  (`--num_jpegs` photo-like JPEGs, `--jpeg_sizes` default 500x375, q90, with one caption each,
+  built with `local_files.build_image_text`; the text stream reads synthetic sentences).
 
-  Each (case, cores, read_threads) row runs in its own child process that first pins itself
-  with `os.sched_setaffinity` to the first `cores` CPUs (so nothing leaks to the next run),
-  builds the mixture, draws `--warmup` batches untimed and keeps warming up for
-  `--warmup_seconds` (each stream prefetches up to 4 batches ahead; timed windows that start
-  before the buffers settle read high: 2 s windows gave up to +30%), then draws batches for
-  `--seconds` s. Every row is run `--repeats` times, the repeats rotating through all rows.
-  Columns: ex/s = examples of all three streams per second, the median over the quiet runs;
-  img/s = image + pair rows per second (2/3 of ex/s); /core = divided by the pinned cores;
-  ex/s range = min-max over all runs; quiet = runs kept / runs (a run is dropped when other
-  processes used more than `--quiet_cpu` cores meanwhile, unless all were busy; a busy run is
-  re-run up to `--retries` times, and `--wait_quiet` waits for a quiet machine before each
-  run); cpu/wall =
-  the child's CPU time over the timed wall time (1.0 per fully used core); others = the most
-  CPU other processes used during a kept run, in cores (from /proc/stat); first s = the first
-  warm-up batch (start-up of the thread pools). Each run's load average and steal time are
-  printed as it finishes (the load average lags and counts the benchmark's own threads, so
-  `others` is the better check). A second table gives the cost of one example of each stream
-  read and transformed in a plain loop on one thread (no grain, no batching).
+  Each row runs in a child process pinned with `os.sched_setaffinity` to its cores (worker
+  processes inherit it; checked), warms up, then draws steps for `--seconds`; `--repeats` runs
+  per row rotate through the rows; medians over the quiet runs (a run is dropped when other
+  processes used more than `--quiet_cpu` cores; `--wait_quiet` and `--retries` help on a shared
+  machine). Host CPU per example sums the child and its workers over the timed window. Printed:
+  ex/s, img/s, per core, CPU ms per example, cpu/wall; the scaling of the new pipeline from 1
+  worker on 1 core to 2 on 2; the new pipeline's img/s per core at 2 workers on 2 cores over
+  today's on 2 cores; one example of each stream in a plain loop on one thread; and the demand
+  table: for each shipped recipe and TPU generation (v4, v5p, v6e), the examples/s a host must
+  supply (at the planner's step time where it has one, else 50% MFU) and the share of the
+  host's vCPUs that takes (formula and derating in docs/performance.md). `--json PATH` writes
+  rows with `case, pipeline, workers, cores, ex_per_s, img_per_s_per_core,
+  cpu_s_per_example`, the device timing, the one-thread costs and the demand table.
 
-  Finally, the v4-8 arithmetic: training FLOPs of one BEiT-3 base example of each stream
-  (6 x matmul params per token x tokens + attention + the MLM / MIM heads on the masked
-  positions), their 1:1:1 mean, the examples/s a v4-8 host (4 chips x 275 TFLOP/s bf16) must
-  supply at 50% MFU, and the cores that takes at the measured 224 px per-core rates.
-
-Run (from the repository root). With the defaults (3 cases x 2 core counts x 2 thread counts
-x 2 repeats of 10 s, plus ~20 s of data building) it takes about 6.5 minutes on a quiet 2-core
-machine; data go to a temporary folder unless `--data_dir` is given (builds there are reused):
+Run (from the repository root; about 8 minutes on a quiet 2-core machine for the default
+`--cases jpeg224`; data go to a temporary folder unless `--data_dir` is given):
 
     .venv/bin/python benchmarks/input_pipeline.py
-    .venv/bin/python benchmarks/input_pipeline.py --wait_quiet 300 --retries 2   # shared machine
-    .venv/bin/python benchmarks/input_pipeline.py --cases jpeg224 --repeats 1 --seconds 5  # quick
-    .venv/bin/python benchmarks/input_pipeline.py --cases jpeg224 \\
-        --jpeg_sizes 500x375,640x427,480x640,640x480   # the Zen 5 run's ~0.28 MP mix
+    .venv/bin/python benchmarks/input_pipeline.py --wait_quiet 60 --retries 2   # shared machine
+    .venv/bin/python benchmarks/input_pipeline.py --repeats 1 --seconds 3       # quick
 
-Other processes on the cores change the numbers a lot: the load average is printed at the start
-and end, each run prints the CPU other processes used meanwhile (`others`) and is marked BUSY
-above `--quiet_cpu`; busy runs are re-run (`--retries`) and left out of the medians.
-
-Measured 2026-11-28 on a 2-core Intel Xeon KVM guest (family 6 model 207, AVX-512), Pillow 13.0
-(libjpeg-turbo), grain 0.2.18, sentencepiece 0.2.3 (107-piece unigram model: 2000 synthetic
-sentences cannot fill 500), JPEGs 500x375, 64.5 KB mean; `--wait_quiet 300 --retries 2`,
-medians of 2 quiet runs of 10 s (ex/s = all three streams; img/s = image + pair rows):
-
-    case      cores thr   ex/s  img/s  ex/s/core  img/s/core  cpu/wall
-    world64       1   1  647.7  431.8      647.7       431.8      1.00
-    world64       2   1  509.2  339.4      254.6       169.7      1.19
-    world224      1   2  187.4  124.9      187.4       124.9      1.00
-    world224      2   1  267.3  178.2      133.6        89.1      1.70
-    jpeg224       1   1  159.8  106.5      159.8       106.5      1.00
-    jpeg224       2   1  252.9  168.6      126.4        84.3      1.80
-    (the faster read_threads of each pair; 2 threads helped only once, within the noise;
-    all rows in benchmarks/README.md)
-
-  v4-8 arithmetic: 97.68 GFLOP per example (1:1:1 mean of image 107.63, text 35.72, pair
-  149.69), so 50% MFU of 4 x 275 TFLOP/s needs 5,631 examples/s (3,754 img/s). At jpeg224's
-  126.4 examples/s per core (2 cores / 2) that is 44.5 cores of this machine, 89 TPU-host vCPUs
-  with an assumed 0.5 derating (a TPU-host vCPU, an SMT thread of an older EPYC, counted as half
-  a core; 37% of a 240-vCPU v4 host) -- 2.2x the ~20 cores that an earlier measurement of ours
-  on an AMD Zen 5 machine gave (a demand of 3,533 img/s at 176 img/s/core). Run-to-run spread of
-  one row: up to +-15%.
+Figures and the machine they came from: benchmarks/README.md and docs/performance.md.
 """
 
 from __future__ import annotations
@@ -109,6 +64,8 @@ import sys
 import tempfile
 import time
 
+# The last revision before worker processes and the device half: "today's pipeline".
+BASELINE_REV = 'd091b52'
 CASES = ('world64', 'world224', 'jpeg224')
 CASE_INPUTS = {  # PretrainInputs kwargs per case
     'world64': dict(image_size=64, tokenizer_image_size=64, patch_size=16, text_len=32),
@@ -286,24 +243,54 @@ def _wait_quiet(max_cores: float, timeout: float, window: float = 3.0) -> bool:
       return False
 
 
-def worker(spec: dict) -> dict:
-  """Runs in a child: pin, build the mixture, warm up, time. Returns the measurements."""
-  os.sched_setaffinity(0, set(spec['cpus']))  # before any thread pool exists
-  import resource
-  import numpy as np
+def _descendants(root: int) -> list[int]:
+  """Pids of every live descendant of `root` (children, grandchildren, ...), from /proc."""
+  parent = {}
+  for name in os.listdir('/proc'):
+    if not name.isdigit():
+      continue
+    try:
+      with open(f'/proc/{name}/stat') as f:
+        rest = f.read().rsplit(')', 1)[1].split()
+      parent[int(name)] = int(rest[1])
+    except (OSError, IndexError, ValueError):
+      continue
+  out, frontier = [], [root]
+  while frontier:
+    kids = [pid for pid, ppid in parent.items() if ppid in frontier]
+    out += kids
+    frontier = kids
+  return out
+
+
+def _tree_cpu(root: int) -> tuple[float, dict[int, float]]:
+  """CPU seconds (user + system) used so far by `root` and its live descendants, and per
+  descendant, from /proc/<pid>/stat (clock ticks, 10 ms)."""
+  hz = os.sysconf('SC_CLK_TCK')
+  per = {}
+  for pid in [root] + _descendants(root):
+    try:
+      with open(f'/proc/{pid}/stat') as f:
+        rest = f.read().rsplit(')', 1)[1].split()
+      per[pid] = (int(rest[11]) + int(rest[12])) / hz  # utime, stime
+    except (OSError, IndexError, ValueError):
+      continue
+  return sum(per.values()), per
+
+
+def _open_sources(spec: dict) -> dict:
   import tensorflow_datasets as tfds
-  from beit3_jax.data import pretraining
-  from beit3_jax.data import text as text_lib
+  return {k: tfds.data_source(v['name'], split='train', data_dir=v['data_dir'], download=False)
+          for k, v in spec['sources'].items()}
 
-  load_start = os.getloadavg()[0]
-  cfg = pretraining.PretrainInputs(**spec['inputs'])
-  tokenizer = text_lib.TextTokenizer.from_file(spec['spm'])
-  sources = {k: tfds.data_source(v['name'], split='train', data_dir=v['data_dir'],
-                                 download=False)
-             for k, v in spec['sources'].items()}
-  out = {'cpus': sorted(os.sched_getaffinity(0)), 'load_start': load_start}
 
-  if spec['mode'] == 'transform':  # one thread, no grain: read, then transform
+def _transform_costs(spec: dict, cfg_today, cfg_new, tokenizer, sources) -> dict:
+  """ms per example of each stream's read + transform in a plain loop on one thread (no grain),
+  for today's transforms and the new ones; and ms per image of the fine-tuning views."""
+  import numpy as np
+  from beit3_jax.data import finetuning, image_ops, pretraining
+  out = {}
+  for label, cfg in (('today', cfg_today), ('new', cfg_new)):
     transforms = {'image': pretraining.image_transform(cfg),
                   'text': pretraining.text_transform(cfg, tokenizer),
                   'pair': pretraining.pair_transform(cfg, tokenizer)}
@@ -322,23 +309,126 @@ def worker(spec: dict) -> dict:
           read_s += t1 - t0
           tf_s += t2 - t1
         n += 1
-      out[name] = {'n': n - 2, 'read_ms': 1e3 * read_s / (n - 2),
-                   'transform_ms': 1e3 * tf_s / (n - 2)}
+      out[f'{label}/{name}'] = {'n': n - 2, 'read_ms': 1e3 * read_s / (n - 2),
+                                'transform_ms': 1e3 * tf_s / (n - 2)}
+  # Fine-tuning and tokenizer-training views: decode + random resized crop (+ flip) at size S.
+  src = sources['image']
+  for view in spec.get('views', []):
+    rng = np.random.default_rng(0)
+    if view['kind'] == 'finetune':
+      fcfg = finetuning.FinetuneInputs(image_size=view['size'], train=True,
+                                       crop_scale=tuple(view['scale']))
+      fn = lambda ex, r: finetuning.view(fcfg, pretraining.load_image(ex, 'image'), r)  # noqa
+    else:  # the VQ-KD tokenizer job: one bicubic view, no jitter
+      acfg = image_ops.ImageAugConfig(size=view['size'], scale=tuple(view['scale']),
+                                      color_jitter=0.0, second_size=None)
+      fn = lambda ex, r: image_ops.augment(r, pretraining.load_image(ex, 'image'), acfg)  # noqa
+    n, total = 0, 0.0
+    deadline = time.perf_counter() + spec['view_seconds']
+    while time.perf_counter() < deadline or n < 8:
+      t0 = time.perf_counter()
+      fn(src[n % len(src)], rng)
+      if n >= 2:
+        total += time.perf_counter() - t0
+      n += 1
+    out[f'view/{view["kind"]}/{view["size"]}/{view["scale"][0]}'] = {
+        'n': n - 2, 'ms': 1e3 * total / (n - 2), **view}
+  return out
+
+
+def _device_cost(spec: dict, cfg_new, tokenizer, sources) -> dict:
+  """ms per image of the device half (`device_augment.finish_images`: colour jitter, the
+  normalised model view and the tokenizer view), jitted, on this CPU (the child's cores)."""
+  import jax
+  import numpy as np
+  from beit3_jax.data import device_augment, pretraining
+  batch = spec['device_batch']
+  mixture = pretraining.make_mixture(cfg_new, tokenizer, {'image': sources['image']},
+                                     {'image': batch}, seed=0, process_index=0,
+                                     process_count=1, read_threads=1)
+  stream_batch = next(mixture)['image']
+  mixture.close()
+  stream_batch = {k: stream_batch[k] for k in ('image', 'jitter', 'jitter_order')}
+  size = cfg_new.tokenizer_image_size
+  fn = jax.jit(lambda b: device_augment.finish_images(b, tokenizer_size=size))
+  on_device = jax.device_put(stream_batch)
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn(on_device))
+  compile_s = time.perf_counter() - t0
+  times = []
+  deadline = time.perf_counter() + spec['seconds']
+  while time.perf_counter() < deadline or len(times) < 5:
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(on_device))
+    times.append(time.perf_counter() - t0)
+  med = float(np.median(times))
+  return {'batch': batch, 'image_size': cfg_new.image_size, 'tokenizer_size': size,
+          'compile_s': compile_s, 'calls': len(times), 'ms_per_batch': 1e3 * med,
+          'ms_per_image': 1e3 * med / batch, 'device': str(jax.devices()[0].device_kind)}
+
+
+def worker(spec: dict) -> dict:
+  """Runs in a child: pin, build the mixture, warm up, time. Returns the measurements."""
+  os.sched_setaffinity(0, set(spec['cpus']))  # before any thread pool or worker exists
+  baseline = spec.get('mode') == 'mixture' and spec.get('pipeline') == 'today' and \
+      spec.get('baseline_dir')
+  if baseline:  # today's rows run the code of the baseline revision, unchanged
+    sys.path.insert(0, spec['baseline_dir'])
+  import dataclasses
+  import resource
+  from beit3_jax.data import pretraining
+  from beit3_jax.data import text as text_lib
+
+  load_start = os.getloadavg()[0]
+  cfg = pretraining.PretrainInputs(**spec['inputs'])
+  if baseline:
+    assert pretraining.__file__.startswith(spec['baseline_dir']), pretraining.__file__
+    cfg_today = cfg_new = cfg
+  else:
+    cfg_today = dataclasses.replace(cfg, views_on_device=False)
+    cfg_new = dataclasses.replace(cfg, views_on_device=True)
+  tokenizer = text_lib.TextTokenizer.from_file(spec['spm'])
+  sources = _open_sources(spec)
+  out = {'cpus': sorted(os.sched_getaffinity(0)), 'load_start': load_start}
+
+  if spec['mode'] == 'transform':
+    out.update(_transform_costs(spec, cfg_today, cfg_new, tokenizer, sources))
+    return out
+  if spec['mode'] == 'device':
+    out.update(_device_cost(spec, cfg_new, tokenizer, sources))
     return out
 
-  batch = spec['batch']
+  batch, workers = spec['batch'], spec['workers']
   sizes = {'image': batch, 'text': batch, 'pair': batch}
-  mixture = pretraining.make_mixture(cfg, tokenizer, sources, sizes, seed=0, process_index=0,
-                                     process_count=1, read_threads=spec['read_threads'])
+  if baseline:   # the baseline's API: reader threads per stream, no workers
+    mixture = pretraining.make_mixture(cfg, tokenizer, sources, sizes, seed=0,
+                                       process_index=0, process_count=1,
+                                       read_threads=spec['read_threads'])
+  else:
+    mixture = pretraining.make_mixture(
+        cfg_new if spec['pipeline'] == 'new' else cfg_today, tokenizer, sources, sizes, seed=0,
+        process_index=0, process_count=1, read_threads=spec['read_threads'], workers=workers)
+  me = os.getpid()
   t0 = time.perf_counter()
   next(mixture)
   out['first_s'] = time.perf_counter() - t0
-  warm = 1  # at least `warmup` batches and `warmup_seconds`, so the prefetch buffers (4 batches
+  warm = 1  # at least `warmup` batches and `warmup_seconds`, so the prefetch buffers are in
   while warm < spec['warmup'] or time.perf_counter() - t0 < spec['warmup_seconds']:
-    next(mixture)  # a stream) are in their steady state when the clock starts
+    next(mixture)  # their steady state when the clock starts
     warm += 1
   out['warmup_batches'] = warm
-  usage0 = resource.getrusage(resource.RUSAGE_SELF)
+  kids = _descendants(me)
+  affinity = {}
+  for pid in kids:  # worker processes inherit the child's pinning (checked, not assumed)
+    try:
+      affinity[pid] = sorted(os.sched_getaffinity(pid))
+    except OSError:
+      pass
+  out['processes'] = 1 + len(kids)
+  out['affinity_ok'] = all(a == out['cpus'] for a in affinity.values())
+  out['worker_affinity'] = sorted({tuple(a) for a in affinity.values()})
+  cpu0, _ = _tree_cpu(me)
+  self0 = resource.getrusage(resource.RUSAGE_SELF)
   busy0, steal0 = _busy_seconds()
   t0 = time.perf_counter()
   steps = 0
@@ -348,20 +438,47 @@ def worker(spec: dict) -> dict:
     wall = time.perf_counter() - t0
     if wall >= spec['seconds']:
       break
-  usage1 = resource.getrusage(resource.RUSAGE_SELF)
+  cpu1, per = _tree_cpu(me)
+  self1 = resource.getrusage(resource.RUSAGE_SELF)
   busy1, steal1 = _busy_seconds()
-  cpu = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
+  cpu = cpu1 - cpu0  # this process and every worker process, over the timed window
+  main_cpu = (self1.ru_utime - self0.ru_utime) + (self1.ru_stime - self0.ru_stime)
   out['other_cpu'] = max(0.0, (busy1 - busy0) - cpu) / wall  # other processes, in cores
   out['steal'] = (steal1 - steal0) / wall
-  shapes = {k: tuple(v['image'].shape) for k, v in b.items() if 'image' in v}
-  out.update(steps=steps, wall_s=wall, cpu_s=cpu, examples=3 * batch * steps,
-             images=2 * batch * steps, shapes={k: list(v) for k, v in shapes.items()},
-             skipped=mixture.skipped(), load_end=os.getloadavg()[0])
+  shapes = {k: list(v['image'].shape) for k, v in b.items() if 'image' in v}
+  skipped = mixture.skipped()
+  if hasattr(mixture, 'close'):   # (the baseline revision's mixture has no workers to stop)
+    mixture.close()  # stops the workers; their whole life's CPU then shows in RUSAGE_CHILDREN
+  children = resource.getrusage(resource.RUSAGE_CHILDREN)
+  out.update(steps=steps, wall_s=wall, cpu_s=cpu, main_cpu_s=main_cpu,
+             examples=3 * batch * steps, images=2 * batch * steps, shapes=shapes,
+             skipped=skipped, load_end=os.getloadavg()[0],
+             children_cpu_total_s=children.ru_utime + children.ru_stime)
   return out
+
+
+def _baseline_code(rev: str) -> str:
+  """A folder holding beit3_jax as of git revision `rev` (today's rows run it), or '' (then
+  they run this checkout's host reference, `PretrainInputs(views_on_device=False)`)."""
+  if not rev:
+    return ''
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  folder = tempfile.mkdtemp(prefix=f'baseline_{rev}_')
+  try:
+    archive = subprocess.run(['git', '-C', repo, 'archive', rev, 'beit3_jax'],
+                             capture_output=True, check=True).stdout
+    subprocess.run(['tar', '-x', '-C', folder], input=archive, check=True)
+  except (OSError, subprocess.CalledProcessError) as e:
+    print(f'Baseline revision {rev} not available ({e}); today\'s rows run this checkout\'s '
+          'host reference (views_on_device=False) instead.', flush=True)
+    return ''
+  print(f"today's rows run beit3_jax as of git revision {rev} (from {folder})", flush=True)
+  return folder
 
 
 def run_child(spec: dict, timeout: float) -> dict:
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', PYTHONUNBUFFERED='1')
+  env.setdefault('JAX_PLATFORMS', 'cpu')  # the device half is timed on this CPU
   proc = subprocess.run([sys.executable, os.path.abspath(__file__), '--_worker', json.dumps(spec)],
                         capture_output=True, text=True, timeout=timeout, env=env)
   lines = [l for l in proc.stdout.splitlines() if l.startswith('{')]
@@ -371,89 +488,248 @@ def run_child(spec: dict, timeout: float) -> dict:
   return json.loads(lines[-1])
 
 
-# ---------------------------------------------------------------------------------- FLOPs
+# --------------------------------------------------------------------------------- demand
+
+# TPU VM hosts: (chips per host, vCPUs per host, Google Cloud machine type). Sources: the
+# machine-type tables of cloud.google.com/tpu/docs/v4 (ct4p-hightpu-4t: 4 chips, 240 vCPU),
+# /v5p (ct5p-hightpu-4t: 4 chips, 208 vCPU) and /v6e (ct6e-standard-8t: 8 chips, 180 vCPU, the
+# single-host v6e-8; multi-host v6e slices use ct6e-standard-4t, 4 chips and 180 vCPU).
+HOSTS = {'v4': (4, 240, 'ct4p-hightpu-4t'), 'v5p': (4, 208, 'ct5p-hightpu-4t'),
+         'v6e': (8, 180, 'ct6e-standard-8t')}
+V6E_MULTI_HOST = (4, 180, 'ct6e-standard-4t')
+# A recipe made for more chips than one host holds (the pretraining recipes: 64-256 chips) runs
+# on a multi-host v6e slice, 4 chips a host; a single-host recipe (fine-tuning, the tokenizer:
+# 4-8 chips) on the single-host v6e-8, 8 chips a host (the most chips per vCPU).
+SINGLE_HOST_MAX_CHIPS = 8
+RECIPES = ('pretrain/base', 'pretrain/large', 'pretrain/giant', 'pretrain/tokenizer_base',
+           'finetune/vqa_base', 'finetune/vqa_large', 'finetune/classification_base',
+           'finetune/classification_large', 'finetune/nlvr2_base', 'finetune/nlvr2_large',
+           'finetune/retrieval_base', 'finetune/retrieval_large', 'finetune/captioning_base',
+           'finetune/captioning_large')
+# The planner's roofline step time (s) of a recipe as shipped on a slice: docs/performance.md
+# "Plans for TPU slices" (planned 2026-12-07, libtpu 0.0.42.1). A lower bound on the step, so
+# the demand it gives is an upper bound.
+PLANNED_STEP_S = {
+    ('pretrain/base', 'v5p-128'): 0.071, ('pretrain/large', 'v5p-256'): 0.108,
+    ('pretrain/giant', 'v5p-512'): 0.183, ('pretrain/giant', 'v4-512'): 0.364,
+    ('pretrain/tokenizer_base', 'v5p-8'): 0.090,
+    ('finetune/vqa_base', 'v5p-8'): 0.120, ('finetune/vqa_large', 'v5p-8'): 0.324,
+    ('finetune/vqa_large', 'v4-8'): 0.816,
+    ('finetune/classification_base', 'v5p-8'): 0.094,
+    ('finetune/classification_large', 'v5p-8'): 0.320,
+    ('finetune/nlvr2_base', 'v5p-8'): 0.093, ('finetune/nlvr2_large', 'v5p-8'): 0.287,
+    ('finetune/retrieval_base', 'v5p-8'): 1.823, ('finetune/retrieval_large', 'v5p-16'): 2.425,
+    ('finetune/captioning_base', 'v5p-8'): 0.235, ('finetune/captioning_large', 'v5p-8'): 0.620,
+}
+IMAGES_PER_EXAMPLE = {'nlvr2': 2}   # fine-tuning tasks; the others have one image an example
+NO_TEXT = ('classification',)       # fine-tuning tasks without a text per example
 
 
-def v4_8_arithmetic(per_core: dict, derate: float, host_vcpus: int) -> dict:
-  """Prints and returns the FLOPs-per-example and cores-needed arithmetic for base on a v4-8."""
-  from beit3_jax.data import masking
-  D, F, L = 768, 3072, 12          # base
-  V_TEXT, V_IMAGE = 64010, 8192    # MLM vocabulary, VQ-KD codebook
-  N = L * (4 * D * D + 2 * D * F)  # matmul params a token uses (one expert per Multiway module)
-  patches, text_len = (224 // 16) ** 2, 64
-  mim = masking.BlockMaskConfig().num_masked(patches)           # 78 of 196
-  cand = text_len - 2                                            # a full-length text: 62 pieces
-  mlm_text = masking.num_text_masked(cand, 0.15)                 # 9
-  mlm_pair = masking.num_text_masked(cand, 0.5)                  # 31
-  streams = {'image': (1 + patches, 0, mim), 'text': (text_len, mlm_text, 0),
-             'pair': (1 + patches + text_len, mlm_pair, 0)}
-  print('\n== Cores to feed BEiT-3 base on a TPU v4-8 host at 50% MFU ==')
-  print(f'base: D={D}, F={F}, L={L}; matmul params per token N = L(4D^2 + 2DF) = {N:,} '
-        f'({N / 1e6:.1f}M)')
-  print(f'training FLOPs per token = 6N + 12*L*S*D (attention: QK^T and AV, x3 for fwd+bwd); '
-        f'6N = {6 * N / 1e6:.1f} MFLOP')
-  print(f'heads: MLM 6*D*{V_TEXT} = {6 * D * V_TEXT / 1e6:.1f} MFLOP per masked text token; '
-        f'MIM 6*D*{V_IMAGE} = {6 * D * V_IMAGE / 1e6:.1f} MFLOP per masked patch')
-  print(f'masked: image {mim}/{patches} patches (40% block-wise); text {mlm_text} and pair '
-        f'{mlm_pair} of {cand} pieces (15% / 50% of a full {text_len}-token text)')
-  print(f'{"stream":<7} {"S":>4} {"MFLOP/token":>12} {"backbone GF":>12} {"head GF":>8} '
-        f'{"total GF":>9}')
-  flops = {}
-  for name, (S, n_mlm, n_mim) in streams.items():
-    per_token = 6 * N + 12 * L * S * D
-    backbone = per_token * S
-    head = n_mlm * 6 * D * V_TEXT + n_mim * 6 * D * V_IMAGE
-    flops[name] = backbone + head
-    print(f'{name:<7} {S:>4} {per_token / 1e6:>12.1f} {backbone / 1e9:>12.2f} {head / 1e9:>8.2f} '
-          f'{flops[name] / 1e9:>9.2f}')
-  mean = sum(flops.values()) / 3
-  supply = 0.5 * 4 * 275e12
-  demand = supply / mean
-  images = demand * 2 / 3
-  print(f'1:1:1 mean: {mean / 1e9:.2f} GFLOP/example')
-  print(f'v4-8 host: 4 chips x 275 TFLOP/s bf16 = {4 * 275e12 / 1e15:.2f} PFLOP/s; at 50% MFU '
-        f'{supply / 1e12:.0f} TFLOP/s of model FLOPs')
-  print(f'demand = {supply:.3g} / {mean:.4g} = {demand:,.0f} examples/s '
-        f'({demand / 3:,.0f} per stream; images = 2/3 = {images:,.0f} img/s; anchor: 5.3k '
-        f'samples/s, 3,533 img/s)')
-  tok_view = 2 * 86e6 * 197  # a VQ-KD ViT-B forward per image (not model FLOPs, not counted)
-  print(f'(not counted: the VQ-KD tokenizer forward, ~{tok_view / 1e9:.0f} GFLOP per image-stream '
-        f'example; counting it would lower the demand by '
-        f'{100 * (1 - mean / (mean + tok_view / 3)):.0f}%)')
-  result = {'flops': flops, 'mean_flops': mean, 'demand_examples_s': demand,
-            'demand_images_s': images, 'cores': {}}
-  if per_core:
-    print(f'cores = demand / measured examples/s per core (224 px rows); x{1 / derate:.0f} for a '
-          f'TPU-host vCPU (SMT thread of an older EPYC, assumed derating {derate}); '
-          f'v4 host = {host_vcpus} vCPU')
-    print(f'{"per-core rate used":<40} {"ex/s/core":>9} {"img/s/core":>10} {"cores":>6} '
-          f'{"vCPU derated":>12} {"% of host":>9}')
-    for label, rate in per_core.items():
-      cores = demand / rate
-      vcpus = cores / derate
-      result['cores'][label] = {'ex_per_core': rate, 'cores': cores, 'vcpus': vcpus}
-      print(f'{label:<40} {rate:>9.1f} {rate * 2 / 3:>10.1f} {cores:>6.1f} {vcpus:>12.1f} '
-            f'{100 * vcpus / host_vcpus:>8.1f}%')
-    print('earlier AMD Zen 5 anchor: 3,533 img/s / 176 img/s/core = ~20 cores (40 vCPU '
-          'derated, 17% of the host) for the reference-faithful transform with grain w2')
-  return result
+def recipe_facts(names=RECIPES) -> list[dict]:
+  """Per recipe: its job, batch, analytic training FLOPs per example (the job's own count,
+  `beit3_jax.models.flops`, from `plan_job` on a one-CPU mesh), image rows, and the host view
+  it makes (size, crop scale)."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if repo not in sys.path:
+    sys.path.insert(0, repo)
+  import importlib
+  import logging
+  os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # FLOP counts only; no accelerator wanted
+  import jax
+  from beit3_jax import sharding as sharding_lib
+  from beit3_jax.planning import planner
+  logging.getLogger().setLevel(logging.ERROR)  # VQA's missing answer vocabulary: irrelevant
+  mesh = sharding_lib.make_mesh((1, 1, 1), jax.devices('cpu')[:1])
+  out = []
+  for name in names:
+    config = importlib.import_module('configs.' + name.replace('/', '.')).get_config()
+    config.mesh_shape = (1, 1, 1)
+    job = planner.PLANNABLE[config.job].plan_job(config, mesh)
+    f = {'recipe': name, 'job': config.job, 'slice': config.get('tpu_slice', ''),
+         'examples_per_step': int(job.examples_per_step),
+         'flops_per_example': float(job.flops_per_step) / int(job.examples_per_step)}
+    if config.job == 'pretrain':
+      b = {k: int(v) for k, v in config.batch_size.items()}
+      f.update(images_per_example=(b.get('image', 0) + b.get('pair', 0)) / sum(b.values()),
+               view=None, text_per_example=None, image_size=int(config.model.img_size))
+    elif config.job == 'tokenizer':
+      f.update(images_per_example=1.0, text_per_example=0.0,
+               image_size=int(config.tokenizer.input_size),
+               view={'kind': 'tokenizer', 'size': int(config.tokenizer.input_size),
+                     'scale': [float(x) for x in config.data.crop_scale]})
+    else:
+      f.update(images_per_example=float(IMAGES_PER_EXAMPLE.get(config.task, 1)),
+               text_per_example=0.0 if config.task in NO_TEXT else 1.0,
+               image_size=int(config.model.img_size),
+               view={'kind': 'finetune', 'size': int(config.model.img_size),
+                     'scale': [float(x) for x in config.data.crop_scale]})
+    out.append(f)
+  return out
+
+
+def _view_key(view: dict) -> str:
+  return f'view/{view["kind"]}/{view["size"]}/{view["scale"][0]}'
+
+
+def demand_table(facts: list[dict], cpu_s_per_example: float, costs: dict | None,
+                 derate: float) -> list[dict]:
+  """Prints and returns, per recipe and TPU generation, the examples/s a host must supply and
+  the share of its vCPUs that takes.
+
+  Args:
+    facts: from `recipe_facts`.
+    cpu_s_per_example: host CPU seconds per pretraining example (1:1:1 mixture), measured.
+    costs: the one-thread cost table (fine-tuning views, ms per image), or None.
+    derate: speed of one TPU-host vCPU in cores of this machine (0.5).
+  """
+  from beit3_jax.chips import CHIPS
+  from beit3_jax.planning import slices
+  overhead, text_ms = 1.0, 0.0
+  if costs:  # the pipeline's CPU per example over the plain loop's, for the new transforms
+    loop_ms = sum(costs[f'new/{s}']['read_ms'] + costs[f'new/{s}']['transform_ms']
+                  for s in ('image', 'text', 'pair')) / 3
+    overhead = 1e3 * cpu_s_per_example / loop_ms
+    text_ms = costs['new/text']['read_ms'] + costs['new/text']['transform_ms']
+  print('\n== What a TPU host must supply, per shipped recipe ==')
+  print('demand (ex/s per host) = examples per step / planned step s / hosts of the slice, where '
+        'the planner has the recipe on that generation (roofline bound: demand is an upper '
+        'bound); else chips per host x 0.5 x peak FLOP/s / training FLOPs per example '
+        '(50% MFU)')
+  print(f'share of the host = demand x host CPU s per example / {derate} (a TPU-host vCPU = '
+        f'{derate} core of this machine) / vCPUs per host')
+  print(f'host CPU per example: pretraining = the measured mixture, {1e3 * cpu_s_per_example:.2f} '
+        'ms (image + text + pair rows 1:1:1, worker processes included); tokenizer and '
+        'fine-tuning = (images x view ms + texts x text ms) x pipeline overhead '
+        f'{overhead:.2f} (the mixture\'s CPU per example over its plain one-thread loop), '
+        f'text {text_ms:.2f} ms')
+  print('hosts: ' + '; '.join(f'{g} {c} chips, {v} vCPU ({m})' for g, (c, v, m) in HOSTS.items())
+        + f'; recipes made for more than {SINGLE_HOST_MAX_CHIPS} chips (pretraining) run on '
+        f'multi-host v6e slices: {V6E_MULTI_HOST[0]} chips, {V6E_MULTI_HOST[1]} vCPU a host '
+        f'({V6E_MULTI_HOST[2]})')
+  head = (f'{"recipe":<30} {"gen":<4} {"chips":>5} {"step from":<22} {"GF/ex":>7} '
+          f'{"ex/s/host":>9} {"img/s/host":>10} {"ms/ex":>6} {"vCPU":>6} {"% host":>7}')
+  print(head)
+  print('-' * len(head))
+  rows = []
+  for f in facts:
+    if f['job'] == 'pretrain' or not costs:
+      ms = 1e3 * cpu_s_per_example
+      how = 'measured mixture'
+    else:
+      view = costs.get(_view_key(f['view']))
+      ms = (f['images_per_example'] * view['ms'] + f['text_per_example'] * text_ms) * overhead
+      how = f'{f["images_per_example"]:g} x {view["ms"]:.2f} ms view at {f["image_size"]} px'
+    multi_host = slices.parse(f['slice']).chips > SINGLE_HOST_MAX_CHIPS
+    for gen, (chips_per_host, vcpus, machine) in HOSTS.items():
+      if gen == 'v6e' and multi_host:
+        chips_per_host, vcpus, machine = V6E_MULTI_HOST
+      planned = [(s, t) for (r, s), t in PLANNED_STEP_S.items()
+                 if r == f['recipe'] and slices.parse(s).generation == gen]
+      mfu_demand = chips_per_host * 0.5 * CHIPS[gen].peak_flops / f['flops_per_example']
+      if planned:
+        name, step_s = planned[0]
+        hosts = max(1.0, slices.parse(name).chips / chips_per_host)
+        demand = f['examples_per_step'] / step_s / hosts
+        source = f'plan {name} {1e3 * step_s:.0f} ms'
+      else:
+        demand, source = mfu_demand, '50% MFU'
+      vcpu = demand * ms / 1e3 / derate
+      row = {'recipe': f['recipe'], 'generation': gen, 'machine_type': machine,
+             'chips_per_host': chips_per_host, 'host_vcpus': vcpus, 'step_from': source,
+             'flops_per_example': f['flops_per_example'], 'demand_ex_per_s': demand,
+             'demand_ex_per_s_at_50pct_mfu': mfu_demand,
+             'demand_img_per_s': demand * f['images_per_example'],
+             'cpu_ms_per_example': ms, 'cpu_from': how, 'vcpus_needed': vcpu,
+             'host_fraction': vcpu / vcpus}
+      rows.append(row)
+      print(f'{f["recipe"]:<30} {gen:<4} {chips_per_host:>5} {source:<22} '
+            f'{f["flops_per_example"] / 1e9:>7.1f} {demand:>9,.0f} '
+            f'{row["demand_img_per_s"]:>10,.0f} {ms:>6.2f} {vcpu:>6.1f} '
+            f'{100 * row["host_fraction"]:>6.1f}%')
+  return rows
 
 
 # -------------------------------------------------------------------------------------- main
 
 
+def _parse_new_rows(text: str) -> list[tuple[int, int]]:
+  """'1x1,2x2' -> [(workers, cores), ...]."""
+  out = []
+  for item in text.split(','):
+    if item.strip():
+      w, c = item.lower().split('x')
+      out.append((int(w), int(c)))
+  return out
+
+
+def summarize(runs: dict, quiet_cpu: float) -> list[dict]:
+  """Medians over the quiet runs of every row (all runs when none was quiet)."""
+  rows = []
+  for (case, pipeline, workers, cores, threads), rs in runs.items():
+    quiet = [r for r in rs if r['other_cpu'] <= quiet_cpu] or rs
+    ex_s = statistics.median(r['ex_s'] for r in quiet)
+    img_s = ex_s * 2 / 3
+    rows.append({
+        'case': case, 'pipeline': pipeline, 'workers': workers, 'cores': cores,
+        'read_threads': threads, 'ex_per_s': ex_s, 'img_per_s': img_s,
+        'ex_per_s_per_core': ex_s / cores, 'img_per_s_per_core': img_s / cores,
+        'cpu_s_per_example': statistics.median(r['cpu_s'] / r['examples'] for r in quiet),
+        'cpu_s_per_image': statistics.median(r['cpu_s'] / r['images'] for r in quiet),
+        'cpu_per_wall': statistics.median(r['cpu_s'] / r['wall_s'] for r in quiet),
+        'main_cpu_share': statistics.median(r['main_cpu_s'] / max(r['cpu_s'], 1e-9)
+                                            for r in quiet),
+        'processes': rs[-1]['processes'], 'affinity_ok': all(r['affinity_ok'] for r in rs),
+        'quiet_runs': len(quiet), 'runs': len(rs), 'ex_per_s_min': min(r['ex_s'] for r in rs),
+        'ex_per_s_max': max(r['ex_s'] for r in rs),
+        'others_max': max(r['other_cpu'] for r in quiet),
+        'first_s': statistics.median(r['first_s'] for r in rs),
+        'skipped': rs[-1]['skipped'], 'all_runs': rs})
+  return rows
+
+
+def case_summary(rows: list[dict], case: str) -> dict:
+  """The scaling of the new pipeline (2 workers / 2 cores over 1 / 1) and its img/s per core
+  at 2 workers / 2 cores over today's best at 2 cores."""
+  get = lambda p, w, c: [r for r in rows if (r['case'], r['pipeline'], r['workers'],  # noqa
+                                             r['cores']) == (case, p, w, c)]
+  out = {}
+  n11, n22 = get('new', 1, 1), get('new', 2, 2)
+  today2 = get('today', 0, 2)
+  if n11 and n22:
+    out['scaling_new_2w2c_over_1w1c'] = n22[0]['ex_per_s'] / n11[0]['ex_per_s']
+  if n22 and today2:
+    best = max(today2, key=lambda r: r['ex_per_s'])
+    out['new_2w2c_over_today_2c_img_per_s_per_core'] = (n22[0]['img_per_s_per_core']
+                                                        / best['img_per_s_per_core'])
+    out['today_2c_read_threads'] = best['read_threads']
+  return out
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--cases', default=','.join(CASES),
+  parser.add_argument('--cases', default='jpeg224',
                       help=f'comma-separated subset of {",".join(CASES)}')
-  parser.add_argument('--cores', default='1,2', help='core counts to pin to (first k CPUs)')
-  parser.add_argument('--read_threads', default='1,2', help='grain read threads per stream')
-  parser.add_argument('--batch', type=int, default=32, help='batch of each of the 3 streams')
-  parser.add_argument('--seconds', type=float, default=10.0, help='timed seconds per row')
+  parser.add_argument('--today_cores', default='1,2',
+                      help="core counts of today's pipeline (views on the host, no workers)")
+  parser.add_argument('--baseline_rev', default=BASELINE_REV,
+                      help="git revision whose pipeline today's rows run ('' = this "
+                           "checkout's host reference, views_on_device=False)")
+  parser.add_argument('--read_threads', default='1',
+                      help="grain read threads per stream of today's rows (1 was the faster "
+                           'in the earlier measurement; 1,2 runs both)')
+  parser.add_argument('--new_rows', default='1x1,2x2',
+                      help='WORKERSxCORES of the new pipeline (views on the device): W worker '
+                           'processes, each making whole steps, pinned to the first CORES CPUs')
+  parser.add_argument('--new_read_threads', type=int, default=0,
+                      help='read threads in each worker of the new rows')
+  parser.add_argument('--batch', type=int, default=128,
+                      help='host batch of each of the 3 streams (128: pretrain/base on '
+                           'v5p-128, 2048 per stream over 16 hosts)')
+  parser.add_argument('--seconds', type=float, default=10.0, help='timed seconds per run')
   parser.add_argument('--warmup', type=int, default=2, help='untimed batches first')
-  parser.add_argument('--warmup_seconds', type=float, default=2.0,
+  parser.add_argument('--warmup_seconds', type=float, default=3.0,
                       help='... and warm up for at least this long')
-  parser.add_argument('--repeats', type=int, default=2,
+  parser.add_argument('--repeats', type=int, default=3,
                       help='runs of every row, in rotation; the table gives the median')
   parser.add_argument('--quiet_cpu', type=float, default=0.1,
                       help='runs where other processes used more cores than this are dropped '
@@ -463,8 +739,14 @@ def main(argv=None) -> int:
   parser.add_argument('--wait_quiet', type=float, default=0.0,
                       help='before each run, wait up to this many seconds for a quiet 3 s '
                            '(for shared machines; 0: do not wait)')
-  parser.add_argument('--transform_seconds', type=float, default=2.0,
-                      help='seconds per stream of the one-thread cost table (0: skip it)')
+  parser.add_argument('--transform_seconds', type=float, default=1.5,
+                      help='seconds per stream of the one-thread cost table (0: skip it and '
+                           'the fine-tuning view costs)')
+  parser.add_argument('--view_seconds', type=float, default=1.0,
+                      help='seconds per fine-tuning / tokenizer view size in that table')
+  parser.add_argument('--device_seconds', type=float, default=2.0,
+                      help='seconds of timed finish_images calls per case (0: skip)')
+  parser.add_argument('--no_demand', action='store_true', help='skip the per-recipe table')
   parser.add_argument('--data_dir', default=None,
                       help='where to build the data (reused); default: a temporary folder')
   parser.add_argument('--num_train', type=int, default=256, help='synthetic-world images built')
@@ -475,7 +757,6 @@ def main(argv=None) -> int:
   parser.add_argument('--vocab_size', type=int, default=500)
   parser.add_argument('--derate', type=float, default=0.5,
                       help='speed of a TPU-host vCPU relative to a core here (assumed: 0.5)')
-  parser.add_argument('--host_vcpus', type=int, default=240, help='vCPUs of a v4 TPU host')
   parser.add_argument('--json', default=None, help='also write all results to this file')
   parser.add_argument('--_worker', default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
@@ -489,8 +770,8 @@ def main(argv=None) -> int:
   if unknown:
     parser.error(f'unknown cases {sorted(unknown)}')
   available = sorted(os.sched_getaffinity(0))
-  core_counts = [k for k in _csv_ints(args.cores) if k <= len(available)]
-  thread_counts = _csv_ints(args.read_threads)
+  today_cores = [k for k in _csv_ints(args.today_cores) if k <= len(available)]
+  new_rows = [(w, c) for w, c in _parse_new_rows(args.new_rows) if c <= len(available)]
   started = time.perf_counter()
   load0 = os.getloadavg()
   print(f'load average at start: {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} '
@@ -504,85 +785,139 @@ def main(argv=None) -> int:
     data_dir = os.path.abspath(os.path.expanduser(args.data_dir))
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
   specs = prepare_data(args, data_dir)
+  facts = []
+  if not args.no_demand:
+    facts = recipe_facts()
+  views = []
+  for f in facts:
+    if f['view'] and f['view'] not in views:
+      views.append(f['view'])
   print(f'data ready in {time.perf_counter() - started:.1f} s\n', flush=True)
 
-  costs, runs = {}, {}
-  child_timeout = 120 + 4 * args.seconds + args.warmup_seconds
-  configs = [(case, cores, threads) for case in specs for cores in core_counts
-             for threads in thread_counts]
-  for case, spec in specs.items():
+  child_timeout = 180 + 4 * args.seconds + args.warmup_seconds
+  costs, device = {}, {}
+  for i, (case, spec) in enumerate(specs.items()):
     if args.transform_seconds > 0:
+      print(f'one-thread costs of {case} ...', flush=True)
       costs[case] = run_child({**spec, 'mode': 'transform', 'cpus': available[:1],
-                               'seconds': args.transform_seconds}, child_timeout)
+                               'seconds': args.transform_seconds,
+                               'views': views if case == 'jpeg224' else [],
+                               'view_seconds': args.view_seconds}, child_timeout)
+    if args.device_seconds > 0:
+      print(f'device half of {case} (jit finish_images on 1 CPU core) ...', flush=True)
+      device[case] = run_child({**spec, 'mode': 'device', 'cpus': available[:1],
+                                'seconds': args.device_seconds, 'device_batch': args.batch},
+                               child_timeout)
+
+  baseline_dir = _baseline_code(args.baseline_rev)
+  configs = []
+  for case in specs:
+    for cores in today_cores:
+      for threads in _csv_ints(args.read_threads):
+        configs.append((case, 'today', 0, cores, threads))
+    for workers, cores in new_rows:
+      configs.append((case, 'new', workers, cores, args.new_read_threads))
+  runs = {}
+  total = args.repeats * len(configs)
+  done = 0
   for rep in range(args.repeats):  # repeats rotate through all rows, so drifts hit every row
-    for case, cores, threads in configs:
+    for key in configs:
+      case, pipeline, workers, cores, threads = key
+      done += 1
       for attempt in range(1 + args.retries):
         if args.wait_quiet > 0:
           _wait_quiet(args.quiet_cpu, args.wait_quiet)
-        r = run_child({**specs[case], 'mode': 'mixture', 'cpus': available[:cores],
-                       'batch': args.batch, 'read_threads': threads, 'warmup': args.warmup,
+        r = run_child({**specs[case], 'mode': 'mixture', 'pipeline': pipeline,
+                       'baseline_dir': baseline_dir,
+                       'workers': workers, 'cpus': available[:cores], 'batch': args.batch,
+                       'read_threads': threads, 'warmup': args.warmup,
                        'warmup_seconds': args.warmup_seconds, 'seconds': args.seconds},
                       child_timeout)
         r.update(ex_s=r['examples'] / r['wall_s'], img_s=r['images'] / r['wall_s'])
-        runs.setdefault((case, cores, threads), []).append(r)
+        runs.setdefault(key, []).append(r)
         busy = r['other_cpu'] > args.quiet_cpu
-        print(f'  [{rep + 1}/{args.repeats}] {case} cores={cores} read_threads={threads}: '
-              f'{r["ex_s"]:.1f} ex/s, {r["img_s"]:.1f} img/s, cpu/wall '
-              f'{r["cpu_s"] / r["wall_s"]:.2f}, others {r["other_cpu"]:.2f}, steal '
-              f'{r["steal"]:.2f}, load {r["load_start"]:.2f}{"  BUSY" if busy else ""}',
-              flush=True)
+        print(f'  [{done}/{total}] {case} {pipeline} workers={workers} cores={cores} '
+              f'thr={threads}: {r["ex_s"]:.1f} ex/s, {r["img_s"]:.1f} img/s, '
+              f'{1e3 * r["cpu_s"] / r["examples"]:.2f} CPU ms/ex, cpu/wall '
+              f'{r["cpu_s"] / r["wall_s"]:.2f}, {r["processes"]} proc'
+              f'{"" if r["affinity_ok"] else " (AFFINITY NOT INHERITED)"}, others '
+              f'{r["other_cpu"]:.2f}, steal {r["steal"]:.2f}, load {r["load_start"]:.2f}'
+              f'{"  BUSY" if busy else ""}', flush=True)
         if not busy:
           break
 
-  rows = []
-  for (case, cores, threads), rs in runs.items():
-    quiet = [r for r in rs if r['other_cpu'] <= args.quiet_cpu] or rs
-    ex_s = statistics.median(r['ex_s'] for r in quiet)
-    rows.append({'case': case, 'cores': cores, 'read_threads': threads, 'ex_s': ex_s,
-                 'img_s': ex_s * 2 / 3, 'n': len(quiet), 'of': len(rs),
-                 'lo': min(r['ex_s'] for r in rs), 'hi': max(r['ex_s'] for r in rs),
-                 'cpu_wall': statistics.median(r['cpu_s'] / r['wall_s'] for r in quiet),
-                 'others': max(r['other_cpu'] for r in quiet),
-                 'first_s': statistics.median(r['first_s'] for r in rs),
-                 'skipped': rs[-1]['skipped'], 'runs': rs})
-
+  rows = summarize(runs, args.quiet_cpu)
   print(f'\n== Pretraining mixture throughput (batch {args.batch} per stream, 1:1:1; '
         f'{args.seconds:g} s a run after >= {args.warmup} warm-up batches and '
-        f'>= {args.warmup_seconds:g} s; median of the quiet runs of {args.repeats}) ==')
-  head = (f'{"case":<9} {"cores":>5} {"thr":>3} {"ex/s":>7} {"img/s":>7} {"ex/s/core":>9} '
-          f'{"img/s/core":>10} {"ex/s range":>13} {"quiet":>5} {"cpu/wall":>8} {"others":>6} '
-          f'{"first s":>7}')
-  print(head)
-  print('-' * len(head))
-  for r in rows:
-    print(f'{r["case"]:<9} {r["cores"]:>5} {r["read_threads"]:>3} {r["ex_s"]:>7.1f} '
-          f'{r["img_s"]:>7.1f} {r["ex_s"] / r["cores"]:>9.1f} {r["img_s"] / r["cores"]:>10.1f} '
-          f'{r["lo"]:>6.1f}-{r["hi"]:<6.1f} {r["n"]:>2}/{r["of"]:<2} {r["cpu_wall"]:>8.2f} '
-          f'{r["others"]:>6.2f} {r["first_s"]:>7.2f}')
+        f'>= {args.warmup_seconds:g} s; medians of the quiet runs of {args.repeats}) ==')
+  head = (f'{"case":<9} {"pipeline":<8} {"wk":>2} {"cores":>5} {"thr":>3} {"ex/s":>7} '
+          f'{"img/s":>7} {"ex/s/core":>9} {"img/s/core":>10} {"CPU ms/ex":>9} '
+          f'{"CPU ms/img":>10} {"cpu/wall":>8} {"proc":>4} {"ex/s range":>13} {"quiet":>5} '
+          f'{"others":>6}')
+  summaries = {}
+  for case in specs:
+    print()
+    print(head)
+    print('-' * len(head))
+    for r in (r for r in rows if r['case'] == case):
+      print(f'{case:<9} {r["pipeline"]:<8} {r["workers"]:>2} {r["cores"]:>5} '
+            f'{r["read_threads"]:>3} {r["ex_per_s"]:>7.1f} {r["img_per_s"]:>7.1f} '
+            f'{r["ex_per_s_per_core"]:>9.1f} {r["img_per_s_per_core"]:>10.1f} '
+            f'{1e3 * r["cpu_s_per_example"]:>9.2f} {1e3 * r["cpu_s_per_image"]:>10.2f} '
+            f'{r["cpu_per_wall"]:>8.2f} {r["processes"]:>4} '
+            f'{r["ex_per_s_min"]:>6.1f}-{r["ex_per_s_max"]:<6.1f} '
+            f'{r["quiet_runs"]:>2}/{r["runs"]:<2} {r["others_max"]:>6.2f}')
+    s = summaries[case] = case_summary(rows, case)
+    if 'scaling_new_2w2c_over_1w1c' in s:
+      print(f'{case}: new pipeline, 2 workers / 2 cores over 1 worker / 1 core: '
+            f'x{s["scaling_new_2w2c_over_1w1c"]:.2f} ex/s')
+    if 'new_2w2c_over_today_2c_img_per_s_per_core' in s:
+      print(f'{case}: img/s per core, new at 2 workers / 2 cores over today at 2 cores: '
+            f'x{s["new_2w2c_over_today_2c_img_per_s_per_core"]:.2f}')
+    if case in device:
+      d = device[case]
+      print(f'{case}: device half (finish_images: jitter + normalise + {d["tokenizer_size"]} px '
+            f'tokenizer view of {d["image_size"]} px images), jitted on 1 core of this CPU: '
+            f'{d["ms_per_image"]:.3f} ms per image ({d["ms_per_batch"]:.1f} ms a batch of '
+            f'{d["batch"]}; compile {d["compile_s"]:.1f} s). On the accelerator in training; '
+            'an upper bound for reference, not host work.')
+  print('\nCPU ms/ex = CPU time of the child and all its worker processes over the timed '
+        'window (/proc/<pid>/stat) / examples; CPU ms/img = the same / image + pair rows; '
+        'proc = processes (1 + workers x 3 streams)')
+  if not all(r['affinity_ok'] for r in rows):
+    print('WARNING: some worker processes did not run on the pinned cores')
   skipped = {r['case']: r['skipped'] for r in rows if any(r['skipped'].values())}
   if skipped:
     print(f'skipped examples: {skipped}')
 
   if costs:
     print('\n== One example, read + transformed in a plain loop on 1 core (ms) ==')
-    print(f'{"case":<9} {"stream":<6} {"read":>6} {"transform":>9} {"total":>6} {"n":>5}')
+    print(f'{"case":<9} {"pipeline":<8} {"stream":<6} {"read":>6} {"transform":>9} {"total":>6}'
+          f' {"n":>5}')
     for case, c in costs.items():
-      for name in ('image', 'text', 'pair'):
-        s = c[name]
-        print(f'{case:<9} {name:<6} {s["read_ms"]:>6.2f} {s["transform_ms"]:>9.2f} '
-              f'{s["read_ms"] + s["transform_ms"]:>6.2f} {s["n"]:>5}')
-      total = sum(c[n]['read_ms'] + c[n]['transform_ms'] for n in ('image', 'text', 'pair'))
-      print(f'{case:<9} {"1:1:1":<6} -> {1e3 * 3 / total:.0f} ex/s/core without grain or batching')
+      for label in ('today', 'new'):
+        for name in ('image', 'text', 'pair'):
+          s = c[f'{label}/{name}']
+          print(f'{case:<9} {label:<8} {name:<6} {s["read_ms"]:>6.2f} {s["transform_ms"]:>9.2f} '
+                f'{s["read_ms"] + s["transform_ms"]:>6.2f} {s["n"]:>5}')
+      view_rows = [v for k, v in c.items() if k.startswith('view/')]
+      for v in view_rows:
+        print(f'{case:<9} {v["kind"]:<8} view {v["size"]} px, crop {v["scale"][0]}-1: '
+              f'{v["ms"]:.2f} ms per image (decode + crop + resize + flip), n {v["n"]}')
 
-  per_core = {}
-  for case in ('jpeg224', 'world224'):
-    case_rows = [r for r in rows if r['case'] == case]
-    for cores in sorted({r['cores'] for r in case_rows}):
-      best = max((r for r in case_rows if r['cores'] == cores), key=lambda r: r['ex_s'])
-      label = f'{case}, {cores} core{"s" * (cores > 1)}, thr {best["read_threads"]}' + \
-              (' (2c/2)' if cores == 2 else '')
-      per_core[label] = best['ex_s'] / cores
-  arithmetic = v4_8_arithmetic(per_core, args.derate, args.host_vcpus)
+  demand = []
+  ref = [r for r in rows if (r['case'], r['pipeline'], r['workers'], r['cores'])
+         == ('jpeg224', 'new', 2, 2)]
+  if facts and ref:
+    demand = demand_table(facts, ref[0]['cpu_s_per_example'], costs.get('jpeg224'),
+                          args.derate)
+    base = [d for d in demand if d['recipe'] == 'pretrain/base' and d['generation'] == 'v5p']
+    if base:
+      print(f'\nacceptance: base pretraining on v5p needs {100 * base[0]["host_fraction"]:.1f}% '
+            f'of the host ({base[0]["vcpus_needed"]:.1f} of {base[0]["host_vcpus"]} vCPU; '
+            f'target < 25%)')
+  elif facts:
+    print('\n(no per-recipe table: it needs the jpeg224 new-pipeline row at 2 workers / 2 cores)')
 
   load1 = os.getloadavg()
   print(f'\nload average at end: {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}; '
@@ -590,12 +925,25 @@ def main(argv=None) -> int:
   if args.json:
     with open(args.json, 'w') as f:
       json.dump({'args': {k: v for k, v in vars(args).items() if k != '_worker'},
-                 'load_start': load0, 'load_end': load1, 'rows': rows, 'costs': costs,
-                 'jpeg': specs.get('jpeg224', {}).get('extra'), 'arithmetic': arithmetic},
-                f, indent=1, default=str)
+                 'cpu': _cpu_model(), 'load_start': load0, 'load_end': load1,
+                 'rows': [{k: v for k, v in r.items()} for r in rows],
+                 'summaries': summaries, 'device': device, 'costs': costs,
+                 'jpeg': specs.get('jpeg224', {}).get('extra'), 'recipes': facts,
+                 'demand': demand}, f, indent=1, default=str)
   if tmp is not None:
     tmp.cleanup()
   return 0
+
+
+def _cpu_model() -> str:
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return ''
 
 
 if __name__ == '__main__':

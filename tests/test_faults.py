@@ -63,14 +63,14 @@ def test_sigterm_saves_the_step_and_the_rerun_is_bitwise(setup, straight):  # no
   _assert_resumed_equal(setup, workdir, straight, 4)
 
 
-def _two_processes(setup, workdir, fault_on_process_1=''):  # noqa: F811
+def _two_processes(setup, workdir, fault_on_process_1='', *flags):  # noqa: F811
   """Runs the tiny config as two processes of 4 CPU devices; returns their outputs."""
   env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='4',
              JAX_COMPILATION_CACHE_DIR=setup['cache'], JAX_DISABLE_MOST_OPTIMIZATIONS='1',
              PYTHONPATH=REPO, JAX_COORDINATOR_ADDRESS=f'localhost:{_free_port()}',
              JAX_NUM_PROCESSES='2')
   cmd = [sys.executable, '-m', 'beit3_jax.main', f'--config={setup["config"]}',
-         f'--workdir={workdir}']
+         f'--workdir={workdir}', *flags]
   procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=dict(env, JAX_PROCESS_ID=str(i), **(
                                 {'BEIT3_JAX_FAULT': fault_on_process_1} if i and
@@ -93,6 +93,77 @@ def test_sigterm_to_one_host_stops_every_host_at_the_same_step(setup, straight):
   _two_processes(setup, workdir)
   a, b = _losses(straight), _losses(workdir)
   assert abs(a[10] - b[10]) <= 1e-5 * abs(a[10]), (a[10], b[10])
+
+
+WORKERS = ('--config.data.workers=2',)
+
+
+def _processes_with(marker: str) -> list[int]:
+  """Live processes whose environment holds `marker` (a run's trainer and data workers)."""
+  found = []
+  for pid in filter(str.isdigit, os.listdir('/proc')):
+    try:
+      with open(f'/proc/{pid}/environ', 'rb') as f:
+        if marker.encode() in f.read():
+          found.append(int(pid))
+    except OSError:
+      continue
+  return found
+
+
+def _gone(marker: str, seconds: float = 10.0) -> bool:
+  deadline = time.time() + seconds
+  while _processes_with(marker) and time.time() < deadline:
+    time.sleep(0.2)
+  return not _processes_with(marker)
+
+
+def test_sigterm_to_the_process_group_stops_the_data_workers_cleanly(setup, straight):  # noqa: F811
+  """A machine's shutdown signals every process: the workers ignore it, the trainer finishes
+  and saves its step, then stops them; nothing is left running, and the rerun is bitwise."""
+  workdir = setup['root'] / 'sigterm_group_workers'
+  marker = f'BEIT3_TEST_RUN={workdir.name}'
+  out = _run(setup, workdir, *WORKERS, new_session=True,
+             env_extra={'BEIT3_JAX_FAULT': 'sigterm_group_after_step:4',
+                        'BEIT3_TEST_RUN': workdir.name})
+  assert 'Stopping after step 4 (SIGTERM)' in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+  assert _gone(marker), _processes_with(marker)
+  assert 'Traceback' not in out.stderr, out.stderr[-3000:]
+  _assert_resumed_equal(setup, workdir, straight, 4)
+
+
+def test_a_killed_trainer_leaves_no_data_workers_and_resumes(setup, straight):  # noqa: F811
+  workdir = setup['root'] / 'killed_with_workers'
+  marker = f'BEIT3_TEST_RUN={workdir.name}'
+  out = _run(setup, workdir, *WORKERS, '--config.checkpoint_every=3', check=False,
+             env_extra={'BEIT3_JAX_FAULT': 'kill_after_step:5', 'BEIT3_TEST_RUN': workdir.name})
+  assert out.returncode == -9, out.stderr[-2000:]
+  assert _gone(marker), _processes_with(marker)
+  # Resumed without workers, from the newest checkpoint complete at the kill (3, or 1 while
+  # step 3's asynchronous save was still being written).
+  _assert_resumed_equal(setup, workdir, straight, max(_steps(workdir)))
+
+
+@pytest.mark.parametrize('before,after', [(2, 1), (1, 2)])
+def test_a_checkpoint_of_n_processes_resumes_on_m_processes(setup, straight, before,  # noqa: F811
+                                                            after):
+  """The data position is global: the run continues with the examples the straight run sees
+  (its losses, step by step), whatever the number of processes before and after."""
+  workdir = setup['root'] / f'processes_{before}_to_{after}'
+  stop = '--config.stop_at_step=5'
+  if before == 2:
+    _two_processes(setup, workdir, '', stop, *WORKERS)
+  else:
+    _run(setup, workdir, stop, *WORKERS)
+  if after == 2:
+    _two_processes(setup, workdir, '', *WORKERS)
+  else:
+    out = _run(setup, workdir, *WORKERS)
+    assert 'at step 5' in out.stdout
+  a, b = _losses(straight), _losses(workdir)
+  assert sorted(b) == list(range(1, 11))
+  for step in range(1, 11):
+    assert abs(a[step] - b[step]) <= 1e-5 * abs(a[step]), (step, a[step], b[step])
 
 
 def test_truncated_newest_checkpoint_is_set_aside(setup, straight):  # noqa: F811

@@ -55,13 +55,10 @@ def upload(local_dir, url):
 
 
 class Position:
-  """A stand-in for a data mixture: its position is what the data item checkpoints."""
+  """A stand-in for a data mixture: restoring a checkpoint hands it the saved data state."""
 
   def __init__(self, state=None):
     self.state = state
-
-  def get_state(self):
-    return self.state
 
   def set_state(self, state):
     self.state = state
@@ -110,7 +107,7 @@ def test_checkpoints_with_the_data_position_save_and_resume_on_gcs(gcs, params):
   last = 4
   saver = checkpoints.Checkpointer(workdir, every=1, keep=2, async_save=True)
   for step in range(1, last + 1):
-    assert saver.save(step, train_state_items(params, step), Position({'epoch': 0, 'next': step}))
+    assert saver.save(step, train_state_items(params, step), {'epoch': 0, 'next': step})
   saver.close()
   steps = epath.Path(workdir) / 'checkpoints'
   assert (steps / str(last) / 'state').exists() and (steps / str(last) / 'data').exists()

@@ -86,6 +86,25 @@ def test_bad_jsonl_names_file_and_line(images, content, match):
   assert not os.path.exists(images / 'data' / 'tfds' / 'bad' / '1.0.0' / 'dataset_info.json')
 
 
+def test_malformed_lines_are_skipped_and_counted_when_asked(images):
+  lines = ['{"image": "imgs/0.png", "caption": "ok"}', '{"image": "imgs/1.png", "caption": }',
+           '{"image": "imgs/9.png", "caption": "x"}', '{"img": "imgs/2.png", "caption": "y"}',
+           '[1, 2]', '{"image": "imgs/3.png", "caption": "fine"}']
+  (images / 'train.jsonl').write_text('\n'.join(lines) + '\n')
+  report = local_files.build_image_text('lenient', {'train': str(images / 'train.jsonl')},
+                                        data_dir=str(images / 'data'), on_bad_line='skip')
+  assert report.examples == {'train': 2} and report.skipped == {'malformed annotation': 4}
+  assert sorted(line.split(': ')[0].rsplit(':', 1)[1] for line in report.bad_lines) == \
+      ['2', '3', '4', '5']   # file:line of each
+  with open(os.path.join(report.data_dir, 'build_report.json')) as f:
+    assert json.load(f)['skipped'] == {'malformed annotation': 4}
+  (images / 'bad.csv').write_text('image,caption\nimgs/0.png,fine\nimgs/1.png,too,many\n')
+  report = local_files.BuildReport('x', '')
+  assert len(local_files.read_image_text(str(images / 'bad.csv'), report=report,
+                                         on_bad_line='skip')) == 1
+  assert report.bad_lines[0].startswith(str(images / 'bad.csv') + ':3')
+
+
 def test_bad_csv_and_missing_files(images):
   (images / 'bad.csv').write_text('image,caption\nimgs/0.png,fine\nimgs/1.png,too,many\n')
   with pytest.raises(local_files.AnnotationError, match=r'bad.csv:3'):

@@ -46,14 +46,14 @@ class HostBatches:
     self.next_index += 1
     return batch
 
-  def skipped(self):
-    return {}
-
-  def get_state(self):
-    return {'next_index': self.next_index}
+  def snapshot(self):   # the `pipeline.Mixture` protocol the trainer uses
+    return {'all': {'position': self.next_index, 'restored': {}, 'local': {}}}
 
   def set_state(self, state):
-    self.next_index = int(state['next_index'])
+    self.next_index = int(state['streams']['all']['position'])
+
+  def close(self):
+    pass
 
 
 def run_config(**overrides):

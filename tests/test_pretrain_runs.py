@@ -81,7 +81,7 @@ def setup(tmp_path_factory):
   return {'root': root, 'config': str(config), 'cache': str(root / 'xla_cache')}
 
 
-def _run(setup, workdir, *flags, devices=8, env_extra=None, check=True):
+def _run(setup, workdir, *flags, devices=8, env_extra=None, check=True, new_session=False):
   env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES=str(devices),
              JAX_COMPILATION_CACHE_DIR=setup['cache'],
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
@@ -89,7 +89,8 @@ def _run(setup, workdir, *flags, devices=8, env_extra=None, check=True):
              JAX_DISABLE_MOST_OPTIMIZATIONS='1', PYTHONPATH=REPO, **(env_extra or {}))
   cmd = [sys.executable, '-m', 'beit3_jax.main', f'--config={setup["config"]}',
          f'--workdir={workdir}', *flags]
-  proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600,
+                        start_new_session=new_session)
   if check and proc.returncode:
     raise AssertionError(f'{" ".join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
   return proc

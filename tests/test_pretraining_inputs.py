@@ -38,7 +38,9 @@ def test_streams_fit_the_schema_with_exact_mask_counts(world):
   for _ in range(2):
     batch = next(mixture)
     for stream in ('image', 'text', 'pair'):
-      sizes = dict(B=BATCH[stream], H=64, W=64, T=32, N=16, L=24)
+      # The host view: the tokenizer's where the stream has visual tokens, else the model's.
+      sizes = dict(B=BATCH[stream], H=64, W=64, T=32, V=32 if stream == 'image' else 64, N=16,
+                   L=24)
       schema.check(stream, batch[stream], sizes)
     assert (batch['image']['image_mask'].sum(1) == 6).all()  # round(0.4 * 16)
     assert not batch['pair']['image_mask'].any()
@@ -85,9 +87,15 @@ def test_corrupt_images_and_empty_captions_are_skipped_and_counted(tmp_path, wor
                             split='train')
   mixture = pretraining.make_mixture(CFG, tokenizer, {'pair': source}, {'pair': 2}, seed=0,
                                      process_index=0, process_count=1)
-  for _ in range(8):  # 80% of ten examples survive: 8 batches of 2 span two epochs
-    next(mixture)
-  assert mixture.skipped()['pair']['corrupt image'] >= 2
+  for _ in range(10):  # 10 batches of 2 = two epochs: the two corrupt ones twice, and any
+    next(mixture)     # replacement that drew one of them again
+  assert mixture.skipped()['pair']['corrupt image'] >= 4
+  strict = pretraining.make_mixture(CFG, tokenizer, {'pair': source}, {'pair': 10}, seed=0,
+                                    process_index=0, process_count=1, on_bad_example='stop')
+  with pytest.raises(pipeline.BadExampleError,
+                     match=r"Stream 'pair': example \d+ \(record [37] of .*pairs_with_bad.*"
+                           r'corrupt image'):
+    next(strict)
 
 
 def test_unknown_stream_and_bad_sizes():

@@ -5,7 +5,7 @@ import pytest
 
 from beit3_jax.data import schema
 
-SIZES = dict(B=2, H=64, W=64, T=64, N=16, L=8, A=5)
+SIZES = dict(B=2, H=64, W=64, T=64, V=64, N=16, L=8, A=5)
 
 
 def zeros(kind, sizes=SIZES):
@@ -24,6 +24,13 @@ def test_pair_stream_layout():
   shapes = schema.shapes('pair', SIZES)
   assert shapes['image'] == ((2, 64, 64, 3), np.dtype('uint8'))
   assert shapes['image_mask'] == ((2, 16), np.dtype('bool'))
+  assert shapes['flip'] == ((2,), np.dtype('bool'))
+  assert shapes['jitter'] == ((2, 3), np.dtype('float32'))
+  assert shapes['jitter_order'] == ((2, 3), np.dtype('int32'))
+  # The host reference layout: both views made on the host.
+  reference = schema.shapes(schema.REFERENCE_SCHEMAS['pair'], SIZES)
+  assert reference['tokenizer_image'] == ((2, 64, 64, 3), np.dtype('uint8'))
+  assert 'jitter' not in reference
   assert shapes['text_ids'] == ((2, 8), np.dtype('int32'))
   assert set(schema.PRETRAINING_STREAMS) <= set(schema.SCHEMAS)
 

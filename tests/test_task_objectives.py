@@ -211,7 +211,7 @@ def test_eval_mode_reevaluates_a_checkpoint(tmp_path):
            'label': (np.arange(B) % 4).astype(np.int32)}
   source = [jax.tree.map(lambda x: x[i], batch) for i in range(B)]
   stream = lambda seed, epochs: pipeline.Mixture({'classification': pipeline.Stream(  # noqa: E731
-      source, lambda e, rng: e, global_batch=B, seed=seed, num_epochs=epochs, read_threads=1)})
+      source, lambda e, rng: e, global_batch=B, seed=seed, num_epochs=epochs)}, read_threads=1)
   config = ml_collections.ConfigDict()
   loop_fields(config)
   config.update(total_steps=2, checkpoint_every=2, log_every=1, eval_every=2, eval_batches=2,

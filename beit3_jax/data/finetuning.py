@@ -95,11 +95,12 @@ def caption_example(cfg: FinetuneInputs, tokenizer: TextTokenizer, example, rng,
 
 def make_stream_mixture(name: str, source: Any, transform: pipeline.Transform,
                         global_batch: int, seed: int, *, num_epochs: int | None = None,
-                        read_threads: int = 2) -> pipeline.Mixture:
+                        read_threads: int = 2, workers: int = 0,
+                        on_bad_example: str = 'skip') -> pipeline.Mixture:
   """A one-stream mixture `{name: batch}` (the trainer's resumable data object)."""
-  return pipeline.Mixture({name: pipeline.Stream(source, transform, global_batch=global_batch,
-                                                 seed=seed, num_epochs=num_epochs,
-                                                 read_threads=read_threads)})
+  return pipeline.Mixture({name: pipeline.Stream(
+      source, transform, global_batch=global_batch, seed=seed, num_epochs=num_epochs,
+      on_bad_example=on_bad_example, name=name)}, workers=workers, read_threads=read_threads)
 
 
 def field_overrides(fields: Mapping[str, str] | None, defaults: Mapping[str, str]) -> dict:

@@ -22,6 +22,11 @@ resize per view, about 2x the host throughput. Both functions also work on host 
 On the host, feed `augment` the PIL image from `decode_pil` rather than the array from `decode`:
 the image -> array copy of the full-size image costs 0.2-1 ms at 500 x 375, while the 224 px
 views are cheap to convert.
+
+Device-side augmentation: `augment_for_device` makes only the bicubic model view (decoding
+large JPEG crops at a reduced DCT scale) and draws the colour-jitter parameters;
+`beit3_jax.data.device_augment.finish_images` applies the jitter and derives the tokenizer view
+on the device. The functions here remain the reference implementation.
 """
 
 from __future__ import annotations
@@ -606,3 +611,171 @@ def augment(rng: np.random.Generator, image: ImageLike,
     else:
       views = apply_color_jitter(views, params)
   return {'image': views[0], 'tokenizer_image': views[1] if len(views) > 1 else None}
+
+
+# ----------------------------------------------------------------------------------------------
+# The host half of the device-side augmentation (see beit3_jax/data/device_augment.py).
+
+# Op ids of the device colour jitter: index into its factors, entries of its order.
+JITTER_OPS = ('brightness', 'contrast', 'saturation')
+# PIL's JPEG draft offers DCT scalings of 1/2, 1/4 and 1/8.
+_MAX_DRAFT_REDUCTION = 8
+
+
+def encode_jitter(params: JitterParams) -> tuple[np.ndarray, np.ndarray]:
+  """Encodes a colour-jitter draw as fixed-shape arrays for `device_augment.apply_color_jitter`.
+
+  Args:
+    params: from `color_jitter_params` with hue off; may be empty or hold a subset of the ops.
+
+  Returns:
+    (factors, order): factors float32 (3,) indexed by op id (0 brightness, 1 contrast,
+    2 saturation; 1.0 for an op not in `params`); order int32 (3,), the op ids in application
+    order: those in `params` first, then the absent ones (identities) in id order. Empty
+    `params` give ([1, 1, 1], [0, 1, 2]).
+
+  Raises:
+    ValueError: `params` holds 'hue' (not supported on the device), an unknown or a repeated op.
+  """
+  factors = np.ones(len(JITTER_OPS), np.float32)
+  order: list[int] = []
+  for name, f in params:
+    if name not in JITTER_OPS:
+      raise ValueError(f'cannot encode colour-jitter op {name!r} for the device; '
+                       f'expected one of {JITTER_OPS}')
+    i = JITTER_OPS.index(name)
+    if i in order:
+      raise ValueError(f'colour-jitter op {name!r} appears twice in {params}')
+    factors[i] = f
+    order.append(i)
+  order += [i for i in range(len(JITTER_OPS)) if i not in order]
+  return factors, np.array(order, np.int32)
+
+
+def _draft_reduction(crop_h: int, crop_w: int, size: int) -> int:
+  """The largest r in {1, 2, 4, 8} with crop_h / r >= size and crop_w / r >= size."""
+  r = 1
+  while r < _MAX_DRAFT_REDUCTION and min(crop_h, crop_w) >= 2 * r * size:
+    r *= 2
+  return r
+
+
+def host_view(cfg: ImageAugConfig) -> tuple[int, str]:
+  """(side, interpolation) of the one view `augment_for_device` makes: the tokenizer view's
+  when cfg has one (the visual tokens, the masked-image-modelling targets, are then computed
+  from exactly the reference's pixels), else the model view's."""
+  if cfg.second_size is not None:
+    return cfg.second_size, cfg.second_interpolation
+  return cfg.size, cfg.interpolation
+
+
+def _decode_crop(rng: np.random.Generator, data: bytes,
+                 cfg: ImageAugConfig) -> tuple[np.ndarray, int]:
+  """Decodes `data`, draws a crop box on its full size and resizes the crop to the host view
+  (`host_view`: the tokenizer's size and interpolation when there is a tokenizer view).
+
+  The box is drawn from the header's size before any pixel is decoded, so a JPEG can be decoded
+  at a reduced DCT scale when the crop is large (see `augment_for_device`).
+
+  Args:
+    rng: random generator (draws: the crop box only).
+    data: the encoded file contents.
+    cfg: the augmentation settings.
+
+  Returns:
+    (view uint8 (V, V, 3) with V the host view's side, not flipped; the decode's reduction
+    factor r, 1 for a full decode, else 2, 4 or 8).
+
+  Raises:
+    TypeError: `data` is not bytes-like.
+    CorruptImageError: the bytes are not a readable image.
+  """
+  if not isinstance(data, (bytes, bytearray, memoryview)):
+    raise TypeError(f'decode expects bytes, got {type(data).__name__}')
+  side, interpolation = host_view(cfg)
+  try:
+    im = Image.open(io.BytesIO(data))  # Reads the header only.
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    raise CorruptImageError(f'cannot decode image ({len(data)} bytes): {e}') from e
+  with im:
+    full_w = im.width
+    top, left, h, w = random_resized_crop_params(rng, im.height, im.width, cfg.scale, cfg.ratio)
+    reduction = _draft_reduction(h, w, side) if im.format == 'JPEG' else 1
+    try:
+      if reduction > 1:
+        # PIL picks the largest scale s in {8, 4, 2, 1} with s <= min(W // req_w, H // req_h);
+        # with req = (W // r, H // r) that is r. It returns the full image's size in the reduced
+        # pixels, from which the scale actually set is read back.
+        drafted = im.draft('RGB', (im.width // reduction, im.height // reduction))
+        reduction = 1 if drafted is None else int(round(full_w / drafted[1][2]))
+      im.load()  # Forces the full decode, so truncation is caught here.
+      rgb = im if im.mode == 'RGB' else im.convert('RGB')
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+      raise CorruptImageError(f'cannot decode image ({len(data)} bytes): {e}') from e
+    if reduction == 1:
+      return _resize_box(rgb, side, (top, left, h, w), interpolation), 1
+    # Reduced pixel j covers full-size pixels [j r, (j + 1) r): the box scales by 1 / r.
+    r = float(reduction)
+    out = rgb.resize((side, side), _resampling(interpolation),
+                     box=(left / r, top / r, (left + w) / r, (top + h) / r))
+    return np.array(out), reduction
+
+
+def augment_for_device(rng: np.random.Generator, image: bytes | ImageLike,
+                       cfg: ImageAugConfig) -> dict[str, np.ndarray]:
+  """The host half of `augment` when colour jitter and the tokenizer view run on the device.
+
+  Produces one view of the crop and the drawn flip and jitter parameters. The view is the
+  tokenizer's (cfg.second_interpolation at cfg.second_size) when cfg has a tokenizer view, else
+  the model's (cfg.interpolation at cfg.size), see `host_view`; `device_augment.finish_images`
+  flips and jitters it inside the jitted step and derives the model view from the jittered view
+  (the same pixels at equal sizes, else a bicubic resize). So the visual tokens are computed
+  from the reference's tokenizer pixels, and the model sees a lanczos rather than a bicubic
+  resample at equal sizes. The random draws are those of `augment` in the same order (crop box,
+  flip, jitter order, jitter factors), so for the same generator state the box, flip and jitter
+  equal `augment`'s, and 'image' equals `augment`'s corresponding view with color_jitter=0 (bit
+  for bit, except when the JPEG draft below applies).
+
+  JPEG draft decoding (encoded JPEG bytes only): the crop box is drawn from the header's size,
+  and when the crop is at least 2 x the view's side V on both sides the JPEG is decoded at a
+  reduced DCT scale 1/r (r = 2, 4 or 8, the largest that keeps the reduced crop >= V on both
+  sides),
+  which makes the decode and the resize several times cheaper for large photos. The reduced
+  decode averages r x r blocks in the DCT domain, so the view differs slightly from a full
+  decode followed by the antialiased resize (tests/test_device_augment.py measures the mean
+  absolute difference). Smaller crops and other formats decode fully.
+
+  Args:
+    rng: random generator.
+    image: encoded bytes (any PIL-readable format), a uint8 (H, W, 3) array or an RGB PIL image.
+    cfg: the augmentation settings.
+
+  Returns:
+    {'image': uint8 (V, V, 3), V = `host_view(cfg)[0]`, not flipped; 'flip': bool, mirror it
+    left-right; 'jitter': float32 (3,) factors by op id
+    (brightness, contrast, saturation; 1.0 for an op that is off); 'jitter_order': int32 (3,) op
+    ids in application order ([0, 1, 2] when jitter is off)}, see `encode_jitter`.
+
+  Raises:
+    CorruptImageError: `image` is bytes that cannot be decoded.
+  """
+  if isinstance(image, (bytes, bytearray, memoryview)):
+    view, _ = _decode_crop(rng, image, cfg)
+  else:
+    im = _to_pil(image)
+    box = random_resized_crop_params(rng, im.height, im.width, cfg.scale, cfg.ratio)
+    side, interpolation = host_view(cfg)
+    view = _resize_box(im, side, box, interpolation)
+  flip = rng.random() < cfg.flip_prob   # applied on the device: a host copy costs 0.1 ms
+  params: JitterParams = ()
+  if cfg.color_jitter > 0:
+    s = cfg.color_jitter
+    params = color_jitter_params(rng, s, s, s, 0.0)
+  factors, order = encode_jitter(params)
+  return {'image': view, 'flip': np.bool_(flip), 'jitter': factors, 'jitter_order': order}
+
+
+def finish_on_host(views: dict[str, np.ndarray]) -> np.ndarray:
+  """The flip `augment_for_device` leaves to the device, done here (for tests and tools):
+  uint8 (V, V, 3) as `augment` would have flipped it (no jitter)."""
+  return np.ascontiguousarray(views['image'][:, ::-1]) if views['flip'] else views['image']

@@ -17,8 +17,10 @@ returns a `BuildReport`. Annotation formats of image-text pairs, chosen by file 
 
 Image paths are relative to `image_root` (default: the annotation file's folder). Images are
 stored as their original encoded bytes (`image_bytes`) and decoded by the input pipeline, which
-skips and counts corrupt ones. A missing annotation file, a malformed line, or an image file
-that does not exist is an error at build time naming the file and line; an empty caption is
+skips and counts corrupt ones. A missing annotation file is an error. A malformed line (not
+JSON, a field or column missing, an image file that does not exist) is an error at build time
+naming the file and line, or, with `on_bad_line='skip'`, skipped and counted in the report
+(`skipped['malformed annotation']`, the first locations in `bad_lines`); an empty caption is
 skipped and counted in the report.
 """
 
@@ -55,9 +57,19 @@ class BuildReport:
   examples: dict[str, int] = dataclasses.field(default_factory=dict)
   skipped: dict[str, int] = dataclasses.field(default_factory=dict)
   class_names: list[str] | None = None
+  bad_lines: list[str] = dataclasses.field(default_factory=list)   # the first 20 skipped
 
   def skip(self, reason: str):
     self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+  def skip_line(self, error: 'AnnotationError'):
+    """Counts a malformed annotation skipped with on_bad_line='skip'."""
+    self.skip('malformed annotation')
+    if len(self.bad_lines) < 20:
+      self.bad_lines.append(str(error))
+
+
+ON_BAD_LINE = ('stop', 'skip')
 
 
 # ----------------------------------------------------------------------------- readers
@@ -78,45 +90,77 @@ def _resolve_image(path: str, root: str, where: str) -> str:
   return full
 
 
-def read_json_lines(path: str):
+def read_json_lines(path: str, report: BuildReport | None = None):
   """Yields ('file:line', record) for each non-blank line of a JSON-lines file; a line that is
-  not a JSON object raises AnnotationError naming file:line."""
+  not a JSON object raises AnnotationError naming file:line (or, given a `report`, is counted
+  there with `skip_line` and left out)."""
   with open(path, encoding='utf-8') as f:
     for n, line in enumerate(f, start=1):
       where = f'{path}:{n}'
       if not line.strip():
         continue
       try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise AnnotationError(f'{where}: not valid JSON ({e.msg}).') from e
-      if not isinstance(record, dict):
-        raise AnnotationError(f'{where}: expected a JSON object, got {type(record).__name__}.')
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise AnnotationError(f'{where}: not valid JSON ({e.msg}).') from e
+        if not isinstance(record, dict):
+          raise AnnotationError(f'{where}: expected a JSON object, got '
+                                f'{type(record).__name__}.')
+      except AnnotationError as e:
+        if report is None:
+          raise
+        report.skip_line(e)
+        continue
       yield where, record
 
 
 def read_image_text(annotation_file: str, image_root: str | None = None,
-                    report: BuildReport | None = None) -> list[tuple[str, str]]:
-  """(image path, caption) pairs of a .jsonl, .csv or COCO .json annotation file."""
+                    report: BuildReport | None = None,
+                    on_bad_line: str = 'stop') -> list[tuple[str, str]]:
+  """(image path, caption) pairs of a .jsonl, .csv or COCO .json annotation file.
+
+  on_bad_line: 'stop' (a malformed line raises AnnotationError naming file:line) or 'skip'
+  (it is counted in `report`, which is then required, and left out).
+  """
+  if on_bad_line not in ON_BAD_LINE:
+    raise ValueError(f'on_bad_line={on_bad_line!r}; expected one of {ON_BAD_LINE}.')
+  if on_bad_line == 'skip' and report is None:
+    raise ValueError("on_bad_line='skip' needs a report to count the skipped lines in.")
   if not os.path.isfile(annotation_file):
     raise FileNotFoundError(f'No annotation file at {annotation_file}.')
+  lenient = report if on_bad_line == 'skip' else None
+
+  def kept(make):
+    """make() or, for a malformed record in 'skip' mode, None (counted)."""
+    try:
+      return make()
+    except AnnotationError as e:
+      if lenient is None:
+        raise
+      lenient.skip_line(e)
+      return None
+
   root = image_root or os.path.dirname(os.path.abspath(annotation_file))
   ext = os.path.splitext(annotation_file)[1].lower()
   raw: list[tuple[str, str, str]] = []  # (where, image path, caption)
   if ext == '.jsonl':
-    for where, record in read_json_lines(annotation_file):
-      raw.append((where, _pick(record, _IMAGE_KEYS, where, 'image'),
-                  _pick(record, _CAPTION_KEYS, where, 'caption')))
+    for where, record in read_json_lines(annotation_file, lenient):
+      raw.append(kept(lambda: (where, _pick(record, _IMAGE_KEYS, where, 'image'),
+                               _pick(record, _CAPTION_KEYS, where, 'caption'))))
   elif ext == '.csv':
     with open(annotation_file, encoding='utf-8', newline='') as f:
       reader = csv.DictReader(f)
       for n, record in enumerate(reader, start=2):  # line 1 is the header
         where = f'{annotation_file}:{n}'
-        if None in record or None in record.values():
-          raise AnnotationError(f'{where}: expected {len(reader.fieldnames)} columns '
-                                f'{reader.fieldnames}.')
-        raw.append((where, _pick(record, _IMAGE_KEYS, where, 'image'),
-                    _pick(record, _CAPTION_KEYS, where, 'caption')))
+
+        def csv_row():
+          if None in record or None in record.values():
+            raise AnnotationError(f'{where}: expected {len(reader.fieldnames)} columns '
+                                  f'{reader.fieldnames}.')
+          return (where, _pick(record, _IMAGE_KEYS, where, 'image'),
+                  _pick(record, _CAPTION_KEYS, where, 'caption'))
+        raw.append(kept(csv_row))
   elif ext == '.json':
     with open(annotation_file, encoding='utf-8') as f:
       try:
@@ -132,20 +176,25 @@ def read_image_text(annotation_file: str, image_root: str | None = None,
       files[_pick(image, ('id',), where, 'id')] = _pick(image, ('file_name',), where, 'file_name')
     for i, ann in enumerate(coco['annotations']):
       where = f'{annotation_file}: annotations[{i}]'
-      image_id = _pick(ann, ('image_id',), where, 'image_id')
-      if image_id not in files:
-        raise AnnotationError(f'{where}: image_id {image_id} is not in "images".')
-      raw.append((where, files[image_id], _pick(ann, ('caption',), where, 'caption')))
+
+      def annotation():
+        image_id = _pick(ann, ('image_id',), where, 'image_id')
+        if image_id not in files:
+          raise AnnotationError(f'{where}: image_id {image_id} is not in "images".')
+        return where, files[image_id], _pick(ann, ('caption',), where, 'caption')
+      raw.append(kept(annotation))
   else:
     raise AnnotationError(f'{annotation_file}: unknown annotation format {ext!r}; expected '
                           '.jsonl, .csv or COCO .json.')
   pairs = []
-  for where, image, caption in raw:
+  for where, image, caption in filter(None, raw):
     if not isinstance(caption, str) or not caption.strip():
       if report is not None:
         report.skip('empty caption')
       continue
-    pairs.append((_resolve_image(str(image), root, where), caption.strip()))
+    path = kept(lambda: _resolve_image(str(image), root, where))
+    if path is not None:
+      pairs.append((path, caption.strip()))
   return pairs
 
 
@@ -252,11 +301,14 @@ def _read_bytes(path: str) -> bytes:
 
 
 def build_image_text(name: str, splits: Mapping[str, str], *, image_root: str | None = None,
-                     data_dir: str | None = None, overwrite: bool = False) -> BuildReport:
-  """Builds image-text pairs from one annotation file per split (see the module docstring)."""
+                     data_dir: str | None = None, overwrite: bool = False,
+                     on_bad_line: str = 'stop') -> BuildReport:
+  """Builds image-text pairs from one annotation file per split (see the module docstring;
+  on_bad_line: 'stop' or 'skip' a malformed annotation line)."""
   _check_name(name)
   report = BuildReport(name, paths.tfds_dir(data_dir))
-  split_pairs = {split: read_image_text(f, image_root, report) for split, f in splits.items()}
+  split_pairs = {split: read_image_text(f, image_root, report, on_bad_line)
+                 for split, f in splits.items()}
   examples = {split: ({'image_bytes': _read_bytes(p), 'image_path': p, 'caption': c}
                       for p, c in pairs) for split, pairs in split_pairs.items()}
   return _prepare(_builder(_ImageTextBuilder, name, examples, data_dir), report, overwrite)

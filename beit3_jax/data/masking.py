@@ -218,9 +218,18 @@ def mask_text(rng: np.random.Generator, ids: np.ndarray, padding_mask: np.ndarra
     raise ValueError(f'padding_mask must be bool {ids.shape}, got {padding_mask.dtype} '
                      f'{padding_mask.shape}.')
   special = np.asarray(sorted(special_ids), dtype=np.int64)
-  allowed = np.setdiff1d(np.arange(random_low, random_high, dtype=np.int64), special)
-  if allowed.size == 0:
+  # The allowed random ids are [random_low, random_high) minus the special ids; the r-th of
+  # them is found without listing them (a 64k vocabulary made that list the costliest part).
+  skipped = special[(special >= random_low) & (special < random_high)]
+  n_allowed = random_high - random_low - skipped.size
+  if n_allowed <= 0:
     raise ValueError(f'No random ids in [{random_low}, {random_high}) outside the special ids.')
+
+  def allowed(r: np.ndarray) -> np.ndarray:
+    out = r.astype(np.int64) + random_low
+    for s in skipped:   # ascending: each special id at or below pushes the id up by one
+      out += out >= s
+    return out
 
   rows = ids.reshape(1, -1) if ids.ndim == 1 else ids
   pads = padding_mask.reshape(rows.shape)
@@ -237,6 +246,6 @@ def mask_text(rng: np.random.Generator, ids: np.ndarray, padding_mask: np.ndarra
     u = rng.random(k)
     inputs[b, chosen[u < MASK_PROB]] = mask_id
     to_random = chosen[(u >= MASK_PROB) & (u < MASK_PROB + RANDOM_PROB)]
-    inputs[b, to_random] = allowed[rng.integers(0, allowed.size, to_random.size)]
+    inputs[b, to_random] = allowed(rng.integers(0, n_allowed, to_random.size))
 
   return (inputs.reshape(ids.shape), ids.astype(np.int32), positions.reshape(ids.shape))

@@ -2,8 +2,15 @@
 
 Per example (see `beit3_jax.data.schema` for the batch layout):
 
-- image: decode -> random resized crop with a second, same-crop view for the visual tokenizer ->
-  shared flip and colour jitter -> block-wise mask of `image_mask_ratio` of the patches.
+- image: decode (JPEG draft-scaled when the crop is at least twice the view) -> random resized
+  crop -> ONE view, the visual tokenizer's (lanczos, `tokenizer_image_size`) -> flip; the colour
+  jitter is drawn here and applied on the device, where the model's view is derived from the
+  jittered view (the same pixels at equal sizes, else bicubic; `device_augment.finish_images`
+  in the jitted step) -> block-wise mask of `image_mask_ratio` of the patches (host NumPy,
+  0.055 ms an image at 14 x 14, about 3% of an image's host time: it stays on the host). A pair
+  stream without masked image modelling has no visual tokens: its one view is the model's
+  (bicubic, `image_size`). `PretrainInputs(views_on_device=False)` keeps the host reference instead:
+  both views (bicubic and lanczos) and the jitter computed here (`image_ops.augment`).
 - text: `<s>` pieces `</s>` padded to `text_len` -> `text_mask_ratio` (15%) of the real tokens
   masked, 80% [MASK] / 10% random / 10% unchanged.
 - pair: an image as above and one of its captions (chosen by the example's rng) with
@@ -45,7 +52,9 @@ class PretrainInputs:
     pair_text_mask_ratio: share of pair-stream text tokens masked (0.5 in the paper).
     crop_scale: RandomResizedCrop area range (0.08-1 as BEiT v2's --min_crop_scale).
     color_jitter: brightness/contrast/saturation strength (0.4 in the paper).
-    second_interpolation: resampling of the tokenizer view (BEiT v2: lanczos).
+    second_interpolation: resampling of the tokenizer view on the host (BEiT v2: lanczos;
+      the device derives it with lanczos3 from the bicubic view).
+    views_on_device: True (the fast path) or False (the host reference, see above).
   The derived `augment` property is the `image_ops.ImageAugConfig` of the image streams.
   """
   image_size: int
@@ -59,6 +68,7 @@ class PretrainInputs:
   crop_scale: tuple[float, float] = (0.08, 1.0)
   color_jitter: float = 0.4
   second_interpolation: str = 'lanczos'
+  views_on_device: bool = True
 
   def __post_init__(self):
     if self.image_size % self.patch_size:
@@ -132,16 +142,38 @@ def _masked_text(tokenizer: TextTokenizer, text: str, text_len: int, ratio: floa
           'text_targets': targets.astype(np.int32), 'text_mask': positions}
 
 
+def _encoded_image(example: Mapping[str, Any], field: str):
+  """The example's encoded image bytes, or None when it holds a decoded array."""
+  if 'image_bytes' in example:
+    return example['image_bytes']
+  image = get_field(example, field)
+  return image if isinstance(image, (bytes, bytearray)) else None
+
+
 def _augmented_image(cfg: PretrainInputs, example, mask_ratio: float, rng, field: str):
-  image = load_image(example, field)
-  if isinstance(image, pipeline.Skip):
-    return image
-  views = image_ops.augment(rng, image, cfg.augment)
+  if cfg.views_on_device:
+    # Bytes go in undecoded: the crop box decides how far the JPEG decode can be scaled down.
+    image = _encoded_image(example, field)
+    if image is None:
+      image = load_image(example, field)
+      if isinstance(image, pipeline.Skip):
+        return image
+    aug = cfg.augment
+    if mask_ratio == 0:   # no visual tokens for this stream: the host view is the model's
+      aug = dataclasses.replace(aug, second_size=None)
+    try:
+      views = image_ops.augment_for_device(rng, image, aug)
+    except image_ops.CorruptImageError:
+      return pipeline.Skip('corrupt image')
+  else:
+    image = load_image(example, field)
+    if isinstance(image, pipeline.Skip):
+      return image
+    views = image_ops.augment(rng, image, cfg.augment)
   n = cfg.grid[0] * cfg.grid[1]
   mask_cfg = dataclasses.replace(cfg.image_mask, ratio=mask_ratio)
-  return {'image': views['image'], 'tokenizer_image': views['tokenizer_image'],
-          'image_mask': mask_cfg.sample(rng, cfg.grid) if mask_ratio > 0
-                        else np.zeros((n,), bool)}
+  return {**views, 'image_mask': mask_cfg.sample(rng, cfg.grid) if mask_ratio > 0
+                                 else np.zeros((n,), bool)}
 
 
 def image_transform(cfg: PretrainInputs, image_field: str = 'image') -> pipeline.Transform:
@@ -190,8 +222,10 @@ def pair_transform(cfg: PretrainInputs, tokenizer: TextTokenizer, image_field: s
 
 def make_mixture(cfg: PretrainInputs, tokenizer: TextTokenizer, sources: Mapping[str, Any],
                  batch_sizes: Mapping[str, int], seed: int, *,
-                 fields: Mapping[str, Mapping[str, str]] | None = None, process_index: int | None = None, process_count: int | None = None,
-                 read_threads: int = 2) -> pipeline.Mixture:
+                 fields: Mapping[str, Mapping[str, str]] | None = None,
+                 process_index: int | None = None, process_count: int | None = None,
+                 read_threads: int = 2, workers: int = 0,
+                 on_bad_example: str = 'skip') -> pipeline.Mixture:
   """The pretraining mixture over the streams named in `sources` ('image', 'text', 'pair').
 
   Args:
@@ -202,6 +236,7 @@ def make_mixture(cfg: PretrainInputs, tokenizer: TextTokenizer, sources: Mapping
     seed: the data seed; each stream derives its own.
     fields: stream name -> overrides of `DEFAULT_FIELDS` for that stream's source, e.g.
       {'pair': {'caption': 'captions/text'}} for TFDS coco_captions.
+    read_threads, workers: see `pipeline.Mixture`; on_bad_example: see `pipeline.Stream`.
   """
   def f(stream):
     return {**DEFAULT_FIELDS, **dict((fields or {}).get(stream, {}))}
@@ -219,7 +254,7 @@ def make_mixture(cfg: PretrainInputs, tokenizer: TextTokenizer, sources: Mapping
     streams[name] = pipeline.Stream(
         sources[name], transforms[name](), global_batch=int(batch_sizes[name]),
         seed=seed * 1000 + offset, process_index=process_index, process_count=process_count,
-        read_threads=read_threads)
+        on_bad_example=on_bad_example, name=name)
   if not streams:
     raise ValueError('No stream has a source and a batch size > 0.')
-  return pipeline.Mixture(streams)
+  return pipeline.Mixture(streams, workers=workers, read_threads=read_threads)

@@ -6,22 +6,29 @@ One global batch of pretraining is a dict of three streams, each with its own ba
 
 and a fine-tuning batch is one task's dict, laid out by the task's `batch_fields`
 (`beit3_jax.tasks`), built from the fields here. Images travel as uint8 (B, H, W, 3) and are
-normalised on device (4x less host memory and transfer than float32); the visual tokenizer's
-view is the same crop, also uint8.
+normalised on device (4x less host memory and transfer than float32). The flip and colour
+jitter of the image streams travel as their drawn parameters and are applied on the device, where the visual
+tokenizer's view is derived from the jittered image (`data.device_augment.finish_images`). The
+host reference layout (`PretrainInputs(views_on_device=False)`) has `tokenizer_image` (B, T, T,
+3) uint8, the flipped and jittered lanczos view, instead of `flip`, `jitter` and
+`jitter_order`, and a flipped and jittered `image` (`REFERENCE_SCHEMAS`).
 
 Symbols: B batch size of the stream, H = W = image size (px), T = tokenizer view size (px),
-N = number of patches, L = text length (tokens), A = number of answers.
+V = the host view's size (px: T in a stream with visual tokens, else H; the device derives the
+model's H view from it), N = number of patches, L = text length (tokens), A = number of answers.
 
 | stream / task | key                 | shape        | dtype   | meaning                                      |
 |---------------|---------------------|--------------|---------|----------------------------------------------|
-| image         | image               | (B, H, W, 3) | uint8   | augmented view                               |
-|               | tokenizer_image     | (B, T, T, 3) | uint8   | the same crop for the visual tokenizer       |
+| image         | image               | (B, V, V, 3) | uint8   | cropped, resized view (no flip, no jitter)   |
+|               | flip                | (B,)         | bool    | mirror left-right (done on the device)       |
+|               | jitter              | (B, 3)       | float32 | jitter factors: brightness, contrast, sat.   |
+|               | jitter_order        | (B, 3)       | int32   | the jitter ops' ids in application order     |
 |               | image_mask          | (B, N)       | bool    | True = patch masked (block-wise, exact count)|
 | text          | text_ids            | (B, L)       | int32   | <s> pieces </s> <pad>..., masked tokens in   |
 |               | text_padding_mask   | (B, L)       | bool    | True = padding                               |
 |               | text_targets        | (B, L)       | int32   | the original ids (loss where text_mask)      |
 |               | text_mask           | (B, L)       | bool    | True = masked position (predict it)          |
-| pair          | image, tokenizer_image, image_mask, text_ids, text_padding_mask, text_targets, text_mask |
+| pair          | image, flip, jitter, jitter_order, image_mask, text_ids, text_padding_mask, text_targets, text_mask |
 """
 
 from __future__ import annotations
@@ -53,9 +60,21 @@ MASKED_TEXT = {
 }
 LABEL = Field(('B',), 'int32', 'class index')
 
+_JITTER = {'flip': Field(('B',), 'bool', 'mirror the image left-right'),
+           'jitter': Field(('B', 3), 'float32', 'colour-jitter factors by op'),
+           'jitter_order': Field(('B', 3), 'int32', 'colour-jitter ops in order')}
+
+_HOST_VIEW = Field(('B', 'V', 'V', 3), 'uint8', 'the one host-made view (no flip or jitter)')
+
 SCHEMAS: dict[str, dict[str, Field]] = {
-    'image': {'image': IMAGE, 'tokenizer_image': _TOKENIZER_IMAGE, 'image_mask': _IMAGE_MASK},
+    'image': {'image': _HOST_VIEW, **_JITTER, 'image_mask': _IMAGE_MASK},
     'text': {**TEXT, **MASKED_TEXT},
+    'pair': {'image': _HOST_VIEW, **_JITTER, 'image_mask': _IMAGE_MASK, **TEXT, **MASKED_TEXT},
+}
+# The host reference (`PretrainInputs(views_on_device=False)`): both views made on the host.
+REFERENCE_SCHEMAS: dict[str, dict[str, Field]] = {
+    'image': {'image': IMAGE, 'tokenizer_image': _TOKENIZER_IMAGE, 'image_mask': _IMAGE_MASK},
+    'text': SCHEMAS['text'],
     'pair': {'image': IMAGE, 'tokenizer_image': _TOKENIZER_IMAGE, 'image_mask': _IMAGE_MASK,
              **TEXT, **MASKED_TEXT},
 }

@@ -49,7 +49,9 @@ def make_data(config, task: task_base.Task, source, train: bool, seed: int,
                              task_base.field_map(task, config), text_tokenizer)
   return inputs_lib.make_stream_mixture(
       task.name, source, transform, int(config.batch_size), seed,
-      num_epochs=None if train else 1, read_threads=config.data.read_threads)
+      num_epochs=None if train else 1, read_threads=config.data.read_threads,
+      workers=int(config.data.workers) if train else 0,
+      on_bad_example=config.data.on_bad_example)
 
 
 def text_tokenizer(config, task: task_base.Task, spm_path: str):

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from beit3_jax.data import image_ops
+from beit3_jax.data import device_augment
 from beit3_jax.data.masking import BlockMaskConfig, num_text_masked
 from beit3_jax.models import num_patches
 from beit3_jax.models.pretraining import BEiT3Pretraining, pretraining_example_inputs
@@ -148,8 +148,14 @@ class MaskedModeling:
     return {task: jnp.maximum(jnp.sum(valid.astype(jnp.float32)), 1.0)
             for task, (_, valid) in self._slots(batch).items()}
 
-  def _visual_tokens(self, frozen, tokenizer_images):
-    views = image_ops.tokenizer_view(tokenizer_images)
+  def _images(self, stream_batch, visual_tokens: bool = True):
+    """(model input, tokenizer input or None) float32 of an image stream's batch: the colour
+    jitter and the model's view are finished here, on the device (`device_augment`)."""
+    return device_augment.finish_images(
+        stream_batch, model_size=self.model_cfg.img_size,
+        tokenizer_size=self.tokenizer_cfg.input_size if visual_tokens else None)
+
+  def _visual_tokens(self, frozen, views):
     ids = self.tokenizer.apply({'params': frozen['tokenizer']}, views,
                                method=vqkd_lib.VQKD.encode)
     return jax.lax.stop_gradient(ids)
@@ -167,8 +173,9 @@ class MaskedModeling:
     if 'image' in slots:
       b = batch['image']
       index, valid = slots['image']
-      tokens = self._visual_tokens(frozen, b['tokenizer_image'])
-      out = apply(images=image_ops.normalize(b['image']), image_mask=b['image_mask'],
+      images, views = self._images(b)
+      tokens = self._visual_tokens(frozen, views)
+      out = apply(images=images, image_mask=b['image_mask'],
                   image_index=index)
       sums['image'] = cross_entropy_sums(out['mim_logits'],
                                          jnp.take_along_axis(tokens, index, axis=1), valid,
@@ -185,7 +192,8 @@ class MaskedModeling:
       b = batch['pair']
       index, valid = slots['pair']
       pair_mim = 'pair_image' in slots
-      out = apply(images=image_ops.normalize(b['image']),
+      images, views = self._images(b, visual_tokens=pair_mim)
+      out = apply(images=images,
                   image_mask=b['image_mask'] if pair_mim else None,
                   text_ids=b['text_ids'], text_padding_mask=b['text_padding_mask'],
                   text_index=index, image_index=slots['pair_image'][0] if pair_mim else None)
@@ -194,7 +202,7 @@ class MaskedModeling:
                                         valid, self.model_cfg.vocab_size)
       if pair_mim:
         index, valid = slots['pair_image']
-        tokens = self._visual_tokens(frozen, b['tokenizer_image'])
+        tokens = self._visual_tokens(frozen, views)
         sums['pair_image'] = cross_entropy_sums(
             out['mim_logits'], jnp.take_along_axis(tokens, index, axis=1), valid,
             self.tokenizer_cfg.n_embed)

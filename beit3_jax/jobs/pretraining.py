@@ -99,9 +99,12 @@ def make_data(config, text_tokenizer, tokenizer_image_size, tfds_dir, names, kin
   sources = sources or open_sources(config, tfds_dir, names, kind)
   # data.fields is free-form: a stream it does not name reads its inputs where TFDS puts them.
   fields = {s: dict(config.data.fields.get(s, {})) for s in sources}
+  # Validation passes read a few batches each: worker processes would cost more to start.
+  workers = int(config.data.workers) if kind == 'train' else 0
   return inputs_lib.make_mixture(input_settings(config, tokenizer_image_size), text_tokenizer,
                                  sources, batch_sizes, seed, fields=fields,
-                                 read_threads=config.data.read_threads)
+                                 read_threads=config.data.read_threads, workers=workers,
+                                 on_bad_example=config.data.on_bad_example)
 
 
 def _command(*args: str) -> str:
@@ -214,7 +217,9 @@ def abstract_batch(config, tok_cfg, batch: dict[str, int]) -> dict:
   m = config.model
   out = {}
   for stream, size in batch.items():
+    visual_tokens = stream == 'image' or float(config.data.pair_image_mask_ratio) > 0
     sizes = {'B': size, 'H': m.img_size, 'W': m.img_size, 'T': tok_cfg.input_size,
+             'V': tok_cfg.input_size if visual_tokens else m.img_size,
              'N': num_patches(m), 'L': config.data.text_len}
     out[stream] = {k: jax.ShapeDtypeStruct(shape, dtype)
                    for k, (shape, dtype) in schema.shapes(stream, sizes).items()}

@@ -254,14 +254,15 @@ def _image_transform(size: int, crop_scale, field: str):
   return transform
 
 
-def _data(config, source, seed):
+def _data(config, source, seed, train: bool = True):
   d = config.data
   stream = pipeline.Stream(
       source,
       _image_transform(config.tokenizer.input_size, d.crop_scale, d.image_field),
       global_batch=int(config.batch_size), seed=seed * 1000,
-      read_threads=d.read_threads)
-  return pipeline.Mixture({'image': stream})
+      on_bad_example=d.on_bad_example, name='image')
+  return pipeline.Mixture({'image': stream}, workers=int(d.workers) if train else 0,
+                          read_threads=d.read_threads)
 
 
 def _step_parts(config, mesh, planning: bool = False):
@@ -325,7 +326,7 @@ def build_job(config, output: str | None = None) -> loop.Job:
   eval_data = None
   if config.eval_every:
     eval_source = open_split(names['image'], d.eval_split, 'data.eval_split', tfds_dir)
-    eval_data = lambda: _data(config, eval_source, config.seed + 1)  # noqa: E731
+    eval_data = lambda: _data(config, eval_source, config.seed + 1, train=False)  # noqa: E731
   n = (tok_cfg.input_size // tok_cfg.patch_size) ** 2
   out = output or config.output
 

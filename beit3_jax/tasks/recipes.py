@@ -209,7 +209,8 @@ def data_source(config, source: str, fields: dict[str, str]) -> None:
   d.eval_split = 'validation'
   d.spm_path = ''
   d.flip_prob = 0.5
-  d.read_threads = 16
+  d.read_threads = 0
+  d.workers = 32   # worker processes on each host (a v5p host has 208 vCPUs)
 
 
 def vision_language_data(config, source: str, fields: dict[str, str],

@@ -3,7 +3,7 @@
 Layout of a workdir (local or gs://):
 
     <workdir>/checkpoints/<step>/state/   params, opt_state, extra, step, rng (Orbax PyTree)
-    <workdir>/checkpoints/<step>/data/    process_<i>-of-<n>.json: each host's input position
+    <workdir>/checkpoints/<step>/data/    position.json: each stream's global input position
 
 Saves are asynchronous (`every` steps, and `force=True` at the end), the newest `keep` are
 kept, and a run restarted in the same workdir resumes from the newest one that can be read
@@ -26,6 +26,7 @@ leaf must have the model's shape.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from typing import Any, Callable
@@ -37,8 +38,6 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-import grain.checkpoint as grain_checkpoint
-
 from beit3_jax import param_tree, params_io
 from beit3_jax.defaults import RunError
 from beit3_jax.models import layer_stack, positions
@@ -48,24 +47,49 @@ CHECKPOINT_DIR = 'checkpoints'
 UNREADABLE_DIR = 'checkpoints_unreadable'
 
 
-class _DataState:
-  """Adapts a `data.pipeline.Mixture` to grain's Orbax handler (one JSON file per host);
-  `on_save` runs when a save reads the position (a test's fault point)."""
+class DataPositionHandler(ocp.CheckpointHandler):
+  """Orbax handler of the data position (`data.pipeline.checkpoint_state`): one JSON file,
+  `position.json`, written by process 0. The position is global, so any number of processes
+  can resume from it. Saving runs `on_save` first (a test's fault point)."""
 
-  def __init__(self, mixture, on_save: Callable[[], None] | None = None):
-    self.mixture = mixture
-    self.on_save = on_save
+  FILE = 'position.json'
 
-  def get_state(self) -> bytes:
-    if self.on_save is not None:
-      self.on_save()
-    return json.dumps(self.mixture.get_state()).encode()
+  def save(self, directory: epath.Path, item=None, args: 'DataPositionSave' = None) -> None:
+    del item
+    if args.on_save is not None:
+      args.on_save()
+    if jax.process_index() == 0:
+      (directory / self.FILE).write_text(json.dumps(args.state, indent=1))
 
-  def set_state(self, state: bytes) -> None:
-    self.mixture.set_state(json.loads(state))
+  def restore(self, directory: epath.Path, item=None,
+              args: 'DataPositionRestore' = None) -> dict:
+    del item, args
+    path = directory / self.FILE
+    if not path.exists() and list(directory.glob('process_*-of-*.json')):
+      return {'format': 'per_host'}   # an earlier version's; `Mixture.set_state` explains
+    return json.loads(path.read_text())
 
-  def start_prefetch(self) -> None:
+  def metadata(self, directory: epath.Path) -> None:
+    del directory
+
+  def finalize(self, directory: epath.Path) -> None:
+    del directory
+
+  def close(self) -> None:
     pass
+
+
+@ocp.args.register_with_handler(DataPositionHandler, for_save=True)
+@dataclasses.dataclass
+class DataPositionSave(ocp.args.CheckpointArgs):
+  state: dict
+  on_save: Callable[[], None] | None = None
+
+
+@ocp.args.register_with_handler(DataPositionHandler, for_restore=True)
+@dataclasses.dataclass
+class DataPositionRestore(ocp.args.CheckpointArgs):
+  pass
 
 
 class Checkpointer:
@@ -90,12 +114,14 @@ class Checkpointer:
     """Whether `save(step, force=force)` writes a checkpoint."""
     return force or self.manager.should_save(step)
 
-  def save(self, step: int, items: dict, mixture=None, *, force: bool = False) -> bool:
-    """Starts saving `items` (and the data position) at `step`; returns whether it saves."""
+  def save(self, step: int, items: dict, data_state: dict | None = None, *,
+           force: bool = False) -> bool:
+    """Starts saving `items` (and the data position, `data.pipeline.checkpoint_state`) at
+    `step`; returns whether it saves."""
     args = {'state': ocp.args.StandardSave(items)}
-    if mixture is not None:
+    if data_state is not None:
       fault = lambda: fault_points.reached('kill_in_checkpoint_save', step)  # noqa: E731
-      args['data'] = grain_checkpoint.CheckpointSave(_DataState(mixture, on_save=fault))
+      args['data'] = DataPositionSave(data_state, on_save=fault)
     return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
 
   def restore_newest_readable(self, abstract_items: dict, mixture=None) -> tuple[int, dict] | None:
@@ -111,6 +137,8 @@ class Checkpointer:
     for step in sorted(self.all_steps(), reverse=True):
       try:
         items = self.restore(step, abstract_items, mixture)
+      except RunError:
+        raise   # the run's settings, not the files (e.g. another batch size)
       except Exception as e:  # noqa: BLE001 -- a damaged file surfaces as many error types
         failures.append((step, e))
         continue
@@ -143,8 +171,11 @@ class Checkpointer:
     the mixture (if given) is moved to the saved position."""
     args = {'state': ocp.args.StandardRestore(abstract_items)}
     if mixture is not None:
-      args['data'] = grain_checkpoint.CheckpointRestore(_DataState(mixture))
-    return self.manager.restore(step, args=ocp.args.Composite(**args))['state']
+      args['data'] = DataPositionRestore()
+    restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+    if mixture is not None:
+      mixture.set_state(restored['data'])
+    return restored['state']
 
   def close(self) -> None:
     self.manager.wait_until_finished()

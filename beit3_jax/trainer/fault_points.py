@@ -9,6 +9,9 @@ timing is not reproducible). Unset in normal runs: `reached` then costs one look
                                                  preemption sends) after step 25
     BEIT3_JAX_FAULT=kill_after_step:25           the process sends itself SIGKILL after step
                                                  25 (before that step's checkpoint, if any)
+    BEIT3_JAX_FAULT=sigterm_group_after_step:25  SIGTERM to the whole process group after step
+                                                 25 (the trainer and its data workers), as a
+                                                 machine's shutdown sends it
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ def reached(point: str, step: int) -> None:
   sys.stderr.flush()
   if point == 'sigterm_after_step':
     os.kill(os.getpid(), signal.SIGTERM)
+  elif point == 'sigterm_group_after_step':
+    os.killpg(os.getpgrp(), signal.SIGTERM)
   elif point == 'kill_after_step':
     os.kill(os.getpid(), signal.SIGKILL)
   else:

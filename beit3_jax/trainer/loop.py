@@ -5,7 +5,10 @@
           | else fresh init, then `init_from`           data position; an unreadable newer
           | else fresh init                             checkpoint is moved aside)
     for step in [state.step, total_steps):
-        batch = next(train data) as global arrays over (data, fsdp)
+        batch = next(train data) as global arrays over (data, fsdp), made and put on the
+                devices ahead of the step in a thread (`data.pipeline.DevicePrefetch`); the
+                time the step waits for it is `data_wait_fraction` in metrics.jsonl, and
+                on the progress line above 5%
         state, metrics = train_step(state, batch, fold_in(rng, step))     (jitted, donated)
         every log_every steps: metrics.jsonl + TensorBoard + the progress line
         every checkpoint_every steps, at the end, at stop_at_step and on SIGTERM: async Orbax
@@ -57,7 +60,8 @@ class Job:
   Attributes:
     objective: see `beit3_jax.trainer.step`.
     tx, schedule: the optimizer and its learning-rate schedule.
-    train_data: the resumable training mixture (host batches, `get_state`/`set_state`).
+    train_data: the resumable training mixture (`data.pipeline.Mixture`: `next` gives host
+      batches; `snapshot`, `set_state` and `close` are what the trainer also calls).
     eval_data: makes a fresh, identical validation iterator of host batches (or None).
     frozen, frozen_shardings: constant inputs of the step (e.g. the visual tokenizer).
     flops_per_step: analytic training FLOPs of one step (global batch).
@@ -298,10 +302,15 @@ def _close_all(closers, *, failing: bool) -> None:
     raise first
 
 
+def _data_wait_note(metrics: dict) -> dict:
+  """{'data wait': '12%'} for the progress line when the steps waited for input more than
+  5% of the time since the last log."""
+  wait = metrics.get('data_wait_fraction', 0.0)
+  return {'data wait': f'{100 * wait:.0f}%'} if wait > 0.05 else {}
+
+
 def _train(config, workdir: epath.Path, job: Job) -> dict:
   mesh = sharding_lib.make_mesh(config.mesh_shape)
-  process0 = jax.process_index() == 0
-  objective = job.objective
   checkpointer = checkpoints.Checkpointer(workdir, every=config.checkpoint_every,
                                           keep=config.keep_checkpoints)
   state, shardings, origin = _initial_state(config, job, mesh, checkpointer)
@@ -322,10 +331,23 @@ def _train(config, workdir: epath.Path, job: Job) -> dict:
         + ('' if peak else ' (MFU not reported: set --config.peak_tflops_per_device for this '
                             'device kind)'))
 
+  data = pipeline.DevicePrefetch(job.train_data, mesh)
+  try:
+    return _train_loop(config, workdir, job, mesh, checkpointer, state, shardings,
+                       first_step, data)
+  finally:
+    data.close()
+
+
+def _train_loop(config, workdir: epath.Path, job: Job, mesh, checkpointer, state, shardings,
+                first_step: int, data: pipeline.DevicePrefetch) -> dict:
+  """Steps first_step..total_steps (or until a stop), logging, saving and validating."""
+  objective = job.objective
+  process0 = jax.process_index() == 0
+  peak = flops_lib.peak_flops_per_device(config.peak_tflops_per_device * 1e12)
   train_step = step_lib.make_train_step(objective, job.tx, job.schedule,
                                         config.micro_batches)
-  first_host_batch = next(job.train_data)
-  batch = pipeline.to_global(first_host_batch, mesh)
+  batch = next(data)
   base_rng = jax.random.wrap_key_data(jax.device_get(state.rng))
   with sharding_lib.use_mesh(mesh):
     jitted = step_lib.jit_train_step(train_step, mesh, shardings, batch)
@@ -359,7 +381,7 @@ def _train(config, workdir: epath.Path, job: Job) -> dict:
   try:
     for step in range(first_step, config.total_steps):
       if step > first_step:
-        batch = pipeline.to_global(next(job.train_data), mesh)
+        batch = next(data)
       with sharding_lib.use_mesh(mesh):
         state, metrics = jitted(state, batch, jax.random.fold_in(base_rng, step))
       history.append(metrics)
@@ -378,11 +400,13 @@ def _train(config, workdir: epath.Path, job: Job) -> dict:
                      'tflops_per_device': rate * job.flops_per_step / jax.device_count() / 1e12})
         if peak:
           last['mfu'] = rate * job.flops_per_step / (jax.device_count() * peak)
-        for stream, counts in job.train_data.skipped().items():
+        last['data_wait_fraction'] = min(1.0, data.take_wait() / max(now - t_log, 1e-9))
+        for stream, counts in pipeline.skipped_counts(data.snapshot()).items():
           last[f'skipped/{stream}'] = float(sum(counts.values()))
         writer.write(done, last)
         history, t_log, steps_since_log = [], now, 0
       fault_points.reached('sigterm_after_step', done)
+      fault_points.reached('sigterm_group_after_step', done)
       fault_points.reached('kill_after_step', done)
       if watcher.reached(done):
         stopped = watcher.signal_name
@@ -393,7 +417,8 @@ def _train(config, workdir: epath.Path, job: Job) -> dict:
         nonfinite.record(*previous)   # this step too, before its parameters are written
         previous = None
         _check_finite_params(metrics, done)
-        checkpointer.save(done, step_lib.checkpoint_items(state), job.train_data, force=force)
+        checkpointer.save(done, step_lib.checkpoint_items(state),
+                          pipeline.checkpoint_state(data.snapshot()), force=force)
       # After the save: an evaluation that fails never costs the step's checkpoint.
       if (not stopped and (job.eval_data or job.evaluator) and eval_every
           and (done % eval_every == 0 or done == config.total_steps)):
@@ -401,7 +426,8 @@ def _train(config, workdir: epath.Path, job: Job) -> dict:
           summary = _validate(job, eval_step, state, mesh, config.eval_batches)
         writer.write(done, summary, prefix='val')
       progress.update(done, loss=last.get('loss', float('nan')),
-                      **({'skipped': nonfinite.total} if nonfinite.total else {}))
+                      **({'skipped': nonfinite.total} if nonfinite.total else {}),
+                      **_data_wait_note(last))
       if stopped:
         break
     if previous is not None:

@@ -38,9 +38,9 @@ def format_duration(seconds: float | None) -> str:
 
 
 def format_scalar(value: Any) -> str:
-  """A metric for display: ints as they are, floats with 4 decimals when 0.01 <= |x| < 10^4,
+  """A metric for display: strings and ints as they are, floats with 4 decimals when 0.01 <= |x| < 10^4,
   otherwise in scientific notation with 4 significant digits ('1.000e-03')."""
-  if isinstance(value, bool):
+  if isinstance(value, (bool, str)):
     return str(value)
   dtype_kind = getattr(getattr(value, 'dtype', None), 'kind', None)
   if isinstance(value, int) or dtype_kind in ('i', 'u'):

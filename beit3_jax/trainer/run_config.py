@@ -56,7 +56,8 @@ def save_run_config(config, workdir: str) -> str:
       declared = _declared_defaults(config)
       changed = [k for k in changed
                  if not (k in added and k in declared and new[k] == declared[k])]
-    fixed = [k for k in changed if k not in RESUMABLE_CHANGES]
+    fixed = [k for k in changed  # a listed field covers its sub-fields (data.workers.image)
+             if not any(k == r or k.startswith(r + '.') for r in RESUMABLE_CHANGES)]
     if fixed:
       raise SystemExit(f'{path} holds a different config ({", ".join(fixed)}): use a new '
                        '--workdir, or delete it on purpose. Fields that may change when a run '

@@ -43,4 +43,9 @@ def get_config(arg=None):
   config.model.scan_layers = True
   config.tpu_slice = 'v5p-128'
   config.mesh_shape = (-1, 1, 1)
+  # Worker processes on each host, each making whole steps: a v5p host has 208 vCPUs, and this
+  # recipe's planned step time needs about 15% of them (docs/performance.md, "What a TPU host
+  # needs"); 48 leaves room for slower images than the measured ones.
+  config.data.workers = 48
+  config.data.read_threads = 0
   return config

@@ -33,4 +33,6 @@ def get_config(arg=None):
   config.teacher.kind = 'beit3'
   config.teacher.variant = 'base'   # for the planner; the run reads teacher.path
   config.tpu_slice = 'v5p-8'
+  config.data.workers = 32   # worker processes on the host
+  config.data.read_threads = 0
   return config
