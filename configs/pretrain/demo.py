@@ -15,10 +15,11 @@ checkpoints and metrics went. Rerunning the same command resumes from the newest
 A sweep over the learning rate (see launch/README.md):
     .venv/bin/python launch/sweep.py --config=configs/pretrain/demo.py --workdir_root=workdirs/demo_lr --run
 
-Expect on a 2-core CPU (measured 2026-11-28, empty data dir): 8 min 25 s in all (data 30 s,
-tokenizer 2 min, 350 pretraining steps at 1.0-1.2 steps/s); total loss 15.33 at step 1 ->
-7.53 at step 350 (-51%); validation masked-token accuracy against the most-frequent-target
-baseline: image 15.7% vs 2.0%, text 48.8% vs 11.8%, pair 45.6% vs 16.0%. (With torchscale's
+Expect on a 2-core CPU (measured 2026-12-07 on an AMD EPYC KVM guest, empty data dir): 6 min
+26 s in all (data 40 s, tokenizer about 2 min, 350 pretraining steps at 1.6 steps/s); total loss
+15.29 at step 1 -> 7.55 at step 350 (-51%); validation masked-token accuracy against the
+most-frequent-target baseline: image 15.0% vs 1.7%, text 47.8% vs 12.5%, pair 45.8% vs 15.8%.
+(With torchscale's
 N(0, 1) position tables instead of `position_init_std=0.02`: 8.46; 5.8%, 39.2%, 38.4%.)
 """
 
