@@ -64,6 +64,8 @@ import sys
 import tempfile
 import time
 
+from backbone_speed import cpu_name   # (this folder is on sys.path when a script runs)
+
 # The last revision before worker processes and the device half: "today's pipeline".
 BASELINE_REV = 'd091b52'
 CASES = ('world64', 'world224', 'jpeg224')
@@ -925,7 +927,7 @@ def main(argv=None) -> int:
   if args.json:
     with open(args.json, 'w') as f:
       json.dump({'args': {k: v for k, v in vars(args).items() if k != '_worker'},
-                 'cpu': _cpu_model(), 'load_start': load0, 'load_end': load1,
+                 'cpu': cpu_name(), 'load_start': load0, 'load_end': load1,
                  'rows': [{k: v for k, v in r.items()} for r in rows],
                  'summaries': summaries, 'device': device, 'costs': costs,
                  'jpeg': specs.get('jpeg224', {}).get('extra'), 'recipes': facts,
@@ -933,17 +935,6 @@ def main(argv=None) -> int:
   if tmp is not None:
     tmp.cleanup()
   return 0
-
-
-def _cpu_model() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return ''
 
 
 if __name__ == '__main__':

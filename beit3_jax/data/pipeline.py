@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import json
 import os
 import queue
@@ -44,7 +43,6 @@ from typing import Any, Callable, Iterator, Mapping
 
 import grain
 import jax
-from grain._src.python.ipc import shared_memory_array
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
@@ -77,21 +75,8 @@ class _Bad:
   message: str
 
 
-def _stack(examples, shared_memory: bool = False):
-  """The examples' arrays stacked on a new leading axis. shared_memory: each into a new shared
-  memory block, handed over as its name (a worker process's batch reaches the trainer without
-  being pickled; grain opens it on arrival)."""
-  if not shared_memory:
-    return jax.tree.map(lambda *xs: np.stack(xs), *examples)
-
-  def stack(*xs):
-    first = np.asarray(xs[0])
-    if first.dtype.hasobject:
-      return np.stack(xs)
-    out = shared_memory_array.SharedMemoryArray((len(xs), *first.shape), first.dtype)
-    np.stack(xs, out=out)
-    return out.metadata
-  return jax.tree.map(stack, *examples)
+def _stack(examples):
+  return jax.tree.map(lambda *xs: np.stack(xs), *examples)
 
 
 def _absl_flags_parsed() -> None:
@@ -166,13 +151,11 @@ class Stream:
     or a `_Bad` (on_bad_example='stop')."""
     return _Examples(self)
 
-  def batches(self, shared_memory: bool = False) -> grain.MapDataset:
-    """This host's batches: element k = {'arrays', 'skipped', 'bad'} of step k.
-    shared_memory: hand the arrays over in shared memory (made in a worker process)."""
+  def batches(self) -> grain.MapDataset:
+    """This host's batches: element k = {'arrays', 'skipped', 'bad'} of step k."""
     ds = _HostBlocks(self.examples(), self.process_index, self.process_count,
                      self.global_batch)
-    return ds.batch(self.host_batch, drop_remainder=True,
-                    batch_fn=functools.partial(_collate, shared_memory=shared_memory))
+    return ds.batch(self.host_batch, drop_remainder=True, batch_fn=_collate)
 
   def iterator(self, position: int = 0, *, workers: int = 0,
                read_threads: int = 2) -> Iterator[dict]:
@@ -297,13 +280,13 @@ def _describe(source) -> str:
   return text if len(text) <= 200 else text[:200] + '...'
 
 
-def _collate(items, shared_memory: bool = False) -> dict:
+def _collate(items) -> dict:
   bad = next((x for x in items if isinstance(x, _Bad)), None)
   if bad is not None:
     return {'arrays': None, 'skipped': {}, 'bad': bad.message}
   counts = collections.Counter(r for _, reasons in items for r in reasons)
-  return {'arrays': _stack([example for example, _ in items], shared_memory),
-          'skipped': dict(counts), 'bad': None}
+  return {'arrays': _stack([example for example, _ in items]), 'skipped': dict(counts),
+          'bad': None}
 
 
 class _HostBlocks(grain.MapDataset):
@@ -382,8 +365,8 @@ class Mixture:
 
   def _start(self):
     first = {name: self._position[name] // s.global_batch for name, s in self.streams.items()}
-    steps = _Steps({name: s.batches(shared_memory=self.workers > 0)
-                    for name, s in self.streams.items()}, first)
+    # A worker's arrays reach this process through shared memory (grain's mp_prefetch).
+    steps = _Steps({name: s.batches() for name, s in self.streams.items()}, first)
     it = steps.to_iter_dataset(grain.ReadOptions(
         num_threads=self.read_threads, prefetch_buffer_size=max(1, self.read_threads)))
     if self.workers:

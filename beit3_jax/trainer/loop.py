@@ -334,17 +334,17 @@ def _train(config, workdir: epath.Path, job: Job) -> dict:
   data = pipeline.DevicePrefetch(job.train_data, mesh)
   try:
     return _train_loop(config, workdir, job, mesh, checkpointer, state, shardings,
-                       first_step, data)
+                       first_step, data, peak)
   finally:
     data.close()
 
 
 def _train_loop(config, workdir: epath.Path, job: Job, mesh, checkpointer, state, shardings,
-                first_step: int, data: pipeline.DevicePrefetch) -> dict:
-  """Steps first_step..total_steps (or until a stop), logging, saving and validating."""
+                first_step: int, data: pipeline.DevicePrefetch, peak: float | None) -> dict:
+  """Steps first_step..total_steps (or until a stop), logging, saving and validating; `peak`:
+  the device's peak FLOP/s for MFU (None: not reported)."""
   objective = job.objective
   process0 = jax.process_index() == 0
-  peak = flops_lib.peak_flops_per_device(config.peak_tflops_per_device * 1e12)
   train_step = step_lib.make_train_step(objective, job.tx, job.schedule,
                                         config.micro_batches)
   batch = next(data)
