@@ -23,10 +23,10 @@ On the host, feed `augment` the PIL image from `decode_pil` rather than the arra
 the image -> array copy of the full-size image costs 0.2-1 ms at 500 x 375, while the 224 px
 views are cheap to convert.
 
-Device-side augmentation: `augment_for_device` makes only the bicubic model view (decoding
-large JPEG crops at a reduced DCT scale) and draws the colour-jitter parameters;
-`beit3_jax.data.device_augment.finish_images` applies the jitter and derives the tokenizer view
-on the device. The functions here remain the reference implementation.
+Device-side augmentation: `augment_for_device` makes one view, the tokenizer's when there is
+one (decoding large JPEG crops at a reduced DCT scale), and draws the flip and colour-jitter
+parameters; `beit3_jax.data.device_augment.finish_images` flips, jitters and derives the model's
+view on the device. The functions here remain the reference implementation.
 """
 
 from __future__ import annotations
@@ -739,8 +739,7 @@ def augment_for_device(rng: np.random.Generator, image: bytes | ImageLike,
   JPEG draft decoding (encoded JPEG bytes only): the crop box is drawn from the header's size,
   and when the crop is at least 2 x the view's side V on both sides the JPEG is decoded at a
   reduced DCT scale 1/r (r = 2, 4 or 8, the largest that keeps the reduced crop >= V on both
-  sides),
-  which makes the decode and the resize several times cheaper for large photos. The reduced
+  sides), which makes the decode and the resize several times cheaper for large photos. The reduced
   decode averages r x r blocks in the DCT domain, so the view differs slightly from a full
   decode followed by the antialiased resize (tests/test_device_augment.py measures the mean
   absolute difference). Smaller crops and other formats decode fully.

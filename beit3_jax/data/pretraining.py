@@ -104,23 +104,27 @@ def get_field(example: Mapping[str, Any], path: str):
   return node
 
 
+def encoded_image(example: Mapping[str, Any], field: str):
+  """The example's encoded image bytes (`image_bytes` first, else `field` when it holds bytes),
+  or None when it holds a decoded array."""
+  if 'image_bytes' in example:
+    return example['image_bytes']
+  image = get_field(example, field)
+  return image if isinstance(image, (bytes, bytearray)) else None
+
+
 def load_image(example: Mapping[str, Any], field: str):
   """The example's image as uint8 (H, W, 3) / PIL image, or a Skip.
 
   Encoded bytes (`image_bytes`, the local-file builders) take precedence over `field`.
   """
-  if 'image_bytes' in example:
+  encoded = encoded_image(example, field)
+  if encoded is not None:
     try:
-      return image_ops.decode_pil(example['image_bytes'])
+      return image_ops.decode_pil(encoded)
     except image_ops.CorruptImageError:
       return pipeline.Skip('corrupt image')
-  image = get_field(example, field)
-  if isinstance(image, (bytes, bytearray)):
-    try:
-      return image_ops.decode_pil(image)
-    except image_ops.CorruptImageError:
-      return pipeline.Skip('corrupt image')
-  image = np.asarray(image)
+  image = np.asarray(get_field(example, field))
   if image.ndim == 3 and image.shape[-1] == 1:
     image = np.repeat(image, 3, axis=-1)  # grayscale data sets
   if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
@@ -142,18 +146,10 @@ def _masked_text(tokenizer: TextTokenizer, text: str, text_len: int, ratio: floa
           'text_targets': targets.astype(np.int32), 'text_mask': positions}
 
 
-def _encoded_image(example: Mapping[str, Any], field: str):
-  """The example's encoded image bytes, or None when it holds a decoded array."""
-  if 'image_bytes' in example:
-    return example['image_bytes']
-  image = get_field(example, field)
-  return image if isinstance(image, (bytes, bytearray)) else None
-
-
 def _augmented_image(cfg: PretrainInputs, example, mask_ratio: float, rng, field: str):
   if cfg.views_on_device:
     # Bytes go in undecoded: the crop box decides how far the JPEG decode can be scaled down.
-    image = _encoded_image(example, field)
+    image = encoded_image(example, field)
     if image is None:
       image = load_image(example, field)
       if isinstance(image, pipeline.Skip):
