@@ -885,7 +885,7 @@ def main(argv=None) -> int:
             'an upper bound for reference, not host work.')
   print('\nCPU ms/ex = CPU time of the child and all its worker processes over the timed '
         'window (/proc/<pid>/stat) / examples; CPU ms/img = the same / image + pair rows; '
-        'proc = processes (1 + workers x 3 streams)')
+        'proc = processes (the row, its workers and the multiprocessing resource tracker)')
   if not all(r['affinity_ok'] for r in rows):
     print('WARNING: some worker processes did not run on the pinned cores')
   skipped = {r['case']: r['skipped'] for r in rows if any(r['skipped'].values())}

@@ -3,7 +3,8 @@ checkpoint save, damaged checkpoints, non-finite losses, a second run in the sam
 Each faulty run is resumed and must end bitwise equal to an uninterrupted run.
 
 The runs are the tiny pretraining of test_pretrain_runs (10 steps), in fresh processes through
-`python -m beit3_jax.main`; faults at exact steps come from `beit3_jax.trainer.fault_points`.
+`python -m beit3_jax.main`, with two data worker processes as on a pod; faults at exact steps
+come from `beit3_jax.trainer.fault_points`.
 """
 
 import json
@@ -25,10 +26,19 @@ from beit3_jax import params_io, sharding
 from beit3_jax.trainer import loop
 from beit3_jax.trainer import step as step_lib
 from beit3_jax.trainer import workdir_lock
-from test_pretrain_runs import (REPO, _free_port, _losses, _params, _run, setup,  # noqa: F401
+from test_pretrain_runs import (REPO, _free_port, _losses, _params, setup,  # noqa: F401
                                 straight)
+from test_pretrain_runs import _run as _run_without_workers
 
 pytestmark = pytest.mark.faults
+
+# Pod runs make their batches in data worker processes, so every faulty run here does too; the
+# straight run they must equal has none, which also shows the workers change no batch.
+WORKERS = ('--config.data.workers=2',)
+
+
+def _run(setup, workdir, *flags, **kwargs):  # noqa: F811
+  return _run_without_workers(setup, workdir, *WORKERS, *flags, **kwargs)
 
 
 def _assert_resumed_equal(setup, workdir, straight, resumed_from):  # noqa: F811
@@ -70,7 +80,7 @@ def _two_processes(setup, workdir, fault_on_process_1='', *flags):  # noqa: F811
              PYTHONPATH=REPO, JAX_COORDINATOR_ADDRESS=f'localhost:{_free_port()}',
              JAX_NUM_PROCESSES='2')
   cmd = [sys.executable, '-m', 'beit3_jax.main', f'--config={setup["config"]}',
-         f'--workdir={workdir}', *flags]
+         f'--workdir={workdir}', *WORKERS, *flags]
   procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=dict(env, JAX_PROCESS_ID=str(i), **(
                                 {'BEIT3_JAX_FAULT': fault_on_process_1} if i and
@@ -94,8 +104,6 @@ def test_sigterm_to_one_host_stops_every_host_at_the_same_step(setup, straight):
   a, b = _losses(straight), _losses(workdir)
   assert abs(a[10] - b[10]) <= 1e-5 * abs(a[10]), (a[10], b[10])
 
-
-WORKERS = ('--config.data.workers=2',)
 
 
 def _processes_with(marker: str) -> list[int]:
@@ -123,7 +131,7 @@ def test_sigterm_to_the_process_group_stops_the_data_workers_cleanly(setup, stra
   and saves its step, then stops them; nothing is left running, and the rerun is bitwise."""
   workdir = setup['root'] / 'sigterm_group_workers'
   marker = f'BEIT3_TEST_RUN={workdir.name}'
-  out = _run(setup, workdir, *WORKERS, new_session=True,
+  out = _run(setup, workdir, new_session=True,
              env_extra={'BEIT3_JAX_FAULT': 'sigterm_group_after_step:4',
                         'BEIT3_TEST_RUN': workdir.name})
   assert 'Stopping after step 4 (SIGTERM)' in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
@@ -135,12 +143,12 @@ def test_sigterm_to_the_process_group_stops_the_data_workers_cleanly(setup, stra
 def test_a_killed_trainer_leaves_no_data_workers_and_resumes(setup, straight):  # noqa: F811
   workdir = setup['root'] / 'killed_with_workers'
   marker = f'BEIT3_TEST_RUN={workdir.name}'
-  out = _run(setup, workdir, *WORKERS, '--config.checkpoint_every=3', check=False,
+  out = _run(setup, workdir, '--config.checkpoint_every=3', check=False,
              env_extra={'BEIT3_JAX_FAULT': 'kill_after_step:5', 'BEIT3_TEST_RUN': workdir.name})
   assert out.returncode == -9, out.stderr[-2000:]
   assert _gone(marker), _processes_with(marker)
-  # Resumed without workers, from the newest checkpoint complete at the kill (3, or 1 while
-  # step 3's asynchronous save was still being written).
+  # Resumed from the newest checkpoint complete at the kill (3, or 1 while step 3's
+  # asynchronous save was still being written).
   _assert_resumed_equal(setup, workdir, straight, max(_steps(workdir)))
 
 
@@ -152,13 +160,13 @@ def test_a_checkpoint_of_n_processes_resumes_on_m_processes(setup, straight, bef
   workdir = setup['root'] / f'processes_{before}_to_{after}'
   stop = '--config.stop_at_step=5'
   if before == 2:
-    _two_processes(setup, workdir, '', stop, *WORKERS)
+    _two_processes(setup, workdir, '', stop)
   else:
-    _run(setup, workdir, stop, *WORKERS)
+    _run(setup, workdir, stop)
   if after == 2:
-    _two_processes(setup, workdir, '', *WORKERS)
+    _two_processes(setup, workdir, '')
   else:
-    out = _run(setup, workdir, *WORKERS)
+    out = _run(setup, workdir)
     assert 'at step 5' in out.stdout
   a, b = _losses(straight), _losses(workdir)
   assert sorted(b) == list(range(1, 11))

@@ -231,9 +231,14 @@ def _losses(workdir):
   return {l['step']: l['loss'] for l in lines if 'loss' in l}
 
 
+# The faulty runs make their batches in data worker processes, as on a pod.
+WORKERS = ('--config.data.workers=2',)
+
+
 def _kill_and_resume(setup, workdir, flags, env_extra):  # noqa: F811
-  """Runs `flags` in `workdir` until SIGKILL after step 5 (checkpoints every 3 steps), then
-  again to the end; returns the rerun's output."""
+  """Runs `flags` (with data workers) in `workdir` until SIGKILL after step 5 (checkpoints every
+  3 steps), then again to the end; returns the rerun's output."""
+  flags = [*WORKERS, *flags]
   killed = _run(setup, workdir, *flags, '--config.checkpoint_every=3',
                 env_extra={**env_extra, 'BEIT3_JAX_FAULT': 'kill_after_step:5'}, check=False)
   assert killed.returncode == -9, killed.stdout[-2000:] + killed.stderr[-2000:]
@@ -309,7 +314,7 @@ def test_unreachable_storage_stops_the_run_before_it_builds_anything(gcs, setup)
   import gcs_server
   nowhere = gcs_server.environment(f'http://localhost:{gcs_server._free_port()}')
   workdir = gcs.path('never_written')
-  out = _run(setup, workdir, env_extra=nowhere, check=False)
+  out = _run(setup, workdir, *WORKERS, env_extra=nowhere, check=False)
   assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
   assert f'Error: --workdir={workdir}: cannot reach it' in out.stderr, out.stderr[-2000:]
   assert 'Traceback' not in out.stderr and 'Saved the config' not in out.stdout
@@ -322,13 +327,13 @@ def test_storage_lost_during_a_run_stops_it_and_the_rerun_resumes(gcs, setup, st
   workdir = gcs.path('storage_lost')
   gcs.outage(r'storage_lost(/|%2F)checkpoints(/|%2F)6')
   try:
-    lost = _run(setup, workdir, '--config.checkpoint_every=3', check=False)
+    lost = _run(setup, workdir, *WORKERS, '--config.checkpoint_every=3', check=False)
   finally:
     gcs.outage(None)
   assert lost.returncode == 1, lost.stdout[-2000:] + lost.stderr[-2000:]
   assert f'Error: Lost the connection to {workdir} during the run' in lost.stderr, \
       lost.stderr[-2000:]
-  rerun = _run(setup, workdir, '--config.checkpoint_every=3')
+  rerun = _run(setup, workdir, *WORKERS, '--config.checkpoint_every=3')
   assert 'at step 3' in rerun.stdout, rerun.stdout[-2000:]
   a, b = _losses(straight), _losses(workdir)
   assert a[10] == b[10], (a, b)

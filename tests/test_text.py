@@ -217,6 +217,24 @@ def test_encode_batch_matches_encode_sequence(tok):
     tok.encode_batch('not a list', 12)
 
 
+def _waits_of_this_thread() -> int:
+  with open('/proc/thread-self/status') as f:
+    return next(int(line.split()[1]) for line in f if line.startswith('voluntary_ctxt_switches'))
+
+
+@pytest.mark.skipif(not os.path.exists('/proc/thread-self/status'), reason='needs Linux /proc')
+def test_encode_sequence_does_not_wait_on_other_threads(tok):
+  """Data workers encode one text per example: sentencepiece's list form starts a thread pool
+  and blocks on it at every call (2 waits per call on 2 cores), which idled the workers' cores;
+  the one-string form runs in the calling thread."""
+  texts = comparison_texts()[:20]
+  tok.encode_sequence(texts[0], 12)
+  before = _waits_of_this_thread()
+  for i in range(200):
+    tok.encode_sequence(texts[i % len(texts)], 12)
+  assert _waits_of_this_thread() - before < 20
+
+
 def test_decode_round_trip(tok):
   for text in ['A tiny red circle is above the blue square.', 'two wooden boxs are on the shelf',
                'seven golden kites hang near the window!']:

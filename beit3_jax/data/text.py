@@ -160,7 +160,10 @@ class TextTokenizer:
       ids: (max_len,) int32.
       padding_mask: (max_len,) bool, True = padding.
     """
-    ids, padding_mask = self.encode_batch([text], max_len)
+    # One string, not a list of one: the list form starts a thread pool on every call, which
+    # in a data worker costs a thread start per example and stalls the other workers' cores.
+    ids, padding_mask = self._pack([self._sp.encode(_check_text(text), out_type=int)],
+                                   _check_max_len(max_len))
     return ids[0], padding_mask[0]
 
   def encode_batch(self, texts: Sequence[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -176,9 +179,13 @@ class TextTokenizer:
     if isinstance(texts, (str, bytes)):
       raise TypeError('encode_batch takes a sequence of texts; use encode_sequence for one.')
     texts = [_check_text(t) for t in texts]
-    pieces = self._sp.encode(texts, out_type=int) if texts else []
-    ids = np.full((len(texts), max_len), PAD_ID, np.int32)
-    lengths = np.empty((len(texts),), np.int32)
+    return self._pack(self._sp.encode(texts, out_type=int) if texts else [], max_len)
+
+  @staticmethod
+  def _pack(pieces: Sequence[Sequence[int]], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """sentencepiece ids per text -> (ids (B, max_len) int32, padding_mask (B, max_len) bool)."""
+    ids = np.full((len(pieces), max_len), PAD_ID, np.int32)
+    lengths = np.empty((len(pieces),), np.int32)
     for row, piece_ids in enumerate(pieces):
       n = min(len(piece_ids), max_len - 2)
       ids[row, 0] = BOS_ID
