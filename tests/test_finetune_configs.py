@@ -118,6 +118,42 @@ def test_recipe_sizes(name):
   assert config.model.normalize_output == (config.task not in ('classification', 'vqa'))
 
 
+UNILM = json.loads((pathlib.Path(__file__).resolve().parent / 'fixtures' /
+                    'unilm_finetuning_commands.json').read_text())
+
+
+@pytest.mark.parametrize('name', RECIPES)
+def test_optimizer_schedule_and_model_follow_unilm_s_command(name):
+  """Each recipe against its unilm get_started training command; the fixture holds the flags
+  parsed from a unilm snapshot (commit and files in it) and the script's argparse defaults for
+  the flags a command leaves out."""
+  from beit3_jax.tasks import recipes
+  config = _load(CONFIG_DIR / f'{name}.py')
+  command = UNILM['recipes'][name]
+  flag = lambda n: command.get(n, UNILM['script_defaults'][n])  # noqa: E731
+  o = config.optimizer
+  assert config.batch_size == command['gpus'] * command['batch_size'] * flag('update_freq')
+  assert o.lr == command['lr'] and o.min_lr == flag('min_lr') and o.eps == flag('opt_eps')
+  assert o.layer_decay == flag('layer_decay') and o.weight_decay == flag('weight_decay')
+  assert [o.b1, o.b2] == flag('opt_betas')
+  assert (o.clip_norm or None) == flag('clip_grad')
+  # run_beit3_finetuning.py: `if args.layer_decay < 1.0: ... elif args.task_head_lr_weight > 1`
+  head = flag('task_head_lr_weight')
+  assert o.task_head_lr_weight == (head if flag('layer_decay') >= 1.0 and head > 1 else 1.0)
+  assert config.model.drop_path_rate == flag('drop_path')
+  assert config.model.img_size == flag('input_size')
+  assert config.model.remat == bool(command.get('checkpoint_activations'))
+  epoch = recipes.steps_per_epoch(config.data.source, config.batch_size)
+  assert config.total_steps == command['epochs'] * epoch
+  assert o.warmup_steps == command['warmup_epochs'] * epoch
+  if config.task != 'classification':
+    assert config.data.text_len == flag('num_max_bpe_tokens')
+  if config.task == 'captioning':
+    assert config.captioning.mask_prob == flag('captioning_mask_prob')
+  assert f'patch16_{config.model.img_size}' in command['model']
+  assert command['model'].split('_')[1] == config.model.variant
+
+
 def test_retrieval_datasets():
   for size in ('base', 'large'):
     path = CONFIG_DIR / f'retrieval_{size}.py'

@@ -39,9 +39,11 @@ For weights with task heads (the ITC-tuned retrieval weights):
 and pass ckpt/beit3_SIZE_itc. For a resized copy on disk, `models.resize_vision_positions`
 does it by hand.
 
-Deviations from unilm in every recipe: the warmup starts at 0, not at warmup_lr 1e-6; bfloat16
-compute instead of DeepSpeed fp16. Each task function lists its own; unilm's recipes use no
-EMA.
+Deviations from unilm in every recipe: the linear warmup from 0 reaches the peak lr at step W
+(optax), unilm's `np.linspace(0, lr, W)` at step W - 1; bfloat16 compute instead of DeepSpeed
+fp16. Each task function lists its own; unilm's recipes use no EMA. (unilm's warmup starts at 0
+too: run_beit3_finetuning.py declares --warmup_lr 1e-6 but never passes it to
+utils.cosine_scheduler, whose start_warmup_value stays 0.)
 """
 
 from __future__ import annotations
@@ -106,6 +108,8 @@ class Command:
   drop_path: float                      # --drop_path
   remat: bool = False                   # --checkpoint_activations
   betas: tuple[float, float] = (0.9, 0.999)   # --opt_betas (the script's default)
+  # --task_head_lr_weight: the head's lr x this (unilm applies it only with --layer_decay 1.0)
+  task_head_lr_weight: float = 1.0
   tpu_slice: str = TPU_SLICE            # where the batch fits (not a unilm setting)
 
 
@@ -122,11 +126,11 @@ CLASSIFICATION = _sizes(
     large=dict(lr=2e-4, layer_decay=0.8, drop_path=0.25, remat=True))
 
 # get_started_for_vqav2.md. Both: --input_size 480, 8 GPUs x --batch_size 16, --epochs 10
-# --warmup_epochs 1, --layer_decay 1.0, --weight_decay 0.01, --opt_betas 0.9 0.98
-# (--task_head_lr_weight 20 and RandAugment are not taken over: see `vqa`).
+# --warmup_epochs 1, --layer_decay 1.0, --weight_decay 0.01, --opt_betas 0.9 0.98,
+# --task_head_lr_weight 20 (RandAugment is not taken over: see `vqa`).
 VQA = _sizes(
     dict(batch_size=128, epochs=10, warmup_epochs=1, layer_decay=1.0, weight_decay=0.01,
-         betas=(0.9, 0.98)),
+         betas=(0.9, 0.98), task_head_lr_weight=20.0),
     base=dict(lr=3e-5, drop_path=0.1),
     large=dict(lr=2e-5, drop_path=0.15, remat=True))
 
@@ -236,6 +240,7 @@ def schedule(config, command: Command, *, eval_batches: int, log_every: int) -> 
   o.warmup_steps = command.warmup_epochs * epoch
   o.weight_decay = command.weight_decay
   o.layer_decay = command.layer_decay
+  o.task_head_lr_weight = command.task_head_lr_weight
   o.b1, o.b2 = command.betas
   o.eps = UNILM_DEFAULTS['eps']
   o.clip_norm = UNILM_DEFAULTS['clip_norm']
@@ -370,10 +375,11 @@ def vqa(size: str, arg=None) -> ml_collections.ConfigDict:
   Weights: unilm's beit3_<size>_patch16_224.pth converted as ckpt/beit3_<size>; its position
   table is resized to 480 px on load (the module's "Position tables").
 
-  Deviations: optimizer.task_head_lr_weight stays 1.0, so the head trains at the backbone's
-  lr (unilm's --task_head_lr_weight 20 gives it 20x; without, accuracy may suffer;
-  --config.optimizer.task_head_lr_weight=20 sets unilm's); no RandAugment (2 ops,
-  magnitude 7); the 1000 held-out images are chosen by hash, not unilm's random draw.
+  The task head (`head/...`, not the pooler) trains at 20x the backbone's lr, unilm's
+  --task_head_lr_weight 20 (optimizer.task_head_lr_weight).
+
+  Deviations: no RandAugment (2 ops, magnitude 7); the 1000 held-out images are chosen by
+  hash, not unilm's random draw.
 
   Targets and metric as unilm: BCE against the soft scores of the 10 annotator answers
   (answer_ids / answer_scores: 0.3 / 0.6 / 0.9 / 1.0 by annotator count); the validation

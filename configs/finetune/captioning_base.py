@@ -28,7 +28,7 @@ references close to but not as the COCO toolkit's PTB tokeniser, see `captioning
 repository has not run it.
 
 Deviations from unilm: no RandAugment; no drop-worst; label smoothing puts eps / V on every
-class; the warmup starts at 0; bfloat16 compute (`captioning` has the details).
+class; the warmup peaks one step later; bfloat16 compute (`captioning` has the details).
 """
 
 from beit3_jax.tasks import recipes

@@ -27,7 +27,7 @@ github.com/microsoft/unilm): top-1 87.6 (unilm's fine-tuned large: Acc@1 87.580,
 on the validation set. This repository has not run it.
 
 Deviations from unilm: no RandAugment, colour jitter or random erasing; a plain-resize
-validation view; the warmup starts at 0; bfloat16 compute (`classification` has the details).
+validation view; the warmup peaks one step later; bfloat16 compute (`classification` has the details).
 """
 
 from beit3_jax.tasks import recipes

@@ -27,7 +27,7 @@ Expect (the results table of unilm's beit3/README.md, github.com/microsoft/unilm
 / test-P 89.4 accuracy (unilm's fine-tuned large: test Acc 89.437 in get_started_for_nlvr2.md).
 This repository has not run it.
 
-Deviations from unilm: only those of every recipe here (the warmup starts at 0, bfloat16
+Deviations from unilm: only those of every recipe here (the warmup peaks one step later, bfloat16
 compute; see the module).
 """
 

@@ -30,9 +30,9 @@ test-dev 77.65 (VQA accuracy; the
 evaluation server scores test-dev, this job reports the held-out validation split, which is
 not comparable). This repository has not run it.
 
-Deviations from unilm (all of them in `vqa`): optimizer.task_head_lr_weight stays 1.0 (unilm:
-20, its head trains at 6e-4; here at 3e-5 like the backbone); no RandAugment; the
-warmup starts at 0; bfloat16 compute. The targets are unilm's soft scores of the 10 answers.
+The head trains at 20x the backbone's lr (unilm's --task_head_lr_weight 20).
+Deviations from unilm (all of them in `vqa`): no RandAugment; the warmup peaks one step
+later; bfloat16 compute. The targets are unilm's soft scores of the 10 answers.
 """
 
 from beit3_jax.tasks import recipes
