@@ -222,13 +222,18 @@ def finetune_fields(task: str) -> tuple[tuple[str, Any, str], ...]:
        'the backbone (models/config.py); unilm drops the final norm for some tasks'),
       ('num_classes', 4, 'classification: classes'),
       ('class_names', (), 'classification: optional class names (predict prints them)'),
-      ('label_smoothing', 0.1, 'classification and captioning: label smoothing'),
+      ('label_smoothing', 0.1, 'classification and captioning: label smoothing (captioning: '
+       "unilm's form, s / (V - 1) on each other class)"),
       ('mixup', 0.0, 'classification: mixup alpha (0 = off; unilm ImageNet recipe 0.8)'),
       ('cutmix', 0.0, 'classification: cutmix alpha (0 = off; unilm ImageNet recipe 1.0)'),
       ('mixup_prob', 1.0, 'classification: probability of mixing a batch'),
       ('mixup_switch_prob', 0.5, 'classification: probability of cutmix instead of mixup'),
       ('answers', (), 'vqa: the answer vocabulary (() = the built-in ANSWERS)'),
       ('captioning.mask_prob', 0.6, 'captioning: share of caption tokens masked (unilm 0.6)'),
+      ('captioning.drop_worst_ratio', 0.2, 'captioning: share of the highest-loss masked '
+       'tokens left out of the training loss (unilm --drop_worst_ratio)'),
+      ('captioning.drop_worst_after', 12000, 'captioning: steps before tokens are dropped '
+       '(unilm --drop_worst_after; from step drop_worst_after + 1)'),
       ('captioning.beam_size', 3, 'captioning: beam size of evaluation and predict'),
       ('captioning.length_penalty', 0.6, 'captioning: beam length penalty'),
       ('captioning.max_len', 32, 'captioning: most generated tokens'),

@@ -12,13 +12,16 @@ All take logits/features from `beit3_jax.models.heads` and return a scalar mean:
   exp(logit_scale) * cosine similarities. Under `jax.jit` the features are global arrays over
   the whole data axis, so every image is contrasted with every text of the global batch (what
   unilm's all-gather with gradient does across GPUs);
-- captioning: label-smoothed cross-entropy over the chosen (masked) text positions;
+- captioning: unilm's `BertCaptioningLoss` (utils.py) over the chosen (masked) text positions:
+  KL(q || p) with q = 1 - s on the label and s / (C - 1) on every other class, and after
+  `drop_worst_after` steps the worst `drop_worst_ratio` of the positions dropped;
 - masked data modeling (pretraining) and captioning's sums: `masked_slots` picks the masked
   positions, `cross_entropy_sums` and `reduce_sums` give per-step sums that a run averages.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import jax
@@ -32,6 +35,38 @@ def smoothed_cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
   return (1.0 - label_smoothing) * nll + label_smoothing * (-jnp.mean(logp, axis=-1)), nll
+
+
+def captioning_token_losses(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0
+                            ) -> tuple[jax.Array, jax.Array]:
+  """Per position (...), float32: (unilm's captioning loss, plain NLL) of logits (..., C)
+  against int labels (...). The loss is `nn.KLDivLoss` of `BertCaptioningLoss` (unilm
+  beit3/utils.py) summed over classes: sum_c q_c (log q_c - log p_c), q = 1 - s on the label
+  and s / (C - 1) on each other class, so it is 0 when p = q."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  classes = logits.shape[-1]
+  on, off = 1.0 - label_smoothing, label_smoothing / (classes - 1)
+  xlogx = lambda x: x * math.log(x) if x > 0 else 0.0  # noqa: E731
+  entropy_term = xlogx(on) + (classes - 1) * xlogx(off)        # sum_c q_c log q_c
+  others = -jnp.sum(logp, axis=-1) - nll                        # -sum_{c != label} log p_c
+  return entropy_term + on * nll + off * others, nll
+
+
+def keep_best(losses: jax.Array, valid: jax.Array, drop_ratio: float
+              ) -> tuple[jax.Array, jax.Array]:
+  """(sum, count) of the int(n * (1 - drop_ratio)) smallest `losses` among the n `valid`
+  positions (any shape; unilm's `torch.topk(loss, k, largest=False)` over its masked tokens).
+
+  k follows Python's float arithmetic exactly (a table over every possible n), so it matches
+  unilm's `int(loss.shape[0] * (1 - ratio))` where float32 would round some n one lower."""
+  flat = losses.reshape(-1).astype(jnp.float32)
+  ok = valid.reshape(-1)
+  table = jnp.asarray([int(n * (1 - drop_ratio)) for n in range(flat.shape[0] + 1)], jnp.int32)
+  k = table[jnp.sum(ok.astype(jnp.int32))]
+  ordered = jnp.sort(jnp.where(ok, flat, jnp.inf))
+  kept = jnp.arange(flat.shape[0]) < k
+  return jnp.sum(jnp.where(kept, ordered, 0.0)), k.astype(jnp.float32)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0,

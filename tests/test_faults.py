@@ -269,9 +269,10 @@ class _Poisoned:
   def normalizers(self, batch):
     return self.inner.normalizers({k: v for k, v in batch.items() if k != 'poison'})
 
-  def loss(self, params, extra, frozen, batch, rng, normalizers, train):
+  def loss(self, params, extra, frozen, batch, rng, normalizers, train, step=None):
     clean = {k: v for k, v in batch.items() if k != 'poison'}
-    loss, aux = self.inner.loss(params, extra, frozen, clean, rng, normalizers, train=train)
+    loss, aux = self.inner.loss(params, extra, frozen, clean, rng, normalizers, train=train,
+                                step=step)
     return loss * batch['poison'][0], aux
 
 

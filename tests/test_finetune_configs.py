@@ -150,6 +150,9 @@ def test_optimizer_schedule_and_model_follow_unilm_s_command(name):
     assert config.data.text_len == flag('num_max_bpe_tokens')
   if config.task == 'captioning':
     assert config.captioning.mask_prob == flag('captioning_mask_prob')
+    assert config.captioning.drop_worst_after == flag('drop_worst_after')
+    assert config.captioning.drop_worst_ratio == flag('drop_worst_ratio')
+    assert config.label_smoothing == flag('label_smoothing')
   assert f'patch16_{config.model.img_size}' in command['model']
   assert command['model'].split('_')[1] == config.model.variant
 

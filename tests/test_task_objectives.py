@@ -3,8 +3,10 @@ mixup/cutmix targets; the whole-split evaluators equal a direct computation; `mo
 re-evaluates a checkpoint into the same metrics file."""
 
 import json
+import pathlib
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -84,6 +86,81 @@ def test_objective_trains(task):
   if task == 'nlvr2':
     labels = _batch(task)['nlvr2']['label']
     assert val['nlvr2/baseline_accuracy'] == np.max(np.bincount(labels, minlength=2)) / B
+
+
+UNILM_CAPTIONING_LOSS = json.loads(
+    (pathlib.Path(__file__).resolve().parent / 'fixtures' / 'unilm_captioning_loss.json')
+    .read_text())
+
+
+@pytest.mark.parametrize('case', range(len(UNILM_CAPTIONING_LOSS['cases'])))
+def test_captioning_token_losses_and_drop_worst_equal_unilm_s(case):
+  """unilm's BertCaptioningLoss (label smoothing s / (V - 1) on the other classes, KL summed;
+  after drop_worst_after the worst share dropped), value and gradient, from the fixture."""
+  from beit3_jax import losses
+  c = UNILM_CAPTIONING_LOSS['cases'][case]
+  logits = np.asarray(c['logits'], np.float32)
+  target = np.asarray(c['target'], np.int32)
+  drop = c['drop_worst_ratio'] > 0 and c['iter'] > c['drop_worst_after']
+
+  def loss(x):
+    per, _ = losses.captioning_token_losses(x, target, c['label_smoothing'])
+    if drop:
+      kept_sum, kept = losses.keep_best(per, np.ones(target.shape, bool), c['drop_worst_ratio'])
+      return kept_sum / kept
+    return jnp.mean(per)
+
+  value, grad = jax.value_and_grad(loss)(logits)
+  np.testing.assert_allclose(float(value), c['loss'], rtol=2e-6)
+  np.testing.assert_allclose(np.asarray(grad), np.asarray(c['grad'], np.float32), atol=2e-7)
+
+
+def test_captioning_objective_drops_the_worst_tokens_after_drop_worst_after():
+  """The objective, with its logits replaced by the fixture's: unilm's loss before and after
+  the step (`global_step > drop_worst_after`), whatever the masked tokens' place in the rows."""
+  c = UNILM_CAPTIONING_LOSS['cases'][1]
+  logits = np.asarray(c['logits'], np.float32)
+  target = np.asarray(c['target'], np.int32)
+  n, vocab = logits.shape
+  objective = captioning.CaptioningFinetune(
+      _cfg(), c['label_smoothing'], text_len=L, drop_worst_ratio=c['drop_worst_ratio'],
+      drop_worst_after=c['drop_worst_after'])
+  rows, slots = n // 4, L - 1
+  mask = np.zeros((rows, L), bool)
+  mask[:, 1:5] = True                           # 4 masked tokens a row, positions 1-4
+  targets = np.zeros((rows, L), np.int32)
+  targets[mask] = target
+  placed = np.zeros((rows, slots, vocab), np.float32)
+  placed[:, :4] = logits.reshape(rows, 4, vocab)
+  objective.apply = lambda *a, **k: jnp.asarray(placed)  # noqa: E731
+  b = {'image': np.zeros((rows, 1, 1, 3), np.uint8), 'text_ids': targets,
+       'text_padding_mask': np.zeros((rows, L), bool), 'text_targets': targets,
+       'text_mask': mask}
+  batch = {'captioning': b}
+  norm = objective.normalizers(batch)
+  at = lambda step: float(objective.loss(  # noqa: E731
+      None, {}, {}, batch, jax.random.key(0), norm, train=True, step=jnp.int32(step))[0])
+  whole = UNILM_CAPTIONING_LOSS['cases'][1]
+  assert at(c['drop_worst_after'] + 1) == pytest.approx(whole['loss'], rel=2e-6)
+  kept_all = float(jnp.mean(captioning.losses.captioning_token_losses(
+      logits, target, c['label_smoothing'])[0]))
+  assert at(c['drop_worst_after']) == pytest.approx(kept_all, rel=2e-6)
+  assert float(objective.loss(None, {}, {}, batch, jax.random.key(0), norm, train=False)[0]) \
+      == pytest.approx(kept_all, rel=2e-6)
+
+
+def test_the_train_step_gives_each_loss_call_the_updates_done_so_far():
+  """unilm's global_step: 0 at the first update (captioning's drop-worst counts from it)."""
+  seen = []
+
+  class Spy(captioning.CaptioningFinetune):
+    def loss(self, *args, step=None, **kwargs):
+      if step is not None:
+        jax.debug.callback(lambda s: seen.append(int(s)), step)
+      return super().loss(*args, step=step, **kwargs)
+
+  fx.train_objective(Spy(_cfg(), 0.1, text_len=L), _batch('captioning'), steps=3)
+  assert seen == [0, 1, 2]
 
 
 def test_mask_caption_follows_unilm():

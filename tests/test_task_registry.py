@@ -51,7 +51,7 @@ class ParityObjective(base.Finetune):
   def __init__(self, config):
     super().__init__(TASK, config.model, **base.objective_inputs(config))
 
-  def loss(self, params, extra, frozen, batch, rng, normalizers, *, train: bool):
+  def loss(self, params, extra, frozen, batch, rng, normalizers, *, train: bool, step=None):
     del frozen
     b = batch[self.task]
     logits = self.apply(params, rng, train, images=self.images(b['image']))

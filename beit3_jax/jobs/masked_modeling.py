@@ -160,7 +160,7 @@ class MaskedModeling:
                                method=vqkd_lib.VQKD.encode)
     return jax.lax.stop_gradient(ids)
 
-  def loss(self, params, extra, frozen, batch, rng, normalizers, *, train: bool):
+  def loss(self, params, extra, frozen, batch, rng, normalizers, *, train: bool, step=None):
     """(total loss, (per-task sums, extra)) of one (micro-)batch."""
     del extra
     slots = self._slots(batch)

@@ -187,7 +187,7 @@ class VQKDTraining:
     extra = {'vq_stats': {**extra['vq_stats'], 'quantize': quantize}, 'codebook': codebook}
     return _with(params, CODEBOOK, codebook), extra
 
-  def loss(self, params, extra, frozen, batch, rng, normalizers, *, train: bool):
+  def loss(self, params, extra, frozen, batch, rng, normalizers, *, train: bool, step=None):
     images = image_ops.tokenizer_view(batch['image']['image'])
     z = self._features(params, images)
     codebook = extra['codebook']

@@ -258,16 +258,26 @@ class CaptioningFinetune(base.Finetune):
   text_len - 1 fixed slots, the most that can be masked). Metrics: captioning/{loss, nll,
   accuracy (masked tokens), baseline_accuracy, examples (masked tokens)}."""
 
-  def __init__(self, model_cfg, label_smoothing: float = 0.1, *, text_len: int = 8, **kw):
+  def __init__(self, model_cfg, label_smoothing: float = 0.1, *, text_len: int = 8,
+               drop_worst_ratio: float = 0.2, drop_worst_after: int = 12000, **kw):
     super().__init__(TASK, model_cfg, text_len=text_len, **kw)
     self.label_smoothing = float(label_smoothing)
+    if not 0.0 <= drop_worst_ratio < 1.0:
+      raise ValueError(f'captioning.drop_worst_ratio={drop_worst_ratio}; expected [0, 1).')
+    self.drop_worst_ratio = float(drop_worst_ratio)
+    self.drop_worst_after = int(drop_worst_after)
     self.num_image_tokens = 1 + num_patches(model_cfg)
 
   def normalizers(self, batch) -> dict[str, jax.Array]:
     """Masked tokens of the whole batch."""
     return {self.task: jnp.sum(batch[self.task]['text_mask'].astype(jnp.float32))}
 
-  def loss(self, params, extra, frozen, batch, rng, normalizers, *, train: bool):
+  def loss(self, params, extra, frozen, batch, rng, normalizers, *, train: bool, step=None):
+    """unilm's BertCaptioningLoss: the mean over the masked tokens of `losses.
+    captioning_token_losses`; in training after `drop_worst_after` steps (`step` >, as unilm's
+    global_step), the mean over the int(n (1 - drop_worst_ratio)) best of this call's n masked
+    tokens, weighted by this call's share of the batch's tokens (so micro-batches add up;
+    unilm drops per GPU and per accumulation step). The `loss` metric stays over every token."""
     del frozen
     b = batch[self.task]
     text_len = b['text_ids'].shape[1]
@@ -277,7 +287,7 @@ class CaptioningFinetune(base.Finetune):
                         text_ids=b['text_ids'], text_padding_mask=b['text_padding_mask'],
                         attn_mask=attn_mask, text_index=index)
     targets = jnp.take_along_axis(b['text_targets'], index, axis=1)
-    ce, nll = losses.smoothed_cross_entropy(logits, targets, self.label_smoothing)
+    ce, nll = losses.captioning_token_losses(logits, targets, self.label_smoothing)
     w = valid.astype(jnp.float32)
     vocab = self.model_cfg.vocab_size
     sums = {'ce': jnp.sum(ce * w), 'nll': jnp.sum(nll * w),
@@ -285,7 +295,13 @@ class CaptioningFinetune(base.Finetune):
             'count': jnp.sum(w),
             'histogram': jnp.zeros((vocab,), jnp.int32).at[targets.reshape(-1)].add(
                 valid.reshape(-1).astype(jnp.int32))}
-    return sums['ce'] / jnp.maximum(normalizers[self.task], 1.0), ({self.task: sums}, extra)
+    total = jnp.maximum(normalizers[self.task], 1.0)
+    loss = sums['ce'] / total
+    if train and step is not None and self.drop_worst_ratio > 0:
+      kept_sum, kept = losses.keep_best(ce, valid, self.drop_worst_ratio)
+      dropped = kept_sum / jnp.maximum(kept, 1.0) * (sums['count'] / total)
+      loss = jnp.where(step > self.drop_worst_after, dropped, loss)
+    return loss, ({self.task: sums}, extra)
 
   def summarize(self, sums) -> dict[str, float]:
     return base.summarize_sums(sums, {'ce': 'loss', 'nll': 'nll', 'correct': 'accuracy'})
@@ -418,8 +434,12 @@ class CaptioningTask(base.Task):
             'text_index': jnp.zeros((batch_size, 1), jnp.int32)}
 
   def objective(self, config) -> CaptioningFinetune:
+    c = config.captioning
     return CaptioningFinetune(config.model, config.label_smoothing,
-                              text_len=config.data.text_len, **base.objective_inputs(config))
+                              text_len=config.data.text_len,
+                              drop_worst_ratio=float(c.drop_worst_ratio),
+                              drop_worst_after=int(c.drop_worst_after),
+                              **base.objective_inputs(config))
 
   def transform(self, config, inputs, fields, tokenizer):
     return transform(inputs, tokenizer, float(config.captioning.mask_prob), fields['image'],

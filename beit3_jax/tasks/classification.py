@@ -95,7 +95,7 @@ class ClassificationFinetune(base.Finetune):
     mixed = jnp.where(apply, mixed, images)
     return mixed, lam * one_hot + (1.0 - lam) * one_hot[::-1]
 
-  def loss(self, params, extra, frozen, batch, rng, normalizers, *, train: bool):
+  def loss(self, params, extra, frozen, batch, rng, normalizers, *, train: bool, step=None):
     del frozen
     b = batch[self.task]
     labels = b['label'].astype(jnp.int32)

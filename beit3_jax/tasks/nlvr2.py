@@ -51,7 +51,7 @@ class NLVR2Finetune(base.Finetune):
   def __init__(self, model_cfg, *, text_len: int = 8, **kw):
     super().__init__(TASK, model_cfg, text_len=text_len, **kw)
 
-  def loss(self, params, extra, frozen, batch, rng, normalizers, *, train: bool):
+  def loss(self, params, extra, frozen, batch, rng, normalizers, *, train: bool, step=None):
     del frozen
     b = batch[self.task]
     logits = self.apply(params, rng, train, images_a=self.images(b['image_a']),

@@ -473,7 +473,10 @@ def captioning(size: str) -> ml_collections.ConfigDict:
 
   get_started besides the table: 32 text tokens (--num_max_bpe_tokens 32), mask prob 0.7
   (--captioning_mask_prob 0.7; the paper's Table 13 and the script default say 0.6),
-  RandAugment, drop-worst after 12,000 steps. unilm's defaults: label smoothing 0.1, beam 3,
+  RandAugment, drop-worst after 12,000 steps (captioning.drop_worst_after; the 20% highest-loss
+  masked tokens of a step leave its loss from step 12,001, as unilm's --drop_worst_ratio 0.2).
+  unilm's defaults: label smoothing 0.1 in unilm's form (1 - s on the label, s / (V - 1) on
+  each other class, the KL divergence summed: `losses.captioning_token_losses`), beam 3,
   length penalty 0.6, AdamW (0.9, 0.999) eps 1e-8, min lr 1e-6, no gradient clipping. unilm's
   training set has one item per image-caption pair, so the steps count pairs: 566,747 // 256 =
   2213 per epoch -> 22,130 steps, 2,213 warmup. (Here an example is an image with one of its
@@ -487,15 +490,16 @@ def captioning(size: str) -> ml_collections.ConfigDict:
   beit3_<size>_patch16_224.pth converted as ckpt/beit3_<size>, the same as for `vqa`; its
   position table is resized to 480 px on load.
 
-  Deviations: no RandAugment (2 ops, magnitude 7); no drop-worst (unilm drops the 20%
-  highest-loss tokens after 12,000 steps); label smoothing puts eps / V on every class (unilm
-  eps / (V - 1) on the others).
+  Deviations: no RandAugment (2 ops, magnitude 7). Drop-worst sorts each loss call's masked
+  tokens (the whole batch, or one micro-batch); unilm sorts each GPU's.
   """
   command = CAPTIONING[size]
   config = start('captioning', size, command, 480, normalize_output=True)
   config.label_smoothing = UNILM_DEFAULTS['label_smoothing']
   c = config.captioning
   c.mask_prob = 0.7                     # get_started: --captioning_mask_prob 0.7
+  c.drop_worst_after = 12000            # get_started: --drop_worst_after 12000
+  c.drop_worst_ratio = 0.2              # --drop_worst_ratio (the script's default)
   c.beam_size = UNILM_DEFAULTS['beam_size']
   c.length_penalty = UNILM_DEFAULTS['length_penalty']
   c.max_len = 32                        # get_started: --num_max_bpe_tokens 32

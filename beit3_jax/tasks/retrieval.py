@@ -52,7 +52,7 @@ class RetrievalFinetune(base.Finetune):
   def __init__(self, model_cfg, *, text_len: int = 8, **kw):
     super().__init__(TASK, model_cfg, text_len=text_len, **kw)
 
-  def loss(self, params, extra, frozen, batch, rng, normalizers, *, train: bool):
+  def loss(self, params, extra, frozen, batch, rng, normalizers, *, train: bool, step=None):
     del frozen
     b = batch[self.task]
     out = self.apply(params, rng, train, images=self.images(b['image']),

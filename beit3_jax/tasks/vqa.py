@@ -126,7 +126,7 @@ class VQAFinetune(base.Finetune):
                      text_len=text_len, **kw)
     self.num_answers = int(num_answers)
 
-  def loss(self, params, extra, frozen, batch, rng, normalizers, *, train: bool):
+  def loss(self, params, extra, frozen, batch, rng, normalizers, *, train: bool, step=None):
     del frozen
     b = batch[self.task]
     logits = self.apply(params, rng, train, images=self.images(b['image']),

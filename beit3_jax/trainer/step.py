@@ -4,7 +4,9 @@ An objective (`masked_modeling.MaskedModeling`, `tokenizer_training.VQKDTraining
 
     init_params(rng) -> boxed params    init_extra(params) -> extra state (no gradients)
     normalizers(batch) -> loss denominators of the whole batch
-    loss(params, extra, frozen, batch, rng, normalizers, train=) -> (loss, (sums, new_extra))
+    loss(params, extra, frozen, batch, rng, normalizers, train=, step=) -> (loss, (sums,
+        new_extra)); step: the int32 updates done before this one in training, None in
+        evaluation (captioning's drop-worst starts after a number of steps)
     finish(params, extra) -> (params, extra)   after each optimizer update
     reduce(sums) -> per-step scalars            summarize(summed sums) -> metrics
     first_batch_init(params, extra, frozen, batch) (optional; before the first step)
@@ -134,7 +136,7 @@ def make_train_step(objective, tx: optax.GradientTransformation, schedule: Calla
     normalizers = objective.normalizers(batch)
     if micro_batches == 1:
       (loss, (sums, extra)), grads = grad_fn(state.params, state.extra, state.frozen, batch,
-                                             rng, normalizers, train=True)
+                                             rng, normalizers, train=True, step=state.step)
     else:
       slices = _split_micro_batches(batch, micro_batches)
 
@@ -142,7 +144,8 @@ def make_train_step(objective, tx: optax.GradientTransformation, schedule: Calla
         grads_acc, loss_acc, sums_acc, extra = carry
         micro, j = xs
         (l, (s, extra)), g = grad_fn(state.params, extra, state.frozen, micro,
-                                     jax.random.fold_in(rng, j), normalizers, train=True)
+                                     jax.random.fold_in(rng, j), normalizers, train=True,
+                                     step=state.step)
         add = lambda a, b: a + b  # noqa: E731
         return (jax.tree.map(add, grads_acc, g), loss_acc + l, jax.tree.map(add, sums_acc, s),
                 extra), None
@@ -150,7 +153,7 @@ def make_train_step(objective, tx: optax.GradientTransformation, schedule: Calla
       first = jax.tree.map(lambda x: x[0], slices)
       _, (sums_shape, _) = jax.eval_shape(
           lambda: objective.loss(state.params, state.extra, state.frozen, first, rng,
-                                 normalizers, train=True))
+                                 normalizers, train=True, step=state.step))
       zeros = lambda t: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), t)  # noqa: E731
       init = (zeros(state.params), jnp.zeros((), jnp.float32), zeros(sums_shape), state.extra)
       (grads, loss, sums, extra), _ = jax.lax.scan(
