@@ -250,6 +250,9 @@ def finetune_fields(task: str) -> tuple[tuple[str, Any, str], ...]:
       ('data.text_len', 32, 'tokens per text, <s> and </s> included'),
       ('data.crop_scale', (0.5, 1.0), 'RandomResizedCrop area range in training'),
       ('data.flip_prob', 0.5, 'horizontal flip probability in training'),
+      ('data.eval_crop_pct', 0.0, "evaluation and predict view: 0 = resize to S x S (unilm's "
+       'vision-language tasks); c > 0 = shorter side to int(S / c), centre crop S '
+       "(unilm's ImageNet evaluation: 1.0)"),
       ('data.image_mean', (0.5, 0.5, 0.5), "image mean, [0, 1] units (unilm's VL tasks; "
        'ImageNet: IMAGENET_MEAN)'),
       ('data.image_std', (0.5, 0.5, 0.5), 'image std, [0, 1] units'),

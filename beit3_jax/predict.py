@@ -238,12 +238,13 @@ def image_paths(items: Sequence[str]) -> list[str]:
 
 
 def load_images(paths: Sequence[str], img_size: int, mean: Sequence[float],
-                std: Sequence[float]) -> np.ndarray:
+                std: Sequence[float], crop_pct: float = 0.0) -> np.ndarray:
   """The model inputs of image files: float32 (N, img_size, img_size, 3).
 
-  Each image is decoded to RGB, resized to (img_size, img_size) with `image_ops.eval_resize`
-  (bicubic, no crop) and normalised with `image_ops.normalize(x, mean, std)` (mean/std in
-  [0, 1] units).
+  Each image is decoded to RGB, given the evaluation view `image_ops.eval_view` (bicubic; a
+  plain resize when crop_pct is 0, else the shorter side to int(img_size / crop_pct) and the
+  centre crop) and normalised with `image_ops.normalize(x, mean, std)` (mean/std in [0, 1]
+  units).
   """
   out = np.empty((len(paths), img_size, img_size, 3), np.float32)
   for i, p in enumerate(paths):
@@ -252,7 +253,8 @@ def load_images(paths: Sequence[str], img_size: int, mean: Sequence[float],
       image = image_ops.decode_pil(data)
     except image_ops.CorruptImageError as e:
       raise PredictError(f'{p}: {e}') from None
-    out[i] = image_ops.normalize(image_ops.eval_resize(image, img_size, 'bicubic'), mean, std)
+    out[i] = image_ops.normalize(image_ops.eval_view(image, img_size, crop_pct, 'bicubic'),
+                                 mean, std)
   return out
 
 
@@ -297,6 +299,17 @@ def image_normalization(model: LoadedModel, mean=None, std=None
   if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
     raise PredictError(f'image mean/std need 3 values each (std > 0), got {mean} / {std}.')
   return mean, std, why
+
+
+def eval_crop_pct(model: LoadedModel) -> float:
+  """The evaluation view of `model`'s run (`data.eval_crop_pct`); for converted weights, which
+  carry no run config, their task's (`Task.default_eval_crop_pct`)."""
+  data = (model.run_config or {}).get('data') or {}
+  if 'eval_crop_pct' in data:
+    return float(data['eval_crop_pct'])
+  if model.run_config is None and model.task:
+    return float(tasks.get(model.task).default_eval_crop_pct)
+  return 0.0
 
 
 def run_spm_path(model: LoadedModel) -> str:
@@ -499,9 +512,12 @@ class Session:
   def images(self, args, paths: Sequence[str]) -> np.ndarray:
     """Normalised float32 (N, S, S, 3) of image files, as the model was trained."""
     mean, std, why = image_normalization(self.model, args.image_mean, args.image_std)
-    print(f'Images: {len(paths)}, resized to {self.model.config.img_size}px (bicubic), mean '
-          f'{mean}, std {std} ({why}).')
-    return load_images(paths, self.model.config.img_size, mean, std)
+    crop_pct = eval_crop_pct(self.model)
+    size = self.model.config.img_size
+    view = (f'resized to {size}px' if crop_pct == 0 else
+            f'shorter side resized to {int(size / crop_pct)}px, centre {size}px crop')
+    print(f'Images: {len(paths)}, {view} (bicubic), mean {mean}, std {std} ({why}).')
+    return load_images(paths, size, mean, std, crop_pct)
 
   def tokenizer(self, args):
     return load_tokenizer(self.model, args.spm)

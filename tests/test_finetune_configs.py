@@ -11,6 +11,7 @@ import json
 import pathlib
 
 import ml_collections
+import numpy as np
 import pytest
 
 from beit3_jax import tasks
@@ -155,6 +156,25 @@ def test_optimizer_schedule_and_model_follow_unilm_s_command(name):
     assert config.label_smoothing == flag('label_smoothing')
   assert f'patch16_{config.model.img_size}' in command['model']
   assert command['model'].split('_')[1] == config.model.variant
+
+
+def test_classification_recipes_evaluate_on_unilm_s_imagenet_view(tmp_path):
+  """unilm `build_imagenet_transform(is_train=False)`: Resize(int(224 / crop_pct)), crop_pct
+  1.0 (the shorter side to 224, the longer to int(224 * long / short), PIL bicubic), then
+  CenterCrop(224) at round((H' - 224) / 2), round((W' - 224) / 2); predict does the same."""
+  from PIL import Image
+  from beit3_jax import predict
+  from beit3_jax.data import finetuning as ft
+  rng = np.random.default_rng(0)
+  photo = rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)    # H 375, W 500
+  reference = np.array(Image.fromarray(photo).resize((298, 224), Image.BICUBIC))[:, 37:261]
+  for size in ('base', 'large'):
+    config = _load(CONFIG_DIR / f'classification_{size}.py')
+    got = ft.view(ft.FinetuneInputs.from_config(config, train=False), photo, rng)
+    np.testing.assert_array_equal(got, reference)
+  Image.fromarray(photo).save(tmp_path / 'photo.png')
+  loaded = predict.load_images([str(tmp_path / 'photo.png')], 224, (0, 0, 0), (1, 1, 1), 1.0)
+  np.testing.assert_allclose(loaded[0], reference / 255.0, atol=1e-6)
 
 
 def test_retrieval_datasets():

@@ -80,13 +80,15 @@ def image_files(image_dir):
   return [os.path.join(image_dir, f'img{i}.png') for i in range(N_IMAGES)]
 
 
-def inputs(image_dir, size=32, mean=image_ops.BEIT3_MEAN, std=image_ops.BEIT3_STD):
+def inputs(image_dir, size=32, mean=image_ops.BEIT3_MEAN, std=image_ops.BEIT3_STD,
+           crop_pct=0.0):
   """The model inputs of the test images, computed with image_ops directly."""
   out = []
   for p in image_files(image_dir):
     with open(p, 'rb') as f:
       image = image_ops.decode(f.read())
-    out.append(image_ops.normalize(image_ops.eval_resize(image, size, 'bicubic'), mean, std))
+    out.append(image_ops.normalize(image_ops.eval_view(image, size, crop_pct, 'bicubic'), mean,
+                                   std))
   return np.stack(out)
 
 
@@ -267,14 +269,15 @@ def test_classify_from_a_params_dir_and_a_workdir(tmp_path, image_dir, capsys):
   sizes = {'num_classes': len(CLASSES)}
   path, cfg, params = params_dir(tmp_path, 'classification', sizes, seed=9)
   model = jitted(heads.ImageClassifier(cfg, len(CLASSES)))
-  # A converted classification model: ImageNet mean/std (unilm's in1k recipe), index names.
+  # A converted classification model: ImageNet mean/std (unilm's in1k recipe) and unilm's
+  # ImageNet view (the shorter side resized, then the centre crop), index names.
   out = str(tmp_path / 'cls.json')
   assert predict.main(['classify', path, *image_files(image_dir), '--top-k', '3',
                        '--output', out]) == 0
   assert 'ImageNet' in capsys.readouterr().out
   result = json.loads(open(out).read())
   direct = np.asarray(model(params, inputs(image_dir, mean=image_ops.IMAGENET_MEAN,
-                                           std=image_ops.IMAGENET_STD)))
+                                           std=image_ops.IMAGENET_STD, crop_pct=1.0)))
   np.testing.assert_allclose(result['logits'], direct, atol=1e-5)
   assert [r[0] for r in result['top_k']] == np.argmax(direct, axis=-1).tolist()
   assert result['top_k_classes'][0][0] == str(int(np.argmax(direct[0])))

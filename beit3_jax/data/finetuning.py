@@ -6,7 +6,9 @@ device (`image_ops.normalize`).
 
 - train (the VL recipe of unilm `beit3/datasets.py`): random resized crop (scale `crop_scale`,
   default 0.5-1) -> horizontal flip (p `flip_prob`), `view`;
-- eval: a plain resize to (image_size, image_size).
+- eval: a plain resize to (image_size, image_size) (unilm's vision-language tasks), or with
+  `eval_crop_pct` > 0 the shorter side to int(image_size / eval_crop_pct) and a centre crop
+  (unilm's ImageNet eval, `build_imagenet_transform`, crop_pct 1.0 when not given).
 - Texts: `<s>` text `</s>` padded to `text_len` (the .spm `TextTokenizer`); `caption_example`
   picks one caption of an example with the example's rng, `caption_list` gives all of them.
 
@@ -37,6 +39,8 @@ class FinetuneInputs:
     flip_prob: horizontal flip probability in training.
     interpolation: resampling of crops and resizes.
     text_len: tokens per question, with <s> and </s> (VQA).
+    eval_crop_pct: 0 = the eval view is a plain resize; > 0 = shorter side to
+      int(image_size / eval_crop_pct), then a centre crop (`image_ops.eval_view`).
   """
   image_size: int
   train: bool
@@ -44,22 +48,24 @@ class FinetuneInputs:
   flip_prob: float = 0.5
   interpolation: str = 'bicubic'
   text_len: int = 32
+  eval_crop_pct: float = 0.0
 
   @classmethod
   def from_config(cls, config, train: bool) -> 'FinetuneInputs':
     """The settings of a fine-tuning config (`config.model.img_size`, `config.data.*`)."""
     d = config.data
     return cls(image_size=config.model.img_size, train=train, crop_scale=tuple(d.crop_scale),
-               text_len=d.text_len, flip_prob=float(d.flip_prob))
+               text_len=d.text_len, flip_prob=float(d.flip_prob),
+               eval_crop_pct=float(d.eval_crop_pct))
 
 
 def view(cfg: FinetuneInputs, image, rng: np.random.Generator) -> np.ndarray:
-  """uint8 (S, S, 3): the training crop + flip, or the eval resize."""
+  """uint8 (S, S, 3): the training crop + flip, or the eval view."""
   if cfg.train:
     out = image_ops.random_resized_crop(rng, image, cfg.image_size, tuple(cfg.crop_scale),
                                         interpolation=cfg.interpolation)
     return image_ops.horizontal_flip(rng, out, cfg.flip_prob)
-  return image_ops.eval_resize(image, cfg.image_size, cfg.interpolation)
+  return image_ops.eval_view(image, cfg.image_size, cfg.eval_crop_pct, cfg.interpolation)
 
 
 def as_str(value) -> str:

@@ -308,6 +308,15 @@ def eval_resize(image: ImageLike, size: int, interpolation: str = 'bicubic') -> 
   return _resize_box(im, size, (0, 0, im.height, im.width), interpolation)
 
 
+def eval_view(image: ImageLike, size: int, crop_pct: float = 0.0,
+              interpolation: str = 'bicubic') -> np.ndarray:
+  """uint8 (size, size, 3): `eval_resize` when crop_pct is 0, else
+  `resize_shorter_center_crop` with it."""
+  if crop_pct == 0:
+    return eval_resize(image, size, interpolation)
+  return resize_shorter_center_crop(image, size, crop_pct, interpolation)
+
+
 def resize_shorter_center_crop(image: ImageLike, size: int, crop_pct: float = 1.0,
                                interpolation: str = 'bicubic') -> np.ndarray:
   """ImageNet eval: Resize(int(size / crop_pct)) on the shorter side, then CenterCrop(size).

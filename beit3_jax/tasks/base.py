@@ -164,6 +164,7 @@ class Task:
   unilm_head_sizes: Mapping[str, str] = {}  # head size name -> unilm key whose rows give it
   # (mean, std, where they come from) for converted weights, which carry no run config
   default_image_norm: tuple[tuple[float, ...], tuple[float, ...], str] | None = None
+  default_eval_crop_pct: float = 0.0        # their predict view (`data.eval_crop_pct`)
 
   # ---------------------------------------------------------------------------- the model
 

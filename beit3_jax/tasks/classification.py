@@ -174,6 +174,7 @@ class ClassificationTask(base.Task):
   unilm_head_sizes = {'num_classes': 'head.weight'}
   default_image_norm = (image_ops.IMAGENET_MEAN, image_ops.IMAGENET_STD,
                         "ImageNet, unilm's classification recipe")
+  default_eval_crop_pct = 1.0               # unilm's ImageNet evaluation view
 
   def model(self, model_cfg, num_classes: int = 1000):
     return heads.ImageClassifier(model_cfg, int(num_classes))

@@ -298,10 +298,12 @@ def classification(size: str) -> ml_collections.ConfigDict:
           imagenet.prepare(manual_dir='/data/imagenet')"
   Weights: unilm's beit3_<size>_patch16_224.pth converted, at 224 px as they are.
 
+  Validation view as unilm's `build_imagenet_transform`: the shorter side resized (bicubic) to
+  int(224 / crop_pct), crop_pct 1.0, then the centre 224 x 224 (data.eval_crop_pct).
+
   Deviations: the training view is RandomResizedCrop (scale 0.08-1, bicubic) + flip only: no
   RandAugment (rand-m9-mstd0.5-inc1), colour jitter or random erasing (reprob 0.25), which
-  timm's `create_transform` adds there; the validation view is a plain 224 x 224 resize, not
-  resize-shorter-side + centre crop.
+  timm's `create_transform` adds there.
   """
   command = CLASSIFICATION[size]
   config = start('classification', size, command, 224, normalize_output=False)
@@ -313,6 +315,7 @@ def classification(size: str) -> ml_collections.ConfigDict:
   config.mixup_switch_prob = UNILM_DEFAULTS['mixup_switch_prob']
   data_source(config, 'beit3_imagenet2012', {'image': 'image', 'label': 'label'})
   config.data.crop_scale = (0.08, 1.0)  # timm create_transform's RandomResizedCrop
+  config.data.eval_crop_pct = 1.0      # build_imagenet_transform: crop_pct None -> 1.0
   config.data.image_mean = image_ops.IMAGENET_MEAN   # IMAGENET_DEFAULT_MEAN / STD
   config.data.image_std = image_ops.IMAGENET_STD
   schedule(config, command, eval_batches=48, log_every=100)

@@ -26,8 +26,9 @@ Expect (unilm's beit3/README.md and get_started/get_started_for_image_classifica
 github.com/microsoft/unilm): top-1 87.6 (unilm's fine-tuned large: Acc@1 87.580, Acc@5 98.326)
 on the validation set. This repository has not run it.
 
-Deviations from unilm: no RandAugment, colour jitter or random erasing; a plain-resize
-validation view; the warmup peaks one step later; bfloat16 compute (`classification` has the details).
+Validation view as unilm's: the shorter side to 224, then the centre crop (data.eval_crop_pct).
+Deviations from unilm: no RandAugment, colour jitter or random erasing; the warmup peaks one step
+later; bfloat16 compute (`classification` has the details).
 """
 
 from beit3_jax.tasks import recipes
