@@ -28,12 +28,17 @@ import jax
 import jax.numpy as jnp
 
 
+def _log_probs_and_nll(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(log-softmax (..., C) float32, NLL (...) of the int labels)."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return logp, -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
 def smoothed_cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0
                            ) -> tuple[jax.Array, jax.Array]:
   """Per position (...), float32: (label-smoothed CE, plain NLL) of logits (..., C) against int
   labels (...). The smoothed CE is timm's: (1 - s) * NLL + s * mean over classes of -log p."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  logp, nll = _log_probs_and_nll(logits, labels)
   return (1.0 - label_smoothing) * nll + label_smoothing * (-jnp.mean(logp, axis=-1)), nll
 
 
@@ -43,8 +48,7 @@ def captioning_token_losses(logits: jax.Array, labels: jax.Array, label_smoothin
   against int labels (...). The loss is `nn.KLDivLoss` of `BertCaptioningLoss` (unilm
   beit3/utils.py) summed over classes: sum_c q_c (log q_c - log p_c), q = 1 - s on the label
   and s / (C - 1) on each other class, so it is 0 when p = q."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  logp, nll = _log_probs_and_nll(logits, labels)
   classes = logits.shape[-1]
   on, off = 1.0 - label_smoothing, label_smoothing / (classes - 1)
   xlogx = lambda x: x * math.log(x) if x > 0 else 0.0  # noqa: E731

@@ -26,15 +26,14 @@ from beit3_jax import params_io, sharding
 from beit3_jax.trainer import loop
 from beit3_jax.trainer import step as step_lib
 from beit3_jax.trainer import workdir_lock
-from test_pretrain_runs import (REPO, _free_port, _losses, _params, setup,  # noqa: F401
-                                straight)
+from test_pretrain_runs import (REPO, WORKERS, _free_port, _losses, _params,  # noqa: F401
+                                setup, straight)
 from test_pretrain_runs import _run as _run_without_workers
 
 pytestmark = pytest.mark.faults
 
-# Pod runs make their batches in data worker processes, so every faulty run here does too; the
-# straight run they must equal has none, which also shows the workers change no batch.
-WORKERS = ('--config.data.workers=2',)
+# Every faulty run here makes its batches in WORKERS; the straight run they must equal has
+# none, which also shows the workers change no batch.
 
 
 def _run(setup, workdir, *flags, **kwargs):  # noqa: F811

@@ -23,7 +23,7 @@ from beit3_jax.data import local_files, paths, tfds_sources
 from beit3_jax.models import abstract_params
 from beit3_jax.trainer import checkpoints
 from conftest import tiny_config
-from test_pretrain_runs import _params, _run, setup, straight  # noqa: F401
+from test_pretrain_runs import WORKERS, _params, _run, setup, straight  # noqa: F401
 
 pytest_plugins = ['gcs_server']   # the `gcs` fixture
 pytestmark = pytest.mark.faults
@@ -229,10 +229,6 @@ def _losses(workdir):
   """{step: loss} of a run's metrics.jsonl (local or gs://)."""
   lines = [json.loads(l) for l in (epath.Path(workdir) / 'metrics.jsonl').read_text().splitlines()]
   return {l['step']: l['loss'] for l in lines if 'loss' in l}
-
-
-# The faulty runs make their batches in data worker processes, as on a pod.
-WORKERS = ('--config.data.workers=2',)
 
 
 def _kill_and_resume(setup, workdir, flags, env_extra):  # noqa: F811

@@ -81,6 +81,10 @@ def setup(tmp_path_factory):
   return {'root': root, 'config': str(config), 'cache': str(root / 'xla_cache')}
 
 
+# Pod runs make their batches in data worker processes; the fault tests run so too.
+WORKERS = ('--config.data.workers=2',)
+
+
 def _run(setup, workdir, *flags, devices=8, env_extra=None, check=True, new_session=False):
   env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES=str(devices),
              JAX_COMPILATION_CACHE_DIR=setup['cache'],

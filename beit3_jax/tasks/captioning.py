@@ -298,9 +298,10 @@ class CaptioningFinetune(base.Finetune):
     total = jnp.maximum(normalizers[self.task], 1.0)
     loss = sums['ce'] / total
     if train and step is not None and self.drop_worst_ratio > 0:
-      kept_sum, kept = losses.keep_best(ce, valid, self.drop_worst_ratio)
-      dropped = kept_sum / jnp.maximum(kept, 1.0) * (sums['count'] / total)
-      loss = jnp.where(step > self.drop_worst_after, dropped, loss)
+      def dropped():   # (a cond, so the steps before drop_worst_after skip the sort)
+        kept_sum, kept = losses.keep_best(ce, valid, self.drop_worst_ratio)
+        return kept_sum / jnp.maximum(kept, 1.0) * (sums['count'] / total)
+      loss = jax.lax.cond(step > self.drop_worst_after, dropped, lambda: loss)
     return loss, ({self.task: sums}, extra)
 
   def summarize(self, sums) -> dict[str, float]:
