@@ -34,6 +34,7 @@ import ml_collections
 from beit3_jax.models import get_config as model_config
 from beit3_jax.models.config import validate_config as validate_model_config
 from beit3_jax.tokenizers import get_vqkd_config
+from beit3_jax.tokenizers.vqkd import POS_RESIZE_MODES
 
 # (dotted name, default, doc) of the fields every training job shares.
 LOOP_FIELDS: tuple[tuple[str, Any, str], ...] = (
@@ -43,7 +44,8 @@ LOOP_FIELDS: tuple[tuple[str, Any, str], ...] = (
     ('keep_checkpoints', 3, 'newest checkpoints kept'),
     ('log_every', 50, 'steps between lines of metrics.jsonl (averaged over those steps)'),
     ('eval_every', 500, 'steps between validation passes (0 = never; the last step always)'),
-    ('eval_batches', 4, 'validation batches per pass (the same batches every time)'),
+    ('eval_batches', 4, 'validation batches per pass (the same batches every time; '
+     'fine-tuning: 0 = the whole split, every example once)'),
     ('mesh_shape', (-1, 1, 1), '(data, fsdp, tensor) device counts; -1 = the rest'),
     ('micro_batches', 1, 'gradient accumulation: the global batch is cut into this many slices'),
     ('init_from', '', "'' or a workdir / step dir / params dir to start from "
@@ -66,7 +68,8 @@ RESUMABLE_CHANGES = ('mesh_shape', 'micro_batches', 'checkpoint_every', 'keep_ch
                      'data.read_threads', 'data.workers', 'data.on_bad_example', 'stop_at_step', 'tokenizer.train_if_missing',
                      'compilation_cache_dir', 'tpu_slice', 'model.remat', 'model.remat_policy',
                      'model.attention', 'teacher.variant', 'max_nonfinite_steps',
-                     'workdir_lock_lease_seconds')
+                     'workdir_lock_lease_seconds',
+                     'model.init')   # only a fresh run draws its params
 
 DATA_ON_BAD_EXAMPLE_DOC = (
     "an example that cannot be used (undecodable image, empty text): 'skip' counts it "
@@ -112,7 +115,8 @@ def pretrain_fields() -> tuple[tuple[str, Any, str], ...]:
       ('checkpoint_every', 5000, 'steps between checkpoints'),
       ('log_every', 100, 'steps between metrics lines'),
       ('eval_every', 5000, 'steps between validation passes'),
-      ('model', model_config('base', drop_path_rate=0.1), 'the backbone (models/config.py)'),
+      ('model', model_config('base', drop_path_rate=0.1, init='beit'),
+       "the backbone (models/config.py); init 'beit', the paper's pretraining init"),
       ('tokenizer.path', '', 'VQ-KD params directory (convert to-flax --model vqkd, or the '
        'tokenizer job\'s output)'),
       ('tokenizer.train_config', '', "a tokenizer config whose output in <data dir>/tokenizers "
@@ -183,11 +187,13 @@ def tokenizer_fields() -> tuple[tuple[str, Any, str], ...]:
       ('log_every', 100, 'steps between metrics lines'),
       ('eval_every', 5000, 'steps between validation passes'),
       ('tokenizer', get_vqkd_config('base'), 'the VQ-KD model (tokenizers/vqkd.py)'),
-      ('teacher.kind', 'vit', "the teacher whose features are reconstructed: 'pixel', 'beit3' "
-       "or 'vit' (jobs/tokenizer_training.py)"),
-      ('teacher.path', '', "the teacher's params directory ('beit3' and 'vit')"),
-      ('teacher.variant', '', "the teacher's size ('base', 'large') for `beit3_jax.plan` "
-       'without teacher.path; a run reads the teacher from teacher.path'),
+      ('teacher.kind', 'vit', "the teacher whose features are reconstructed: 'pixel', 'beit3', "
+       "'vit' or 'clip' (jobs/tokenizer_training.py)"),
+      ('teacher.path', '', "the teacher's params directory ('beit3', 'vit' and 'clip'; a CLIP "
+       'one is written by python -m beit3_jax.tokenizers.clip_convert)'),
+      ('teacher.variant', '', "the teacher's size ('base', 'large'; for 'clip' 'vit_b16', "
+       "'vit_l14') for `beit3_jax.plan` without teacher.path; a run reads the teacher from "
+       'teacher.path'),
       ('teacher.cells', 2, "pooling cells of the 'pixel' teacher's features"),
       ('data.data_dir', '', "'' = $BEIT3_JAX_DATA_DIR or ~/.cache/beit3_jax"),
       ('data.builtin_image_size', 64, 'image size of the built-in data set (px)'),
@@ -215,8 +221,14 @@ def finetune_fields(task: str) -> tuple[tuple[str, Any, str], ...]:
   captioning). Task-specific fields are read only by their task."""
   return LOOP_FIELDS + (
       ('job', 'finetune', 'which job runs the config'),
-      ('mode', 'train', "'train', or 'eval': evaluate a checkpoint and stop"),
-      ('eval_step', -1, 'mode=eval: the checkpoint step (-1 = the newest)'),
+      ('mode', 'train', "'train'; 'eval': evaluate a checkpoint and stop; 'submit': write the "
+       "evaluation server's file of data.eval_split (e.g. <workdir>/submit_vqav2_test.json)"),
+      ('eval_batches', 0, 'validation batches per pass; 0 = the whole split, every example '
+       'once (the last batch padded and masked), as unilm evaluates'),
+      ('best_metric', '', "the validation metric whose best params are kept in <workdir>/best "
+       "(higher is better): '' = the task's (classification, vqa, nlvr2: accuracy; retrieval: "
+       "r_mean; captioning: cider), 'none' = keep no best"),
+      ('eval_step', -1, 'mode=eval / submit: the checkpoint step (-1 = the newest)'),
       ('task', task, 'the task (a name of beit3_jax.tasks)'),
       ('model', model_config('base', drop_path_rate=0.1, normalize_output=False),
        'the backbone (models/config.py); unilm drops the final norm for some tasks'),
@@ -234,9 +246,18 @@ def finetune_fields(task: str) -> tuple[tuple[str, Any, str], ...]:
        'tokens left out of the training loss (unilm --drop_worst_ratio)'),
       ('captioning.drop_worst_after', 12000, 'captioning: steps before tokens are dropped '
        '(unilm --drop_worst_after; from step drop_worst_after + 1)'),
-      ('captioning.beam_size', 3, 'captioning: beam size of evaluation and predict'),
-      ('captioning.length_penalty', 0.6, 'captioning: beam length penalty'),
-      ('captioning.max_len', 32, 'captioning: most generated tokens'),
+      ('captioning.beam_size', 3, 'captioning: beam size of evaluation and predict (unilm '
+       '--num_beams 3)'),
+      ('captioning.length_penalty', 0.6, 'captioning: score = log-prob / length ** this (unilm '
+       '--length_penalty 0.6)'),
+      ('captioning.max_len', 30, 'captioning: most generated tokens, eos included (unilm '
+       '--num_max_bpe_tokens - 2: 30 for the recipe\'s 32, 62 for the script default 64)'),
+      ('captioning.search', 'unilm', "captioning: 'unilm' (unilm's beam search, for beam_size 1 "
+       "too) or 'k_finished' (K finished hypotheses; beam_size 1 = greedy); tasks/decoding.py"),
+      ('captioning.min_len', 0, 'captioning: eos banned before this many tokens (unilm: 0)'),
+      ('captioning.ban_pad', False, 'captioning: never generate the pad token (unilm: False)'),
+      ('captioning.early_stopping', False, "captioning, search 'unilm': stop an example at its "
+       'first finished hypothesis (unilm: False)'),
       ('captioning.eval_examples', 0, 'captioning: images captioned per evaluation '
        '(0 = eval_batches x batch_size)'),
       ('data.data_dir', '', "'' = $BEIT3_JAX_DATA_DIR or ~/.cache/beit3_jax"),
@@ -246,10 +267,22 @@ def finetune_fields(task: str) -> tuple[tuple[str, Any, str], ...]:
        "overriding the task's defaults (e.g. {'label': 'label'})"),
       ('data.train_split', 'train', 'TFDS split for training'),
       ('data.eval_split', 'validation', 'TFDS split for validation'),
+      ('data.caption_pairs', True, 'retrieval and captioning training: one example per (image, '
+       'caption) pair, so an epoch has every caption once (unilm); False = one example per '
+       'image, with one of its captions drawn at random'),
       ('data.spm_path', '', "SentencePiece model ('' = the built-in .spm for built-in data)"),
       ('data.text_len', 32, 'tokens per text, <s> and </s> included'),
       ('data.crop_scale', (0.5, 1.0), 'RandomResizedCrop area range in training'),
       ('data.flip_prob', 0.5, 'horizontal flip probability in training'),
+      ('data.rand_augment', '', "training ops after the flip: '' = none; 'unilm' = unilm's "
+       "RandomAugment(2, 7) of its VQA and captioning recipes (beit3/randaug.py); a timm "
+       "RandAugment string, e.g. 'rand-m9-mstd0.5-inc1' (unilm's ImageNet recipe; fill "
+       'round(255 * data.image_mean))'),
+      ('data.random_erasing', 0.0, "classification: probability of timm's RandomErasing of a "
+       "normalised training image, on the device (0 = off; unilm's ImageNet recipe 0.25)"),
+      ('data.random_erasing_mode', 'pixel', "random erasing fill: 'pixel' per-pixel N(0, 1), "
+       "'rand' one N(0, 1) colour per box, 'const' zeros (unilm --remode pixel)"),
+      ('data.random_erasing_count', 1, 'random erasing: boxes per erased image (unilm --recount)'),
       ('data.eval_crop_pct', 0.0, "evaluation and predict view: 0 = resize to S x S (unilm's "
        'vision-language tasks); c > 0 = shorter side to int(S / c), centre crop S '
        "(unilm's ImageNet evaluation: 1.0)"),
@@ -391,6 +424,10 @@ def check_values(config: ml_collections.ConfigDict) -> None:
                           + ('>= 0 (0 turns the stream off).' if stream else '> 0.'))
     if not any(sizes.values()):
       raise ConfigError('batch_size: every stream is 0; give at least one a batch.')
+  if present('eval_batches') and config.eval_batches == 0 and present('job') \
+      and config.job != 'finetune' and present('eval_every') and config.eval_every:
+    raise ConfigError(f'eval_batches=0 (the whole split) is for fine-tuning; job '
+                      f'{config.job!r} validates on eval_batches fixed batches: give 1 or more.')
   if present('optimizer.warmup_steps') and present('total_steps'):
     if not 0 <= config.optimizer.warmup_steps < config.total_steps:
       raise ConfigError(f'optimizer.warmup_steps={config.optimizer.warmup_steps}: expected '
@@ -404,6 +441,9 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     if config.tokenizer.input_size % config.tokenizer.patch_size:
       raise ConfigError(f'tokenizer.input_size={config.tokenizer.input_size} is not a multiple '
                         f'of tokenizer.patch_size={config.tokenizer.patch_size}.')
+  if present('tokenizer.pos_resize') and config.tokenizer.pos_resize not in POS_RESIZE_MODES:
+    raise ConfigError(f'tokenizer.pos_resize={config.tokenizer.pos_resize!r}: expected one of '
+                      f'{POS_RESIZE_MODES}.')
 
 
 def check_fields(config: ml_collections.ConfigDict, source: str = 'the config') -> None:

@@ -92,12 +92,18 @@ def soft_target_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Arra
   return jnp.mean(-jnp.sum(targets.astype(jnp.float32) * logp, axis=-1))
 
 
-def vqa_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """BCE with logits against soft scores (B, A), mean over all entries x A (unilm)."""
+def vqa_example_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """(B,) float32: each example's BCE with logits against its soft scores, summed over the
+  A answers."""
   x = logits.astype(jnp.float32)
   t = targets.astype(jnp.float32)
   bce = jnp.maximum(x, 0) - x * t + jnp.log1p(jnp.exp(-jnp.abs(x)))
-  return jnp.mean(bce) * logits.shape[-1]
+  return jnp.sum(bce, axis=-1)
+
+
+def vqa_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """BCE with logits against soft scores (B, A), mean over all entries x A (unilm)."""
+  return jnp.mean(vqa_example_losses(logits, targets))
 
 
 def contrastive_logits(image_features: jax.Array, text_features: jax.Array,

@@ -140,9 +140,9 @@ def parse_flags(argv):
 
 
 def _evaluates(config) -> bool:
-  """Whether the run evaluates a checkpoint instead of training (`mode='eval'`; only the
-  finetune job declares `mode`)."""
-  return 'mode' in config and config.mode == 'eval'
+  """Whether the run reads a checkpoint instead of training (`mode='eval'` or 'submit'; only
+  the finetune job declares `mode`)."""
+  return 'mode' in config and config.mode in ('eval', 'submit')
 
 
 def _report(config, result: dict) -> None:
@@ -154,6 +154,8 @@ def _report(config, result: dict) -> None:
   print(head + ''.join(f'; val {k} {v:.4f}' for k, v in sorted(val.items())
                        if any(s in k for s in shown)))
   print(f'Checkpoints: {result["checkpoints"]}')
+  if result.get('best'):
+    print(f'Best:        {result["best"]}')
   print(f'Metrics:     {result["metrics"]} (TensorBoard: {result["tensorboard"]})')
 
 
@@ -182,12 +184,13 @@ def run(config, workdir: str | None) -> dict:
   if workdir and _evaluates(config):
     # Evaluation reads a run (or init_from) and adds val/ rows to its metrics; the run's own
     # config.json stays as it is.
-    print(f'Evaluating with this config (mode=eval; {workdir}/config.json is left as it is)')
+    print(f'{"Predicting" if config.mode == "submit" else "Evaluating"} with this config '
+          f'(mode={config.mode}; {workdir}/config.json is left as it is)')
   elif workdir:
     print(f'Saved the config to {save_run_config(config, workdir)}')
   result = job.run(config, workdir)
-  if entry.trains:
-    _report(config, result)
+  if entry.trains and not (_evaluates(config) and config.mode == 'submit'):
+    _report(config, result)   # (submit printed where its file went)
   return result
 
 

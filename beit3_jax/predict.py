@@ -20,8 +20,10 @@ Commands (and the models they take); `embed` is this module's, the others are th
   retrieve  a folder of images and a text file (one text per line): for each text its top-k
             images and for each image its top-k texts, scored by cosine similarity (retrieval).
   caption   a caption per image (captioning): greedy (beam size 1) or beam search.
-  answer    an answer per (image, question) pair (vqa), with sigmoid scores of the top-k.
+  answer    an answer per (image, question) pair (vqa), with sigmoid scores of the top-k; the
+            pairs from --image/--question, or a --questions file ("image<TAB>question" lines).
   classify  the top-k classes per image (classification), with softmax probabilities.
+  verify    whether a statement is true of a pair of images (nlvr2), with P(true).
 
 Images are resized to the model's square input (bicubic, no crop, as unilm's evaluation) and
 normalised with the run's `data.image_mean/std` (a params directory: 0.5/0.5, except ImageNet's
@@ -29,8 +31,10 @@ for a classification model, unilm's in1k recipe; `--image-mean/--image-std` over
 tokenized with the SentencePiece model given by `--spm` (default: the run's `data.spm_path`,
 or the demo's .spm for a run on the built-in data).
 
-Every command prints its results; `--output FILE` also writes them as .npz or .json. MODEL,
-image files and folders, text files and --output may be gs:// URLs.
+Every command prints its results; `--output FILE` also writes them as .npz or .json, and
+`--report FILE.html` a self-contained HTML page (images embedded) of the inputs and their
+predictions, for people to look at. MODEL, image files and folders, text files, --output and
+--report may be gs:// URLs.
 
     python -m beit3_jax.predict embed out/base --image cat.jpg --text "a cat" --spm beit3.spm
     python -m beit3_jax.predict retrieve out/coco_retrieval --images photos/ --texts queries.txt \\
@@ -38,7 +42,11 @@ image files and folders, text files and --output may be gs:// URLs.
     python -m beit3_jax.predict caption out/coco_captioning photo.jpg --spm beit3.spm
     python -m beit3_jax.predict answer out/vqa --image photo.jpg --question "what colour is it?" \\
         --spm beit3.spm --answers answer2label.txt
+    python -m beit3_jax.predict answer out/vqa --image photos/ --questions questions.tsv \\
+        --spm beit3.spm --report answers.html      # lines: photo.jpg<TAB>what colour is it?
     python -m beit3_jax.predict classify out/in1k photo.jpg --class-names imagenet_classes.txt
+    python -m beit3_jax.predict verify out/nlvr2 --pair left.jpg right.jpg \\
+        --statement "there are two dogs" --spm beit3.spm --report verdicts.html
 """
 
 from __future__ import annotations
@@ -61,6 +69,7 @@ from beit3_jax.models import BEiT3, abstract_params
 from beit3_jax.models.config import config_from_dict
 from beit3_jax.models.embeddings import POSITION_OFFSET
 from beit3_jax.models.layers import l2_normalize
+from beit3_jax.tasks import showcase
 from beit3_jax.tasks.base import PredictCommand, PredictError, Task
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
@@ -265,20 +274,85 @@ def _read_bytes(path: str) -> bytes:
     return f.read()
 
 
-def read_lines(path: str, what: str) -> list[str]:
-  """The non-empty lines (stripped) of a UTF-8 text file (local or gs://)."""
+def read_text(path: str, what: str) -> str:
+  """The text of a UTF-8 file (local or gs://), universal newlines.
+
+  Raises:
+    PredictError: no such file, or not UTF-8 text (saying where), naming it as `what`.
+  """
   if not _is_file(path):
     raise PredictError(f'No {what} file at {path}.')
-  if paths.is_remote(path):
-    text = _read_bytes(path).decode('utf-8')
-    lines = [line.strip() for line in io.StringIO(text, newline=None)]
-  else:
-    with open(path, encoding='utf-8') as f:
-      lines = [line.strip() for line in f]
+  try:
+    data = _read_bytes(path)
+  except OSError as e:
+    raise PredictError(f'Cannot read the {what} file {path}: {e}') from None
+  try:
+    text = data.decode('utf-8')
+  except UnicodeDecodeError as e:
+    line = data[:e.start].count(b'\n') + 1
+    raise PredictError(f'{path}:{line}: the {what} file is not UTF-8 text (byte {e.start}).'
+                       ) from None
+  return io.StringIO(text, newline=None).read()
+
+
+def read_lines(path: str, what: str) -> list[str]:
+  """The non-empty lines (stripped) of a UTF-8 text file (local or gs://)."""
+  lines = [line.strip() for line in read_text(path, what).split('\n')]
   lines = [line for line in lines if line]
   if not lines:
     raise PredictError(f'The {what} file {path} has no non-empty line.')
   return lines
+
+
+def read_table(path: str, what: str, columns: Sequence[str], image_columns: int = 1,
+               folder: str | None = None) -> list[tuple[str, ...]]:
+  """The rows of a tab-separated UTF-8 file (local or gs://): one line per row, the fields
+  named by `columns` ('image<TAB>question'), blank lines skipped; the last field keeps any
+  further tabs. The first `image_columns` fields are image files: a relative name is taken in
+  `folder`, else in the file's folder.
+
+  Raises:
+    PredictError: the file cannot be read, has no row, or a line lacks a field or names no
+      image file (with the file's name and the line number).
+  """
+  text = read_text(path, what)
+  if folder is None:
+    folder = path.rsplit('/', 1)[0] if '/' in path else '.'
+  layout = '<TAB>'.join(columns)
+  rows = []
+  for n, line in enumerate(text.split('\n'), 1):
+    if not line.strip():
+      continue
+    fields = [f.strip() for f in line.split('\t', len(columns) - 1)]
+    if len(fields) < len(columns) or not all(fields):
+      why = ('no tab' if len(fields) == 1 else
+             f'{len(fields)} of {len(columns)} fields' if len(fields) < len(columns) else
+             f'no {columns[fields.index("")]}')
+      raise PredictError(f'{path}:{n}: expected "{layout}", got {line!r} ({why}).')
+    for i in range(image_columns):
+      name = fields[i]
+      if not (name.startswith('/') or '://' in name):
+        fields[i] = f'{folder.rstrip("/")}/{name}'
+      if not _is_file(fields[i]):
+        raise PredictError(f'{path}:{n}: no image file {fields[i]}.')
+    rows.append(tuple(fields))
+  if not rows:
+    raise PredictError(f'The {what} file {path} has no "{layout}" line.')
+  return rows
+
+
+def thumbnails(paths: Sequence[str], max_size: int = 640) -> list[np.ndarray]:
+  """The image files as uint8 (H, W, 3) RGB for people to look at (a report), the longer side
+  shrunk to at most `max_size` pixels (aspect kept)."""
+  out = []
+  for p in paths:
+    try:
+      image = image_ops.decode_pil(_read_bytes(p)).convert('RGB')
+    except image_ops.CorruptImageError as e:
+      raise PredictError(f'{p}: {e}') from None
+    image.thumbnail((max_size, max_size))
+    out.append(np.asarray(image, np.uint8))
+  return out
 
 
 def image_normalization(model: LoadedModel, mean=None, std=None
@@ -462,6 +536,30 @@ def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 # Output.
 
 
+def _write_bytes(path: str, data: bytes) -> None:
+  if paths.is_remote(path):
+    _epath(path).write_bytes(data)
+  else:
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or '.', exist_ok=True)
+    with open(path, 'wb') as f:
+      f.write(data)
+
+
+def check_report_path(path: str) -> None:
+  """Raises PredictError unless `path` names an .html (or .htm) file."""
+  if not path.lower().endswith(('.html', '.htm')) or path.endswith(('/', os.sep)):
+    raise PredictError(f'--report {path}: expected an .html file name (e.g. report.html).')
+  if not paths.is_remote(path) and os.path.isdir(path):
+    raise PredictError(f'--report {path} is a folder; give an .html file name.')
+
+
+def write_report(path: str, examples, title: str, notes: Sequence[str] = ()) -> None:
+  """Writes `showcase.html_page(examples, title, notes=notes)` to `path` (local or gs://) and
+  prints 'Report: PATH'."""
+  _write_bytes(path, showcase.html_page(examples, title, notes=notes).encode('utf-8'))
+  print(f'Report: {path}')
+
+
 def write_output(path: str, result: dict) -> None:
   """Writes `result` (arrays, lists, str, numbers) as .npz (np.savez) or .json, to a local
   path or a gs:// URL."""
@@ -474,12 +572,7 @@ def write_output(path: str, result: dict) -> None:
     data = json.dumps(plain, indent=1, ensure_ascii=False).encode('utf-8')
   else:
     raise PredictError(f'--output {path}: expected a .npz or .json file name.')
-  if paths.is_remote(path):
-    _epath(path).write_bytes(data)
-  else:
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or '.', exist_ok=True)
-    with open(path, 'wb') as f:
-      f.write(data)
+  _write_bytes(path, data)
   print(f'Wrote {path}')
 
 
@@ -495,15 +588,37 @@ def _vector(x: np.ndarray, n: int = 4) -> str:
 
 class Session:
   """What a predict command works with: the loaded model and helpers that read its inputs the
-  way the model expects (the flags in `args`: --spm, --text-len, --image-mean/std)."""
+  way the model expects (the flags in `args`: --spm, --text-len, --image-mean/std), and
+  `report`, which writes the page of `--report`."""
 
   def __init__(self, model: LoadedModel):
     self.model = model
+    self.reported: str | None = None   # the page `report` wrote
 
   image_paths = staticmethod(image_paths)
   list_images = staticmethod(list_images)
   read_lines = staticmethod(read_lines)
+  read_text = staticmethod(read_text)
+  read_table = staticmethod(read_table)
+  is_file = staticmethod(_is_file)
+  is_dir = staticmethod(_is_dir)
+  thumbnails = staticmethod(thumbnails)
   top_k = staticmethod(top_k)
+
+  def report(self, args, examples, notes: Sequence[str] = ()) -> None:
+    """Writes the --report page of `examples` (`showcase.Example`s, or {section heading:
+    examples}): titled with the command, noting the model and `notes`. A no-op without
+    --report."""
+    if not args.report:
+      return
+    write_report(args.report, examples, f'predict {args.command}',
+                 [f'Model: {self.model.describe()}', *notes])
+    self.reported = args.report
+
+  @staticmethod
+  def name(path: str) -> str:
+    """A file's name without its folder (for headings)."""
+    return os.path.basename(path.rstrip('/'))
 
   @staticmethod
   def short(text: str, width: int = 60) -> str:
@@ -575,7 +690,27 @@ def cmd_embed(args, session: Session) -> dict:
     print('cosine similarity (rows: images, columns: texts):')
     for p, row in zip(result['image_files'], sim):
       print(f'  {os.path.basename(p)}: ' + ' '.join(f'{v:+.4f}' for v in row))
+  if args.report:
+    _report_embed(args, session, result)
   return result
+
+
+def _report_embed(args, session: Session, result: dict) -> None:
+  """Each image with the start of its embedding and, with texts, the texts by similarity; each
+  text with the start of its embedding."""
+  files, texts = result.get('image_files', []), result.get('texts', [])
+  sim = result.get('similarity')
+  examples = {}
+  if files:
+    pictures = session.thumbnails(files)
+    examples['Images'] = [
+        showcase.Example(os.path.basename(p), picture, [f'embedding: {_vector(f)}'],
+                [] if sim is None else [(texts[j], sim[i, j]) for j in np.argsort(-sim[i])])
+        for i, (p, picture, f) in enumerate(zip(files, pictures, result['image_features']))]
+  if texts:
+    examples['Texts'] = [showcase.Example(t, lines=[f'embedding: {_vector(f)}'])
+                         for t, f in zip(texts, result['text_features'])]
+  session.report(args, examples, [f'Features: {result["features_from"]}.'])
 
 
 def _add_embed_arguments(p) -> None:
@@ -638,6 +773,8 @@ def _parser(table) -> argparse.ArgumentParser:
   common.add_argument('--image-std', type=_floats, metavar='R,G,B')
   common.add_argument('--batch-size', type=int, default=8, help='inputs per device call')
   common.add_argument('--output', help='also write the results to this .npz or .json file')
+  common.add_argument('--report', metavar='FILE.html', help='also write a self-contained HTML '
+                      'page of the inputs and the predictions (images embedded)')
   sub = parser.add_subparsers(dest='command', required=True)
   for name, (_, command) in table.items():
     command.add_arguments(sub.add_parser(name, parents=[common], help=command.help))
@@ -652,12 +789,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.batch_size < 1 or getattr(args, 'top_k', 1) < 1:
     raise SystemExit(f'predict {args.command}: --batch-size and --top-k must be >= 1.')
   try:
+    if args.report:
+      check_report_path(args.report)
     model = load_model(args.model)
     require_task(model, args.command, table)
     print(f'Model: {model.describe()}')
-    result = table[args.command][1].run(args, Session(model))
+    session = Session(model)
+    result = table[args.command][1].run(args, session)
     if args.output:
       write_output(args.output, result)
+    if args.report and session.reported is None:
+      raise PredictError('--report: this command writes no report.')
   except PredictError as e:
     raise SystemExit(f'predict {args.command}: {e}') from None
   return 0

@@ -59,6 +59,8 @@ ROWS = (
     ('captioning base 480 px', 'configs/finetune/captioning_base.py', 'v5p-8', 1, ()),
     ('captioning large 480 px', 'configs/finetune/captioning_large.py', 'v5p-8', 1, ()),
     ('VQ-KD tokenizer base', 'configs/pretrain/tokenizer_base.py', 'v5p-8', 1, ()),
+    ('VQ-KD tokenizer base, CLIP teacher', 'configs/pretrain/tokenizer_clip_base.py', 'v5p-8', 1,
+     ()),
 )
 
 GIB = 2 ** 30

@@ -5,7 +5,8 @@
 # see docs/dependencies.md).
 #
 #   bash launch/setup_venv.sh            # the package: jax (CPU), flax, optax, orbax, tfds, ...
-#   bash launch/setup_venv.sh test       # + pytest, torch 2.13.0 (CPU) and torchscale 0.3.0
+#   bash launch/setup_venv.sh test       # + pytest, torch 2.13.0 (CPU), torchscale 0.3.0, selenium
+#                                        #   (and Debian's chromium, chromium-driver: see below)
 #   bash launch/setup_venv.sh tpu        # + jax[tpu], on a TPU VM (run on every host)
 #   bash launch/setup_venv.sh torch tpu  # several extras at once
 #
@@ -15,8 +16,11 @@
 # Without PYTHON, where none of those is >= 3.11 and apt-get exists (TPU VM images are Ubuntu
 # 22.04, with Python 3.10), it installs python3.11 and python3.11-venv with apt-get (through
 # `sudo -n` unless it runs as root) and uses python3.11.
-# Only package registries are used (PyPI; apt's archives for python3.11); nothing else is
-# downloaded.
+# The test extra also needs Debian's chromium and chromium-driver (tests/test_report.py opens
+# predict's HTML reports in the headless browser): where /usr/bin/chromedriver is missing and
+# apt-get exists, it installs them the same way (root, or `sudo -n`), and says so when it cannot.
+# Only package registries are used (PyPI; apt's archives for python3.11, chromium and
+# chromium-driver); nothing else is downloaded.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -114,5 +118,35 @@ if "$venv/bin/python" -m pip show --quiet torchvision >/dev/null 2>&1 \
     && ! "$venv/bin/python" -c "import torchvision" >/dev/null 2>&1; then
   echo "Removing torchvision (it cannot be imported beside this torch build)"
   "$venv/bin/python" -m pip uninstall --quiet --yes torchvision
+fi
+# tests/test_report.py drives Debian's chromium through /usr/bin/chromedriver (Selenium).
+if [[ ",$extras," == *,test,* ]] && [ ! -x /usr/bin/chromedriver ]; then
+  browser_fix="Install the Debian packages chromium and chromium-driver as root (apt-get install\
+ -y chromium chromium-driver); until then tests/test_report.py fails."
+  browser_root=()
+  browser_blocker=""
+  if ! command -v apt-get >/dev/null 2>&1; then
+    browser_blocker="there is no apt-get"
+  elif [ "$(id -u)" != 0 ]; then
+    if command -v sudo >/dev/null 2>&1; then
+      browser_root=(sudo -n)
+    else
+      browser_blocker="this is not root and sudo is missing"
+    fi
+  fi
+  if [ -n "$browser_blocker" ]; then
+    echo "setup_venv.sh: warning: /usr/bin/chromedriver is missing and $browser_blocker." \
+      "$browser_fix" >&2
+  else
+    echo "Installing chromium and chromium-driver (for tests/test_report.py) with" \
+      "${browser_root[*]:+${browser_root[*]} }apt-get"
+    ${browser_root[@]+"${browser_root[@]}"} env DEBIAN_FRONTEND=noninteractive apt-get update \
+      || echo "setup_venv.sh: warning: apt-get update failed; installing from the lists at hand" >&2
+    if ! ${browser_root[@]+"${browser_root[@]}"} env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y chromium chromium-driver || [ ! -x /usr/bin/chromedriver ]; then
+      echo "setup_venv.sh: warning: apt-get could not install chromium and chromium-driver" \
+        "(see above; \`sudo -n\` fails where sudo asks for a password). $browser_fix" >&2
+    fi
+  fi
 fi
 echo "Ready: $venv/bin/python"

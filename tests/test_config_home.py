@@ -131,9 +131,22 @@ def test_demo_config_uses_the_demo_model():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
-  assert config.model.to_dict() == defaults.demo_model().to_dict()
+  assert config.model.to_dict() == defaults.demo_model(init='beit').to_dict()
   assert config.tokenizer.train_if_missing is True
   defaults.check_fields(config)
+
+
+@pytest.mark.parametrize('name', ['demo', 'base', 'large', 'giant'])
+def test_pretraining_recipes_use_the_paper_s_beit_init(name):
+  """The paper pretrains with BEiT's init (the output projections of layer l scaled by
+  1/sqrt(2l)), not the truncated normal of a freshly built unilm model."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(f'pretrain_{name}', os.path.join(
+      REPO, 'configs', 'pretrain', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  assert module.get_config().model.init == 'beit'
+  assert defaults.pretrain_config().model.init == 'beit'
 
 
 def _saved(workdir):

@@ -1,13 +1,19 @@
-"""Greedy and beam search (`beit3_jax.tasks.decoding`) on a tiny random language model.
+"""Greedy and beam search (`beit3_jax.tasks.decoding`).
 
-The model's next-token distribution depends on the position, the current token, the token
-before it, the running sum of the tokens so far and a per-example bias, all carried in the
-state (plus a shared scalar leaf), so a beam whose state is not reordered with it scores
-differently. Every search result is checked against a NumPy implementation of the same model:
-an exhaustive search, and a plain-Python beam search written from the documented convention.
+Style 'unilm' (the default) is checked token for token against unilm's own captioning beam
+search run on a fake model (tests/fixtures/unilm_beam_search.json).
+
+Style 'k_finished' and greedy search run on a tiny random language model whose next-token
+distribution depends on the position, the current token, the token before it, the running sum
+of the tokens so far and a per-example bias, all carried in the state (plus a shared scalar
+leaf), so a beam whose state is not reordered with it scores differently. Every result is
+checked against a NumPy implementation of the same model: an exhaustive search, and a
+plain-Python beam search written from the documented convention.
 """
 
 import itertools
+import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -111,7 +117,8 @@ def strip(row):
 
 def jitted_beam(beam):
   return jax.jit(lambda tables, lp: decoding.beam_search(
-      make_step(tables), init_state(tables), BOS, EOS, PAD, MAX_LEN, beam, lp))
+      make_step(tables), init_state(tables), BOS, EOS, PAD, MAX_LEN, beam, lp,
+      style='k_finished', ban_pad=True))
 
 
 def jitted_greedy():
@@ -233,5 +240,129 @@ def test_pad_equal_to_eos_and_untraced_call():
   step, state = make_step(tables), init_state(tables)
   tokens = np.asarray(decoding.greedy_decode(step, state, BOS, EOS, EOS, MAX_LEN))
   assert np.all(tokens[:, 0] == EOS) and np.all(tokens == EOS)
-  tokens, scores = decoding.beam_search(step, state, BOS, EOS, EOS, MAX_LEN, 2, 1.0)
+  tokens, scores = decoding.beam_search(step, state, BOS, EOS, EOS, MAX_LEN, 2, 1.0,
+                                        style='k_finished', ban_pad=True)
   assert np.all(np.asarray(tokens)[:, 0, 0] == EOS) and np.all(np.isfinite(scores))
+
+
+# ------------------------------------------------------------------- style 'unilm' vs unilm
+
+FIXTURE = json.loads((pathlib.Path(__file__).parent / 'fixtures' /
+                      'unilm_beam_search.json').read_text())
+
+
+def unilm_tables(case):
+  """The fixture's fake model: A[row, step, last] + C[row, prev] + bias[row, step]."""
+  a = np.asarray(FIXTURE['A'], np.float32)
+  bias = np.zeros(a.shape[:2] + (FIXTURE['vocab_size'],), np.float32)
+  for row, step, token, value in case['bias']:
+    bias[slice(None) if row is None else row, slice(None) if step is None else step,
+         token] = value
+  return {'a': a, 'c': np.asarray(FIXTURE['C'], np.float32), 'bias': bias}
+
+
+def unilm_step(tables, banned_before=None):
+  """The fake model as a step function; state = (row, the token fed at the step before).
+  banned_before=(token, steps): that token's log-prob is -inf at positions < steps."""
+  a, c, bias = (jnp.asarray(tables[n]) for n in ('a', 'c', 'bias'))
+
+  def step_fn(state, token_ids, position):
+    row = state['row']
+    log_probs = jax.nn.log_softmax(a[row, position, token_ids] + c[row, state['prev']]
+                                   + bias[row, position], axis=-1)
+    if banned_before is not None:
+      token, steps = banned_before
+      hit = (jnp.arange(log_probs.shape[-1]) == token) & (position < steps)
+      log_probs = jnp.where(hit, -jnp.inf, log_probs)
+    return log_probs, {'row': row, 'prev': token_ids}
+
+  return step_fn
+
+
+def unilm_state():
+  rows = np.asarray(FIXTURE['A']).shape[0]
+  return {'row': jnp.arange(rows), 'prev': jnp.full((rows,), FIXTURE['bos_id'], jnp.int32)}
+
+
+def unilm_search(case, step_fn=None, **options):
+  ids = (FIXTURE['bos_id'], FIXTURE['eos_id'], FIXTURE['pad_id'])
+  step_fn = step_fn or unilm_step(unilm_tables(case))
+  options = {'num_best': case['num_keep_best'], 'early_stopping': case['early_stopping'],
+             **options}
+  run = jax.jit(lambda lp: decoding.beam_search(
+      step_fn, unilm_state(), *ids, case['num_max_bpe_tokens'] - 2, case['beam_size'], lp,
+      **options))
+  return jax.device_get(run(jnp.float32(case['length_penalty'])))
+
+
+def expected_tokens(case):
+  """unilm's decoded rows [cls, words, mask, eos, pad...] (num_max_bpe_tokens) as ours:
+  [words, eos, pad...] (num_max_bpe_tokens - 2); an empty slot is all pad."""
+  m = case['num_max_bpe_tokens']
+  out = np.full((len(case['decoded']), case['num_keep_best'], m - 2), FIXTURE['pad_id'])
+  for i, rows in enumerate(case['decoded']):
+    for j, row in enumerate(rows):
+      if case['scores'][i][j] == decoding.UNILM_EMPTY_SCORE:
+        assert all(t == FIXTURE['pad_id'] for t in row)
+        continue
+      n = case['tgt_len'][i][j]
+      assert row[0] == FIXTURE['bos_id'] and row[n - 2] == FIXTURE['mask_id']
+      assert row[n - 1] == FIXTURE['eos_id']
+      words = row[1:n - 2]
+      out[i, j, :len(words) + 1] = words + [FIXTURE['eos_id']]
+  return out
+
+
+def test_unilm_fixture_covers_the_edge_cases():
+  cases = {c['name']: c for c in FIXTURE['cases']}
+  assert {c['beam_size'] for c in cases.values()} >= {1, 3, 5}
+  assert {c['length_penalty'] for c in cases.values()} >= {0.0, 0.6, 1.0}
+  eos, pad = FIXTURE['eos_id'], FIXTURE['pad_id']
+  # Nothing finished on an eos: every hypothesis was ended by the length limit.
+  assert all(n == cases['no_eos_ever']['num_max_bpe_tokens'] for (n,) in
+             cases['no_eos_ever']['tgt_len'])
+  assert any(len(r[0]) > 3 and r[0][3] == eos for r in cases['eos_first_preferred']['decoded'])
+  assert pad in cases['pad_preferred']['decoded'][0][0][1:-2]   # unilm generates pad
+  assert decoding.UNILM_EMPTY_SCORE in cases['keep5_beam1_short']['scores'][0]
+
+
+@pytest.mark.parametrize('case', FIXTURE['cases'], ids=lambda c: c['name'])
+def test_unilm_style_matches_unilm_beam_search(case):
+  tokens, scores = unilm_search(case)
+  np.testing.assert_array_equal(tokens, expected_tokens(case))
+  np.testing.assert_allclose(scores, case['scores'], rtol=0, atol=1e-5)
+
+
+def test_unilm_min_len_and_ban_pad_equal_a_model_without_those_tokens():
+  """min_len / ban_pad give what unilm's search gives on a model whose eos (pad) log-prob is
+  -inf at those steps; they change the result of these cases."""
+  cases = {c['name']: c for c in FIXTURE['cases']}
+  case = cases['eos_first_preferred']
+  got = unilm_search(case, min_len=2)
+  want = unilm_search(case, unilm_step(unilm_tables(case), (FIXTURE['eos_id'], 2)))
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-6)
+  assert not np.array_equal(got[0], expected_tokens(case))   # unilm's, without min_len
+  assert np.all(got[0][:, :, :2] != FIXTURE['eos_id'])
+  case = cases['pad_preferred']
+  got = unilm_search(case, ban_pad=True)
+  want = unilm_search(case, unilm_step(unilm_tables(case), (FIXTURE['pad_id'], 99)))
+  np.testing.assert_array_equal(got[0], want[0])
+  assert not np.array_equal(got[0], expected_tokens(case))
+  for row in got[0].reshape(-1, got[0].shape[-1]):   # pad only after the eos
+    end = list(row).index(FIXTURE['eos_id'])
+    assert FIXTURE['pad_id'] not in row[:end]
+
+
+def test_search_options_are_checked():
+  case = FIXTURE['cases'][0]
+  step, state, ids = unilm_step(unilm_tables(case)), unilm_state(), (0, 2, 1)
+  search = lambda **kw: decoding.beam_search(step, state, *ids, **{  # noqa: E731
+      'max_len': 4, 'beam_size': 2, **kw})
+  for kw, match in [({'style': 'fairseq'}, 'style'), ({'min_len': 5}, 'min_len'),
+                    ({'style': 'k_finished', 'num_best': 3}, 'num_best'),
+                    ({'num_best': 0}, 'num_best'), ({'beam_size': 0}, 'beam_size'),
+                    ({'style': 'k_finished', 'early_stopping': True}, 'early_stopping'),
+                    ({'max_len': 0}, 'max_len')]:
+    with pytest.raises(ValueError, match=match):
+      search(**kw)

@@ -216,3 +216,61 @@ def test_init_from_resizes_the_vision_position_table(tmp_path):
     np.testing.assert_allclose(np.asarray(got), want_table, rtol=0, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(loaded['beit3']['text_embed']['embedding']),
                                   np.asarray(backbone['text_embed']['embedding']))
+
+
+def test_a_classification_run_validates_the_whole_split_and_draws_its_examples(tmp_path):
+  """Through the finetune job: each validation scores all 13 validation examples (batches of
+  8: the last one padded and masked) and writes a grid of examples with their top-5 beside
+  the truth to TensorBoard as 'val/classification/examples'."""
+  from tensorboard.backend.event_processing import event_accumulator
+  from PIL import Image
+  import io
+  import json
+  from beit3_jax import defaults, params_io, predict
+  from beit3_jax.data import synthetic_world
+  from beit3_jax.data.builtin import prepare_builtin
+  from beit3_jax.jobs import finetuning
+  from beit3_jax.trainer.run_config import save_run_config
+  built = prepare_builtin(str(tmp_path / 'data'), image_size=32,
+                          num_examples={'train': 16, 'validation': 13, 'test': 0},
+                          verbose=False)
+  config = defaults.finetune_config('classification')
+  config.model = defaults.demo_model(img_size=32, depth=1, normalize_output=False)
+  config.data.data_dir = str(tmp_path / 'data')
+  config.data.source = built.names['images']
+  config.data.builtin_image_size = 32
+  config.data.read_threads = 1
+  config.num_classes = len(synthetic_world.LABEL_NAMES)
+  config.class_names = tuple(synthetic_world.LABEL_NAMES)
+  config.update(batch_size=8, total_steps=3, checkpoint_every=1, log_every=1, eval_every=1)
+  config.optimizer.warmup_steps = 1
+  config.optimizer.lr = 3e-3
+  assert config.eval_batches == 0
+  save_run_config(config, str(tmp_path / 'run'))    # as main does
+  result = finetuning.run(config, str(tmp_path / 'run'))
+  assert result['val']['classification/examples'] == 13
+  # The best validation's params are kept in <workdir>/best, a checkpoint predict can open.
+  rows = [json.loads(line) for line in open(tmp_path / 'run' / 'metrics.jsonl')]
+  accuracy = {r['step']: r['val/classification/accuracy'] for r in rows
+              if 'val/classification/accuracy' in r}
+  assert sorted(accuracy) == [1, 2, 3]
+  best_step = max(accuracy, key=lambda s: (accuracy[s], -s))   # the first of equals
+  record = json.loads((tmp_path / 'run' / 'best' / 'best.json').read_text())
+  assert record == {'metric': 'classification/accuracy', 'value': pytest.approx(
+      accuracy[best_step]), 'step': best_step}
+  assert sorted(p.name for p in (tmp_path / 'run' / 'best').iterdir()) == [
+      str(best_step), 'best.json']
+  assert result['best'].startswith(str(tmp_path / 'run' / 'best' / str(best_step)))
+  kept = predict.load_model(str(tmp_path / 'run' / 'best'))
+  assert kept.task == 'classification' and str(best_step) in kept.source
+  want = params_io.load_training_params(tmp_path / 'run' / 'checkpoints' / str(best_step))[0]
+  jax.tree.map(np.testing.assert_array_equal, kept.params, want)
+  acc = event_accumulator.EventAccumulator(str(tmp_path / 'run' / 'tensorboard'),
+                                           size_guidance={'images': 0})
+  acc.Reload()
+  assert 'val/classification/examples' in acc.Tags()['images']
+  events = acc.Images('val/classification/examples')
+  assert [e.step for e in events] == [1, 2, 3]
+  event = events[-1]
+  picture = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)))
+  assert picture.shape == (event.height, event.width, 3) and picture.std() > 0

@@ -79,7 +79,7 @@ def test_config_fits_the_finetune_job(path):
   assert config.task in tasks.names()
   _same_fields(config, finetune_config(config.task))
   assert config.total_steps > config.optimizer.warmup_steps > 0
-  assert config.eval_every > 0 and config.checkpoint_every > 0 and config.eval_batches > 0
+  assert config.eval_every > 0 and config.checkpoint_every > 0 and config.eval_batches == 0
   m = config.model
   assert m.img_size % m.patch_size == 0
   assert m.embed_dim % m.num_heads == 0

@@ -187,7 +187,8 @@ def caption_params():
 def test_generate_captions_greedy_equals_naive_full_forward(caption_params):
   cfg, params, images = caption_params
   max_len = 8
-  got = captioning.generate_captions(params, cfg, images, BOS, EOS, PAD, MASK_ID, max_len)
+  got = captioning.generate_captions(params, cfg, images, BOS, EOS, PAD, MASK_ID, max_len,
+                                     search='k_finished', ban_pad=True)
   want = _naive_greedy(cfg, params, images, max_len)
   assert len(np.unique(want)) > 2  # not a degenerate (all-eos / one-token) decode
   np.testing.assert_array_equal(np.asarray(got), want)
@@ -199,18 +200,22 @@ def test_generate_captions_greedy_equals_naive_full_forward(caption_params):
     if hits.size:
       row[hits[0] + 1:] = PAD
   assert (expect == PAD).any()
-  got = captioning.generate_captions(params, cfg, images, BOS, eos, PAD, MASK_ID, max_len)
+  got = captioning.generate_captions(params, cfg, images, BOS, eos, PAD, MASK_ID, max_len,
+                                     search='k_finished', ban_pad=True)
   np.testing.assert_array_equal(np.asarray(got), expect)
 
 
 def test_beam_search_runs_and_beam1_is_greedy(caption_params):
   cfg, params, images = caption_params
   max_len = 6
-  greedy = captioning.generate_captions(params, cfg, images, BOS, EOS, PAD, MASK_ID, max_len)
+  greedy = captioning.generate_captions(params, cfg, images, BOS, EOS, PAD, MASK_ID, max_len,
+                                        search='k_finished', ban_pad=True)
   beam1, s1 = captioning.generate_captions(params, cfg, images, BOS, EOS, PAD, MASK_ID, max_len,
-                                           beam_size=1, return_scores=True)
+                                           beam_size=1, return_scores=True,
+                                           search='k_finished', ban_pad=True)
   beam3, s3 = captioning.generate_captions(params, cfg, images, BOS, EOS, PAD, MASK_ID, max_len,
-                                           beam_size=3, return_scores=True)
+                                           beam_size=3, return_scores=True,
+                                           search='k_finished', ban_pad=True)
   np.testing.assert_array_equal(np.asarray(greedy), np.asarray(beam1))
   assert beam3.shape == (images.shape[0], max_len)
   assert np.all(np.asarray(s3) >= np.asarray(s1) - 1e-5)  # beam 3 finds at least greedy's score

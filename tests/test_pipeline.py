@@ -1,5 +1,6 @@
 """The resumable, host-sharded stream machinery on small in-memory sources."""
 
+import collections
 import json
 
 import jax
@@ -168,6 +169,38 @@ def test_epochs_are_reshuffled_and_complete():
   xs = np.concatenate([b['x'] for b in stream.iterator()])
   assert sorted(xs[:12].tolist()) == sorted(xs[12:].tolist()) == list(range(12))
   assert xs[:12].tolist() != xs[12:].tolist()
+
+
+@pytest.mark.parametrize('hosts', [1, 2])
+def test_a_validation_epoch_scores_every_usable_example_once(hosts):
+  """pad_final_batch: 23 examples in batches of 4 -> 6 batches; the one padding row and the
+  rejected examples (multiples of 7) are valid=False, every other record is valid once."""
+  n = 23
+  rows, skipped = [], collections.Counter()
+  for host in range(hosts):
+    stream = pipeline.Stream(list(range(n)), skip_multiples_of_7, global_batch=4, seed=2,
+                             process_index=host, process_count=hosts, num_epochs=1,
+                             pad_final_batch=True)
+    it = stream.iterator()
+    batches = list(it)
+    assert len(batches) == 6 and all(b['valid'].dtype == bool for b in batches)
+    rows += [(int(x), bool(v)) for b in batches for x, v in zip(b['x'], b['valid'])]
+    skipped.update(it.skipped())
+  assert len(rows) == 24
+  valid = sorted(x for x, v in rows if v)
+  assert valid == [x for x in range(n) if x % 7]
+  assert sum(1 for _, v in rows if not v) == 24 - len(valid)
+  # records 0, 7, 14 and 21 rejected (and any rejected replacement draw), counted
+  assert set(skipped) == {'multiple of 7'} and skipped['multiple of 7'] >= 4
+
+
+def test_a_training_stream_has_no_valid_field_and_pad_needs_epochs():
+  stream = pipeline.Stream(list(range(10)), ident, global_batch=4, seed=0, process_index=0,
+                           process_count=1, num_epochs=1)
+  batches = list(stream.iterator())
+  assert len(batches) == 2 and 'valid' not in batches[0]    # 10 // 4: training drops the rest
+  with pytest.raises(ValueError, match='pad_final_batch needs a finite num_epochs'):
+    pipeline.Stream(list(range(10)), ident, global_batch=4, seed=0, pad_final_batch=True)
 
 
 @pytest.mark.parametrize('n', [1, 2, 3, 10, 48, 1000, 4097])

@@ -44,7 +44,7 @@ def test_every_recipe_names_its_slice_and_the_table_plans_it_there():
   recipes = [f'configs/{kind}/{name}' for kind in ('pretrain', 'finetune')
              for name in sorted(os.listdir(os.path.join(REPO, 'configs', kind)))
              if name.endswith('.py') and 'demo' not in name]
-  assert len(recipes) == 14, recipes   # 3 pretraining + the tokenizer + 5 tasks x 2 sizes
+  assert len(recipes) == 15, recipes   # 3 pretraining + 2 tokenizers + 5 tasks x 2 sizes
   for recipe in recipes:
     tpu = load_config_file(os.path.join(REPO, recipe)).tpu_slice
     slices.parse(tpu)

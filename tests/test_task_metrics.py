@@ -1,7 +1,10 @@
 """Tests of the downstream-task metrics (beit3_jax.tasks.metrics): hand-checked values, and BLEU /
 CIDEr-D against coco-caption's own implementation (pycocoevalcap, pure Python parts only)."""
 
+import json
 import math
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -177,17 +180,45 @@ def test_retrieval_recall_rejects_images_without_text():
 # Captioning.
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize('raw,tokens', [
-    ('A man riding a wave on top of a surfboard.', 'a man riding a wave on top of a surfboard'),
-    ("A dog's toy isn't here", "a dog 's toy is n't here"),
-    ('A black-and-white photo of 1,000 cats (cute)!', 'a black-and-white photo of 1,000 cats cute'),
-    ('"Hello," she said -- twice...', 'hello she said twice'),
-    ('Two people; one with a 50% discount & a hat: nice',
-     'two people one with a 50 % discount & a hat nice'),
-    ('  lots   of\nspace ', 'lots of space'),
-])
-def test_tokenize_caption(raw, tokens):
-  assert metrics.tokenize_caption(raw) == tokens
+_PTB_FIXTURE = os.path.join(os.path.dirname(__file__), 'fixtures', 'ptb_tokenized_captions.json')
+
+
+def _ptb_fixture():
+  with open(_PTB_FIXTURE, encoding='utf-8') as f:
+    data = json.load(f)
+  assert 'pycocoevalcap 1.2' in data['source'] and len(data['captions']) >= 200
+  return [c['raw'] for c in data['captions']], [c['tokenized'] for c in data['captions']]
+
+
+def test_ptb_tokenize_python_matches_toolkit_output():
+  raw, expected = _ptb_fixture()
+  got = metrics.ptb_tokenize(raw, backend='python')
+  bad = [(r, e, g) for r, e, g in zip(raw, expected, got) if e != g]
+  assert not bad, f'{len(bad)} captions differ from the toolkit, e.g. {bad[:3]}'
+
+
+def test_ptb_tokenize_java_matches_toolkit_output():
+  assert shutil.which('java') is not None, (
+      'java is not on PATH: the Java PTB tokenizer backend cannot be checked (install a JRE)')
+  raw, expected = _ptb_fixture()
+  got = metrics.ptb_tokenize(raw, backend='java')
+  assert got == expected
+  # texts with line breaks stay one line each (and so do not misalign the captions after them)
+  assert metrics.ptb_tokenize(['a\rb', 'c\nd', 'e'], backend='java') == ['a b', 'c d', 'e']
+
+
+def test_ptb_tokenize_examples_and_errors():
+  out = metrics.ptb_tokenize(["A dog's toy isn't (here).", 'Mr. Smith -- 2 1/2 ft. tall!!', ''],
+                             backend='python')
+  assert out == ["a dog 's toy is n't -lrb- here -rrb-", 'mr. smith 2\u00a01/2 ft. tall !!', '']
+  assert metrics.ptb_tokenize(['a\rb', 'c\u2028d'], backend='python') == ['a b', 'c d']
+  assert metrics.ptb_tokenize([], backend='python') == []
+  with pytest.raises(TypeError, match='not one string'):
+    metrics.ptb_tokenize('a caption')
+  with pytest.raises(TypeError, match=r'texts\[1\]'):
+    metrics.ptb_tokenize(['a', None])
+  with pytest.raises(ValueError, match='backend'):
+    metrics.ptb_tokenize(['a'], backend='perl')
 
 
 def test_bleu_by_hand():
@@ -247,8 +278,8 @@ _CAPTIONS = [
 
 def _corpora():
   rng = np.random.default_rng(0)
-  yield 'captions', ([metrics.tokenize_caption(h) for h, _ in _CAPTIONS],
-                     [[metrics.tokenize_caption(r) for r in refs] for _, refs in _CAPTIONS])
+  tok = lambda texts: metrics.ptb_tokenize(texts, backend='python')
+  yield 'captions', (tok([h for h, _ in _CAPTIONS]), [tok(refs) for _, refs in _CAPTIONS])
   yield 'exact', (['a b c d e', 'x y z'], [['a b c d e', 'a b c'], ['x y z', 'x y']])
   yield 'short', (['a', 'b c', 'a b'], [['a b c d', 'a'], ['b c d e f g'], ['c d', 'a b c']])
   yield 'empty', (['', 'a b', 'c'], [['a b'], ['a b c', ''], ['c d e']])
@@ -272,3 +303,26 @@ def test_bleu_and_cider_match_pycocoevalcap(name, corpus):
   assert metrics.cider_d(hyps, refs) == pytest.approx(ref_cider, rel=1e-9, abs=1e-12)
   if name == 'captions':
     assert 0.1 < ref_bleu[3] < 1 and 0.1 < ref_cider < 10  # a corpus that exercises the metrics
+
+
+def test_coco_caption_scores_match_pycocoevalcap():
+  from pycocoevalcap.bleu.bleu import Bleu
+  from pycocoevalcap.cider.cider import Cider
+  from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+  assert shutil.which('java') is not None, 'java is not on PATH: the toolkit cannot be run'
+  hyps = [h for h, _ in _CAPTIONS] + ['A cat (orange) on a laptop...', "It's a man's bus!!"]
+  refs = [r for _, r in _CAPTIONS] + [[c.upper() for c in _CAPTIONS[4][1]],
+                                      ["The man's red bus.", 'A bus -- parked.']]
+  # the toolkit's own pipeline, as unilm's coco_caption_eval runs it
+  tokenizer = PTBTokenizer()
+  gts = tokenizer.tokenize({i: [{'caption': c} for c in r] for i, r in enumerate(refs)})
+  res = tokenizer.tokenize({i: [{'caption': h}] for i, h in enumerate(hyps)})
+  ref_bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+  ref_cider, _ = Cider().compute_score(gts, res)
+  for backend in ('python', 'java'):
+    got = metrics.coco_caption_scores(hyps, refs, backend=backend)
+    assert got['bleu4'] == pytest.approx(ref_bleu[3], abs=1e-6), backend
+    assert got['cider_d'] == pytest.approx(ref_cider, abs=1e-6), backend
+  assert 0.1 < ref_bleu[3] < 1 and 0.1 < ref_cider < 10
+  with pytest.raises(ValueError, match='reference sets'):
+    metrics.coco_caption_scores(['a'], [['a'], ['b']])

@@ -88,6 +88,68 @@ def test_objective_trains(task):
     assert val['nlvr2/baseline_accuracy'] == np.max(np.bincount(labels, minlength=2)) / B
 
 
+@pytest.mark.parametrize('task', ['classification', 'vqa', 'nlvr2'])
+def test_validation_sums_count_only_the_valid_rows(task):
+  """A validation batch's padding rows (valid=False, `pipeline.Stream(pad_final_batch=True)`)
+  add nothing: the sums equal those of the valid rows alone."""
+  from beit3_jax.tasks import vqa
+  from beit3_jax.trainer import step as step_lib
+  rng = np.random.default_rng(3)
+  if task == 'nlvr2':
+    objective, batch = nlvr2.NLVR2Finetune(_cfg(), text_len=L), _batch('nlvr2')
+  else:
+    s = _cfg().img_size
+    image = rng.integers(0, 256, (B, s, s, 3), dtype=np.uint8)
+    if task == 'classification':
+      objective = classification.ClassificationFinetune(_cfg(), 4, 0.1)
+      batch = {task: {'image': image, 'label': rng.integers(0, 4, B).astype(np.int32)}}
+    else:
+      ids, pad = _text(rng)
+      objective = vqa.VQAFinetune(_cfg(), 5, text_len=L)
+      batch = {task: {'image': image, 'text_ids': ids, 'text_padding_mask': pad,
+                      'answer_scores': rng.uniform(0, 1, (B, 5)).astype(np.float32)}}
+  params = meta.unbox(objective.init_params(jax.random.key(0)))
+  eval_step = jax.jit(step_lib.make_eval_step(objective))
+  keep = np.array([1, 1, 0, 1, 1, 0, 1, 0], bool)
+  masked = {task: {**batch[task], 'valid': keep}}
+  kept = {task: {k: v[keep] for k, v in batch[task].items()}}
+  got = jax.device_get(eval_step(params, {}, {}, masked))[task]
+  want = jax.device_get(eval_step(params, {}, {}, kept))[task]
+  assert float(got['count']) == keep.sum()
+  for key in want:
+    np.testing.assert_allclose(np.asarray(got[key], np.float64),
+                               np.asarray(want[key], np.float64), rtol=1e-5, atol=1e-5,
+                               err_msg=key)
+
+
+def test_whole_split_validation_scores_every_example_once():
+  """eval_batches=0: a 13-example split in batches of 8 is scored whole (13 examples, the
+  accuracy of all 13), not 8 (the last partial batch dropped)."""
+  import types
+  from beit3_jax.trainer import step as step_lib
+  objective = classification.ClassificationFinetune(_cfg(), 4)
+  rng = np.random.default_rng(1)
+  n = 13
+  source = [{'image': rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
+             'label': np.int32(i % 4)} for i in range(n)]
+  eval_data = lambda: pipeline.Mixture({'classification': pipeline.Stream(  # noqa: E731
+      source, lambda e, rng: e, global_batch=B, seed=1, num_epochs=1, pad_final_batch=True)},
+      read_threads=1)
+  params = meta.unbox(objective.init_params(jax.random.key(0)))
+  state = types.SimpleNamespace(params=params, extra={}, frozen={})
+  mesh = sharding.make_mesh((-1, 1, 1))
+  eval_step = jax.jit(step_lib.make_eval_step(objective))
+  got = loop.evaluate(eval_step, state, eval_data, mesh, 0, objective)
+  assert got['classification/examples'] == n
+  images = np.stack([e['image'] for e in source])
+  logits = objective.apply(params, None, False, images=objective.images(images))
+  labels = np.array([e['label'] for e in source])
+  assert got['classification/accuracy'] == pytest.approx(
+      float(np.mean(np.argmax(logits, -1) == labels)), abs=1e-6)
+  assert loop.evaluate(eval_step, state, eval_data, mesh, 1, objective)[
+      'classification/examples'] == B
+
+
 UNILM_CAPTIONING_LOSS = json.loads(
     (pathlib.Path(__file__).resolve().parent / 'fixtures' / 'unilm_captioning_loss.json')
     .read_text())
@@ -239,8 +301,9 @@ def test_retrieval_evaluator_equals_direct_ranking(spm):
   source = _captioned_source()
   tok = text_lib.TextTokenizer.from_file(spm)
   inputs = ft_data.FinetuneInputs(image_size=32, train=False, text_len=L)
-  got = retrieval.evaluator(objective, source, 0, 4, inputs, tok)(
-      params, _mesh())
+  evaluate = retrieval.evaluator(objective, source, 0, 4, inputs, tok)
+  assert evaluate.showcase() == []      # nothing evaluated yet
+  got = evaluate(params, _mesh())
   images = np.stack([e['image'] for e in source])
   texts = [c.decode() for e in source for c in e['captions']]
   ids, pad = tok.encode_batch(texts, L)
@@ -253,6 +316,16 @@ def test_retrieval_evaluator_equals_direct_ranking(spm):
     assert got[f'retrieval/{k}'] == pytest.approx(v)
   assert got['retrieval/random_r1'] == pytest.approx(1 / 6)
   assert got['retrieval/texts'] == 18
+  # The TensorBoard pictures: the first texts as queries, each with its top 5 images.
+  shown = evaluate.showcase()
+  assert len(shown) == 8
+  for t, example in enumerate(shown):
+    best = np.argsort(-sim[:, t], kind='stable')[:5]
+    assert example.lines[0] == f'query: {texts[t]}'
+    assert [s for _, s in example.ranked] == pytest.approx(sim[best, t].tolist(), abs=1e-5)
+    np.testing.assert_array_equal(example.ranked[0][0], images[best[0]])
+    rank = 1 + int(np.sum(sim[:, t] > sim[t // 3, t]))
+    assert example.lines[1] == f'true image: #{t // 3} (rank {rank})'
 
 
 def test_captioning_evaluator_scores_the_generated_captions(spm):
@@ -266,19 +339,30 @@ def test_captioning_evaluator_scores_the_generated_captions(spm):
   inputs = ft_data.FinetuneInputs(image_size=32, train=False, text_len=L)
   baseline = captioning.most_common_caption(source + [source[0]])
   assert baseline == source[0]['captions'][0].decode()
-  got = captioning.evaluator(
+  evaluate = captioning.evaluator(
       config, source, 0, 4, inputs, tok, baseline, image_mean=image_ops.BEIT3_MEAN,
-      image_std=image_ops.BEIT3_STD)(params, _mesh())
+      image_std=image_ops.BEIT3_STD)
+  got = evaluate(params, _mesh())
   images = image_ops.normalize(np.stack([e['image'] for e in source]))
   tokens = generate_captions(params, config.model, images, tok.bos_id, tok.eos_id, tok.pad_id,
                              tok.mask_id, 6, 2, 0.6)
   hyps = [tok.decode(t) for t in np.asarray(tokens)]
   refs = [[c.decode() for c in e['captions']] for e in source]
-  assert got['captioning/cider'] == pytest.approx(metrics.cider_d(hyps, refs))
-  assert got['captioning/bleu4'] == pytest.approx(metrics.bleu4(hyps, refs))
+  # Scored on coco-caption's PTB tokens, as unilm's coco_caption_eval scores them.
+  tokenized = metrics.ptb_tokenize(hyps + [r for group in refs for r in group], 'python')
+  hyps_t = tokenized[:5]
+  refs_t = [tokenized[5 + 3 * i:8 + 3 * i] for i in range(5)]
+  assert got['captioning/cider'] == pytest.approx(metrics.cider_d(hyps_t, refs_t))
+  assert got['captioning/bleu4'] == pytest.approx(metrics.bleu4(hyps_t, refs_t))
   assert got['captioning/baseline_cider'] == pytest.approx(
-      metrics.cider_d([baseline] * 5, refs))
+      metrics.coco_caption_scores([baseline] * 5, refs, 'python')['cider_d'])
   assert got['captioning/images'] == 5
+  # The TensorBoard pictures: each image with its references and the generated caption.
+  shown = evaluate.showcase()
+  assert len(shown) == 5
+  for i, example in enumerate(shown):
+    np.testing.assert_array_equal(example.images[0], source[i]['image'])
+    assert example.lines == tuple([f'truth: {r}' for r in refs[i]] + [f'prediction: {hyps[i]}'])
 
 
 def test_eval_mode_reevaluates_a_checkpoint(tmp_path):

@@ -386,18 +386,19 @@ def test_tokenizer_view_size_rule():
   assert params['encoder']['pos_embed'].shape == (1, 197, 768)  # the checkpoint's table
 
 
-def test_resized_view_uses_the_bicubic_position_rule(tiny_setup):
+def test_resized_view_with_exact_pos_resize_uses_the_exact_size_rule(tiny_setup):
+  # BEiT v2's own rule, the default, is checked against torch in test_vqkd_resize.py.
   _, params = tiny_setup
   pos = np.asarray(params['encoder']['pos_embed'])                       # (1, 17, 48): 4 x 4
-  resized = np.asarray(jax.jit(lambda p: resize_pos_embed(p, (5, 5)))(pos))
+  resized = np.asarray(jax.jit(lambda p: resize_pos_embed(p, (5, 5), 'exact'))(pos))
   assert resized.shape == (1, 26, 48)
   want = resize_grid_bicubic(pos[0, 1:].reshape(4, 4, 48), (5, 5)).reshape(1, 25, 48)
   np.testing.assert_array_equal(resized[:, :1], pos[:, :1])
   np.testing.assert_allclose(resized[:, 1:], want, rtol=0, atol=1e-6)
-  assert resize_pos_embed(pos, (4, 4)) is pos
+  assert resize_pos_embed(pos, (4, 4), 'exact') is pos
 
   # A 40 px view (5 x 5 tokens) equals a model built for 40 px with the resized table.
-  view = tiny(input_size=40)
+  view = tiny(input_size=40, pos_resize='exact')
   images = random_images(view, 2, seed=9)
   ids = apply_fn(view, VQKD.encode)(params, images)
   assert ids.shape == (2, 25) and token_grid(view) == (5, 5)

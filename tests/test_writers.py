@@ -10,8 +10,11 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tensorboard.backend.event_processing import event_accumulator
+from PIL import Image
+from tensorboard.backend.event_processing import event_accumulator, event_file_loader
+from tensorboard.compat.proto import event_pb2
 
+from beit3_jax.tasks import showcase
 from beit3_jax.trainer import progress as progress_lib
 from beit3_jax.trainer import writers
 from beit3_jax.trainer.progress import Progress, format_duration, format_scalar
@@ -129,6 +132,38 @@ def test_tensorboard_scalars_and_text(tmp_path):
   assert len(os.listdir(tmp_path / writers.TENSORBOARD_DIR)) == 1
 
 
+def test_tensorboard_image_of_examples(tmp_path):
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (3, 24, 32, 3), dtype=np.uint8)
+  grid = showcase.grid_image(showcase.compare(images, ['a dog', ['a cat', 'cat'], 'sky'],
+                                              ['a dog', 'a bird', 'sea']), columns=2)
+  grey = np.arange(60, dtype=np.uint8).reshape(6, 10)
+  with MetricWriter(str(tmp_path)) as writer:
+    writer.write_image(100, 'captioning/examples', grid)
+    writer.write_image(200, 'captioning/examples', grid[:50])
+    writer.write_image(200, 'grey', grey)
+    with pytest.raises(ValueError, match="'bad'.*float32"):
+      writer.write_image(1, 'bad', grid.astype(np.float32))
+    with pytest.raises(ValueError, match="'bad'.*shape \\(4, 4, 2\\)"):
+      writer.write_image(1, 'bad', np.zeros((4, 4, 2), np.uint8))
+  acc = _load_events(str(tmp_path))
+  assert sorted(acc.Tags()['images']) == ['captioning/examples', 'grey']
+  first, second = acc.Images('captioning/examples')
+  assert (first.step, first.height, first.width) == (100, *grid.shape[:2])
+  assert (second.step, second.height, second.width) == (200, 50, grid.shape[1])
+  decoded = np.asarray(Image.open(io.BytesIO(first.encoded_image_string)))
+  assert decoded.dtype == np.uint8 and np.array_equal(decoded, grid)     # PNG: lossless
+  [grey_event] = acc.Images('grey')
+  assert np.array_equal(np.asarray(Image.open(io.BytesIO(grey_event.encoded_image_string))),
+                        grey)
+  # The summaries carry the colour space: RGB 3, grey 1.
+  [name] = os.listdir(tmp_path / writers.TENSORBOARD_DIR)
+  events = [event_pb2.Event.FromString(record) for record in event_file_loader.RawEventFileLoader(
+      os.path.join(tmp_path, writers.TENSORBOARD_DIR, name)).Load()]
+  spaces = {v.tag: v.image.colorspace for e in events for v in e.summary.value}
+  assert spaces == {'captioning/examples': 3, 'grey': 1}
+
+
 def test_writer_does_not_import_tensorflow(tmp_path):
   script = f"""
 import importlib.abc, sys
@@ -137,11 +172,13 @@ class NoTF(importlib.abc.MetaPathFinder):
     if name.split('.')[0] == 'tensorflow':
       raise AssertionError('imported ' + name)
 sys.meta_path.insert(0, NoTF())
+import numpy as np
 import tensorboard
 from beit3_jax.trainer.writers import MetricWriter
 with MetricWriter({str(tmp_path)!r}) as w:
   w.write(1, {{'loss': 1.0}})
   w.write_text(0, 'config', 'text')
+  w.write_image(0, 'image', np.zeros((2, 3, 3), np.uint8))
 assert not any(m.split('.')[0] == 'tensorflow' for m in sys.modules)
 """
   subprocess.run([sys.executable, '-c', script], check=True, timeout=60,

@@ -131,8 +131,7 @@ def train_objective(objective, batch, steps=6, lr=3e-3):
       metrics = jax.device_get(metrics)
       losses.append(float(metrics['loss']))
       tasks.append(metrics['tasks'])
-    eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(objective), mesh, shardings,
-                                       batch)
+    eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(objective), mesh, shardings)
     eval_sums = jax.device_get(eval_step(state.params, state.extra, state.frozen, batch))
   summary = objective.summarize(jax.tree.map(lambda *x: np.sum(x, axis=0), *tasks))
   return np.array(losses), summary, objective.summarize(eval_sums)

@@ -18,6 +18,11 @@ same index of a spare permutation (`on_bad_example='skip'`, the default), or the
 the stream, the record and the reason (`'stop'`). Batches therefore always have their full
 size, and the position stays exact.
 
+A validation stream (`pad_final_batch=True`, one epoch) scores every example of its split once:
+each example carries a bool `valid`, the last batch is filled up with copies marked
+`valid=False`, and a rejected example is not replaced but marked `valid=False` too (and
+counted), so the objectives' sums, weighted by `valid`, cover exactly the usable examples.
+
 Execution: the global sequence is a grain `MapDataset`; this host's rows are grouped into host
 batches at that level (element k = this host's batch of step k) and the streams' batches into
 steps, so read threads and worker processes (grain's `mp_prefetch`: worker w makes the steps
@@ -117,6 +122,9 @@ class Stream:
     process_index, process_count: this host's share (default: from jax).
     on_bad_example: 'skip' (count and replace) or 'stop' (end the run naming the record).
     name: the stream's name in messages and in its `Mixture`.
+    pad_final_batch: validation: every example gets a bool `valid`; the last batch is filled
+      with `valid=False` copies, a rejected example is kept as a `valid=False` copy of its
+      replacement (needs num_epochs).
   """
   source: Any
   transform: Transform
@@ -127,6 +135,7 @@ class Stream:
   process_count: int | None = None
   on_bad_example: str = 'skip'
   name: str = 'stream'
+  pad_final_batch: bool = False
 
   def __post_init__(self):
     if self.process_index is None:
@@ -141,6 +150,8 @@ class Stream:
     if self.on_bad_example not in ON_BAD_EXAMPLE:
       raise ValueError(f'{self.name}: on_bad_example={self.on_bad_example!r}; expected one '
                        f'of {ON_BAD_EXAMPLE}.')
+    if self.pad_final_batch and self.num_epochs is None:
+      raise ValueError(f'{self.name}: pad_final_batch needs a finite num_epochs.')
 
   @property
   def host_batch(self) -> int:
@@ -226,14 +237,19 @@ class _Examples(grain.MapDataset):
   Element g is the transform of record `record(g)` (epoch g // n reshuffled from the seed) with
   an rng keyed by (seed, g). A rejected one is replaced by the first usable draw d = 1, 2, ...:
   record `record(g, d)` of the d-th spare permutation, its rng keyed by (seed, d, g).
+  With `pad_final_batch`, elements past the last example (up to a whole global batch) repeat
+  the first ones, and every element gets `valid` (False for those and for replacements).
   """
 
   def __init__(self, stream: Stream):
     super().__init__()
     self._stream = stream
     self._n = len(stream.source)
-    self._length = (self._n * stream.num_epochs if stream.num_epochs is not None
-                    else sys.maxsize)
+    self._real = (self._n * stream.num_epochs if stream.num_epochs is not None
+                  else sys.maxsize)
+    self._length = self._real
+    if stream.pad_final_batch:
+      self._length = -(-self._real // stream.global_batch) * stream.global_batch
 
   def __len__(self) -> int:
     return self._length
@@ -252,6 +268,17 @@ class _Examples(grain.MapDataset):
   def __getitem__(self, index):
     if isinstance(index, slice):
       return self.slice(index)
+    if not self._stream.pad_final_batch:
+      return self._item(index)
+    real = index < self._real
+    item = self._item(index % self._real)
+    if isinstance(item, _Bad):
+      return item
+    example, reasons = item
+    return {**example, 'valid': np.bool_(real and not reasons)}, (reasons if real else ())
+
+  def _item(self, index: int):
+    """(example, reasons of the rejected draws it replaced) or a `_Bad`."""
     example = self._draw(index, 0)
     if not isinstance(example, Skip):
       return example, ()

@@ -23,7 +23,12 @@ Teachers (`teacher.kind`):
   'beit3'   a frozen BEiT-3 backbone from a params directory (`teacher.path`; e.g. a converted
             PyTorch checkpoint): its image-only output on the patches (B, N, D);
   'vit'     the frozen ViT encoder of a VQ-KD params directory (`teacher.path`), e.g. a
-            released BEiT v2 tokenizer converted with the convert CLI: (B, N, D).
+            released BEiT v2 tokenizer converted with the convert CLI: (B, N, D);
+  'clip'    a frozen CLIP vision tower (`teacher.path`: a directory written by
+            `python -m beit3_jax.tokenizers.clip_convert`, e.g. from OpenAI's ViT-B-16.pt), BEiT
+            v2's own teacher: the image rescaled to CLIP's mean/std (`clip.to_clip_input`), then
+            every patch token after `ln_post`, projected by `proj`: (B, N, 512) for ViT-B/16
+            (`ClipVisionTower.patch_features`).
 The tokenizer's `decoder_out_dim` must equal the teacher's feature size.
 
 At the end the tokenizer is exported as a params directory (`output`, default
@@ -49,12 +54,14 @@ from beit3_jax.jobs.data_splits import open_split
 from beit3_jax.models import BEiT3, abstract_params
 from beit3_jax.models import get_config as get_model_config
 from beit3_jax.models import flops as flops_lib
+from beit3_jax.tokenizers import clip as clip_lib
+from beit3_jax.tokenizers import clip_convert
 from beit3_jax.tokenizers import vqkd as vqkd_lib
 from beit3_jax.trainer import loop
 from beit3_jax.trainer.optimizer import make_optimizer
 from beit3_jax.trainer.run_config import save_run_config
 
-TEACHERS = ('pixel', 'beit3', 'vit')
+TEACHERS = ('pixel', 'beit3', 'vit', 'clip')
 CODEBOOK = ('quantize', 'embedding', 'embedding')
 
 
@@ -98,6 +105,13 @@ class Teacher:
       self.size = self.model_cfg.embed_dim
       teacher_grid = self.model_cfg.img_size // self.model_cfg.patch_size
       side = self.model_cfg.img_size
+    elif self.kind == 'clip':
+      self.model_cfg = (clip_convert.load_clip_config(cfg.path) if cfg.path
+                        else clip_lib.get_clip_config(variant))
+      self.model = clip_lib.ClipVisionTower(self.model_cfg)
+      self.size = clip_lib.feature_size(self.model_cfg)
+      teacher_grid = self.model_cfg.image_size // self.model_cfg.patch_size
+      side = self.model_cfg.image_size
     else:
       self.model_cfg = (params_io.load_model_config(cfg.path) if cfg.path
                         else vqkd_lib.get_vqkd_config(variant))
@@ -116,6 +130,8 @@ class Teacher:
       return abstract_params(self.model_cfg, boxed=False)
     if self.kind == 'vit':
       return vqkd_lib.abstract_variables(self.model_cfg)[0]
+    if self.kind == 'clip':
+      return clip_lib.abstract_params(self.model_cfg)
     return {}
 
   def load(self, path):
@@ -123,6 +139,8 @@ class Teacher:
       return params_io.load_params(path, self.model_cfg)
     if self.kind == 'vit':
       return params_io.load_vqkd_params(path, self.model_cfg)[0]
+    if self.kind == 'clip':
+      return clip_convert.load_clip_params(path, self.model_cfg)[0]
     return {}
 
   def features(self, frozen, images: jax.Array) -> jax.Array:
@@ -131,6 +149,10 @@ class Teacher:
     if self.kind == 'beit3':
       out = self.model.apply({'params': frozen['teacher']}, images=images)  # 0.5/0.5 norm
       return jax.lax.stop_gradient(out['encoder_out'][:, 1:].astype(jnp.float32))
+    if self.kind == 'clip':
+      feats = self.model.apply({'params': frozen['teacher']}, clip_lib.to_clip_input(images),
+                               method=clip_lib.ClipVisionTower.patch_features)
+      return jax.lax.stop_gradient(feats)
     feats = self.model.apply({'params': frozen['teacher']}, images,
                              method=vqkd_lib.VQKD.encoder_features)
     return jax.lax.stop_gradient(feats.astype(jnp.float32))
@@ -284,6 +306,8 @@ def _step_parts(config, mesh, planning: bool = False):
     teacher_flops = flops_lib.beit3_forward_flops(teacher.model_cfg, images=True)
   elif teacher.kind == 'vit':
     teacher_flops = flops_lib.vqkd_encode_flops(teacher.model_cfg)
+  elif teacher.kind == 'clip':
+    teacher_flops = clip_lib.patch_features_flops(teacher.model_cfg)
   flops = flops_lib.tokenizer_step_flops(tok_cfg, int(config.batch_size), teacher_flops)
   return objective, tx, schedule, teacher, shardings, flops
 

@@ -67,6 +67,13 @@ def resize_grid_bicubic(grid: np.ndarray, new_hw: tuple[int, int]) -> np.ndarray
   Returns:
     (new_h, new_w, D) array of `grid`'s dtype.
   """
+  grid, (h, w), (new_h, new_w) = _checked_grid(grid, new_hw)
+  return _resize_separable(grid, _bicubic_matrix(h, new_h), _bicubic_matrix(w, new_w))
+
+
+def _checked_grid(grid, new_hw) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+  """(grid as an array, (h, w), (new_h, new_w)); ValueError for a grid that is not (h, w, D)
+  or an empty size."""
   grid = np.asarray(grid)
   if grid.ndim != 3:
     raise ValueError(f'Expected a (h, w, D) grid, got shape {grid.shape}.')
@@ -74,9 +81,14 @@ def resize_grid_bicubic(grid: np.ndarray, new_hw: tuple[int, int]) -> np.ndarray
   new_h, new_w = (int(s) for s in new_hw)
   if min(h, w, new_h, new_w) < 1:
     raise ValueError(f'Cannot resize a {h}x{w} grid to {new_h}x{new_w}.')
-  x = grid.astype(np.float64)
-  x = np.einsum('ih,hwd->iwd', _bicubic_matrix(h, new_h), x)
-  x = np.einsum('jw,iwd->ijd', _bicubic_matrix(w, new_w), x)
+  return grid, (h, w), (new_h, new_w)
+
+
+def _resize_separable(grid: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+  """rows (new_h, h) then cols (new_w, w) applied to a (h, w, D) grid, in float64; the result
+  in the grid's dtype."""
+  x = np.einsum('ih,hwd->iwd', rows, grid.astype(np.float64))
+  x = np.einsum('jw,iwd->ijd', cols, x)
   return x.astype(grid.dtype)
 
 
@@ -157,3 +169,66 @@ def resize_vision_positions(params: Mapping, config, new_img_size: int):
   new_table = resize_table(table, (new_img_size // p) ** 2 + NUM_PREFIX_ROWS)
   new_config = config_from_dict({**config.to_dict(), 'img_size': new_img_size})
   return _replace_leaf(params, _TABLE_PATH, new_table), new_config
+
+
+# ----------------------------------------------------------------------------- scale factor
+
+# BEiT v2 / DINO `interpolate_pos_encoding` adds this to the target grid before dividing by the
+# source grid, so that floor(g * scale) is the target size despite float rounding.
+BEIT2_SCALE_OFFSET = 0.1
+
+
+def bicubic_scale_matrix(size_in: int, scale: float) -> np.ndarray:
+  """(floor(size_in * scale), size_in) float64 matrix of torch's 1-D bicubic `interpolate` given
+  a `scale_factor` (align_corners=False, recompute_scale_factor unset).
+
+  torch then maps output cell i to the source coordinate (i + 0.5) / scale - 0.5 (not
+  (i + 0.5) * size_in / size_out - 0.5 as for `size=`), with the same A = -0.75 cubic kernel
+  and border-clamped taps as `resize_grid_bicubic`.
+  """
+  size_in, scale = int(size_in), float(scale)
+  size_out = math.floor(size_in * scale)
+  if size_in < 1 or not math.isfinite(scale) or size_out < 1:
+    raise ValueError(f'Cannot resize {size_in} cells by scale_factor={scale}: the output must '
+                     'have at least one cell.')
+  src = (np.arange(size_out, dtype=np.float64) + 0.5) / scale - 0.5
+  base = np.floor(src)
+  weights = _cubic_weights(src - base)                                  # (out, 4)
+  taps = np.clip(base[:, None].astype(np.int64) + np.arange(-1, 3), 0, size_in - 1)
+  matrix = np.zeros((size_out, size_in), np.float64)
+  rows = np.broadcast_to(np.arange(size_out)[:, None], taps.shape)
+  np.add.at(matrix, (rows, taps), weights)
+  return matrix
+
+
+def beit2_scale_factor(size_in: int, size_out: int) -> float:
+  """The scale_factor BEiT v2 passes to torch to resize `size_in` cells to `size_out`:
+  (size_out + 0.1) / size_in (a float, cells out per cell in)."""
+  return (size_out + BEIT2_SCALE_OFFSET) / size_in
+
+
+def resize_grid_beit2(grid: np.ndarray, new_hw: tuple[int, int]) -> np.ndarray:
+  """BEiT v2's position-grid resize of a (h, w, D) grid to (new_h, new_w, D).
+
+  Reproduces unilm beit2 `VisionTransformer.interpolate_pos_encoding` (used by the VQ-KD
+  tokenizer's encoder and decoder): torch `interpolate(x, scale_factor=((new_h + 0.1) / h,
+  (new_w + 0.1) / w), mode='bicubic', align_corners=False)` on the (1, D, h, w) layout. The
+  output has the requested size, but its cells sample the source at (i + 0.5) / scale - 0.5,
+  slightly off the exact-size resize of `resize_grid_bicubic`. Separable, computed in float64.
+  Unlike BEiT v2 (which only calls it when the token count changes) it is not the identity at
+  the same size: callers skip it there.
+
+  Args:
+    grid: (h, w, D) array, floating dtype; the channel axis D is last.
+    new_hw: (new_h, new_w), the output grid size in cells.
+
+  Returns:
+    (new_h, new_w, D) array of `grid`'s dtype.
+  """
+  grid, (h, w), (new_h, new_w) = _checked_grid(grid, new_hw)
+  rows = bicubic_scale_matrix(h, beit2_scale_factor(h, new_h))
+  cols = bicubic_scale_matrix(w, beit2_scale_factor(w, new_w))
+  if (rows.shape[0], cols.shape[0]) != (new_h, new_w):  # floor((n + 0.1) / g * g) == n
+    raise ValueError(f'scale_factor rounding gave a {rows.shape[0]}x{cols.shape[0]} grid, not '
+                     f'{new_h}x{new_w}.')
+  return _resize_separable(grid, rows, cols)

@@ -9,10 +9,12 @@ instance (`beit3_jax.tasks.registry`). Everything specific to the task lives the
 | its batch              | `batch_fields` (the layout of `data.schema.Field`s), `default_fields` (where its inputs live in an example), `transform`, `builtin_source`, `needs_text` | fine-tuning data |
 | its objective          | `objective(config)` -> a `Finetune`             | the trainer               |
 | its evaluation         | `evaluator(...)` (whole-split metrics) or None (validation batches through the objective) | fine-tuning, mode=eval |
+| its pictures           | `showcase(...)`: validation examples with predictions beside the truth (`describe_predictions`, an evaluator's `showcase`) | TensorBoard images of each validation |
 | its cost               | `flops(config)`                                 | MFU                       |
 | its unilm weights      | `unilm_head_key`, `unilm_head_sizes`            | `beit3_jax.convert`       |
 | its predictions        | `predict_commands()`, `embed` features, `default_image_norm` | `beit3_jax.predict` |
 | its run's head sizes   | `head_sizes(run_config)`                        | predict                   |
+| its server file        | `submission(...)` -> a `Submission`, or None    | mode=submit               |
 
 Config fields a task reads are declared in `beit3_jax.defaults.finetune_config`.
 
@@ -26,9 +28,11 @@ the most frequent target) and `<task>/examples`.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import functools
 import json
+import re
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -43,6 +47,7 @@ from beit3_jax.losses import reduce_sums
 from beit3_jax.models import num_patches
 from beit3_jax.models.config import config_from_dict
 from beit3_jax.models.flops import beit3_forward_flops
+from beit3_jax.tasks import evaluation
 
 
 class PredictError(ValueError):
@@ -63,9 +68,111 @@ class PredictCommand:
   run: Callable[[argparse.Namespace, Any], dict]
 
 
-def histogram(targets, num: int):
-  """(num,) int32 counts of the int targets (B,)."""
-  return jnp.zeros((num,), jnp.int32).at[targets].add(1)
+@dataclasses.dataclass(frozen=True)
+class Submission:
+  """The file an evaluation server accepts for one split (`config.mode='submit'`).
+
+  file_name: its name in the workdir, unilm's (`submission_file_name`).
+  key: the field that names an entry (e.g. 'question_id'); of entries with the same key only the
+    first is written, as unilm's `dump_predictions` keeps them.
+  predict: (params, mesh) -> the entries, JSON-ready dicts in the split's order (e.g.
+    {'question_id': int, 'answer': str}); every host gets them all.
+  """
+  file_name: str
+  key: str
+  predict: Callable[[Any, Any], list[dict]]
+
+
+def submission_file_name(prefix: str, split: str) -> str:
+  """unilm's 'submit_<prefix>_<split>.json' ('submit_vqav2_test.json'); characters of a TFDS
+  split spec other than letters, digits, '_', '-' and '.' become '_' ('test[:10]' ->
+  'test_10')."""
+  clean = re.sub(r'[^A-Za-z0-9_.-]+', '_', split).strip('_')
+  if not clean:
+    raise ValueError(f'data.eval_split={split!r} gives no file name; expected a split name.')
+  return f'submit_{prefix}_{clean}.json'
+
+
+def json_id(value, field: str, index: int) -> int | str:
+  """An example's id (a question_id, image_id) as the servers want it: int for integers (numpy
+  ones included), str for text (TFDS gives bytes).
+
+  Raises:
+    ValueError: any other value, naming the field and the example's index.
+  """
+  if isinstance(value, np.ndarray) and value.ndim == 0:
+    value = value.item()
+  if isinstance(value, (bool, np.bool_)):
+    raise ValueError(f'Example {index}: {field!r} is a bool; expected an int or text id.')
+  if isinstance(value, (int, np.integer)):
+    return int(value)
+  if isinstance(value, bytes):
+    return value.decode('utf-8')
+  if isinstance(value, str):
+    return value
+  raise ValueError(f'Example {index}: {field!r} holds {type(value).__name__} '
+                   f'{str(value)[:40]!r}; expected one int or text id (set data.fields to the '
+                   'field that holds it).')
+
+
+def predict_split(source, prepare: Callable[[int, Any], list[tuple[dict, Any]]],
+                  fn: Callable[[dict], Any], batch_size: int, mesh, *, threads: int = 1,
+                  chunk_batches: int = 2, what: str = 'examples'
+                  ) -> tuple[np.ndarray, list[Any]]:
+  """fn's outputs for every example of `source`, in order, never holding the whole split.
+
+  Args:
+    source: random-access examples (`len`, `source[i]`).
+    prepare: (i, example i) -> its rows [(inputs {name: array}, record)]: inputs go to `fn`,
+      the record (e.g. the example's id) comes back beside its output. Run on `threads` host
+      threads, `chunk_batches` global batches of examples at a time; the next chunk is prepared
+      while the devices run this one.
+    fn: a global batch {name: (batch_size, ...)} -> (batch_size, ...) outputs; run through
+      `evaluation.batched` (the last batch of a chunk padded, outputs gathered on every host).
+    what: the rows' name in the progress lines.
+
+  Returns:
+    (outputs (R, ...) numpy, records (R,)) for the R rows of all examples.
+  """
+  n = len(source)
+  if n == 0:
+    raise ValueError('The split has no example to predict.')
+  step = max(1, int(batch_size) * int(chunk_batches))
+  starts = list(range(0, n, step))
+  outs, records, shown = [], [], 0
+  with concurrent.futures.ThreadPoolExecutor(max(1, int(threads))) as pool:
+    submit = lambda s: [pool.submit(lambda i: prepare(i, source[i]), i)  # noqa: E731
+                        for i in range(s, min(n, s + step))]
+    pending = submit(starts[0])
+    for k in range(len(starts)):
+      rows = [row for f in pending for row in f.result()]
+      pending = submit(starts[k + 1]) if k + 1 < len(starts) else []
+      if not rows:
+        continue
+      inputs = {name: np.stack([r[0][name] for r in rows]) for name in rows[0][0]}
+      outs.append(evaluation.batched(fn, inputs, batch_size, mesh))
+      records.extend(r[1] for r in rows)
+      done = min(n, starts[k] + step)
+      if done == n or done * 10 // n > shown:
+        shown = done * 10 // n
+        print(f'Predicted {len(records)} {what} of {done} / {n} examples', flush=True)
+  if not outs:
+    raise ValueError('No example of the split gave anything to predict.')
+  return np.concatenate(outs), records
+
+
+def histogram(targets, num: int, weights=None):
+  """(num,) int32 counts of the int targets (B,); `weights` (B,) 0/1 counts only some."""
+  ones = jnp.ones(targets.shape, jnp.int32) if weights is None else weights.astype(jnp.int32)
+  return jnp.zeros((num,), jnp.int32).at[targets].add(ones)
+
+
+def example_weights(batch, n: int) -> jax.Array:
+  """(n,) float32: a validation batch's `valid` (its padding rows and rejected examples 0,
+  `data.pipeline.Stream(pad_final_batch=True)`), else ones."""
+  if 'valid' in batch:
+    return batch['valid'].astype(jnp.float32)
+  return jnp.ones((n,), jnp.float32)
 
 
 def summarize_sums(sums, names: Mapping[str, str]) -> dict[str, float]:
@@ -165,6 +272,10 @@ class Task:
   # (mean, std, where they come from) for converted weights, which carry no run config
   default_image_norm: tuple[tuple[float, ...], tuple[float, ...], str] | None = None
   default_eval_crop_pct: float = 0.0        # their predict view (`data.eval_crop_pct`)
+  best_metric: str = ''                     # its validation metric kept best (`best_metric`)
+  random_erasing: bool = False              # its objective erases (`data.random_erasing`)
+  pairs_field: str = ''                     # default_fields key of the captions training reads
+                                            # as (image, caption) pairs (`data.caption_pairs`)
 
   # ---------------------------------------------------------------------------- the model
 
@@ -214,6 +325,49 @@ class Task:
     del config, objective, eval_source, train_source, tokenizer, fields
     return None
 
+  def submission(self, config, objective: Finetune, source, tokenizer, fields: Mapping[str, str],
+                 split: str) -> Submission | None:
+    """The evaluation server's file of every example of `source` (the split named `split`;
+    examples without answers or references are fine), or None: the task has none (unilm
+    writes none for it) and mode=submit stops naming the task."""
+    del config, objective, source, tokenizer, fields, split
+    return None
+
+  def showcase(self, config, objective: Finetune, eval_source, tokenizer,
+               fields: Mapping[str, str], evaluator=None
+               ) -> Callable[[Any, Any], list] | None:
+    """(params, mesh) -> `tasks.showcase.Example`s for the TensorBoard images of a validation:
+    the first SHOWCASE_EXAMPLES usable validation examples with the model's predictions beside
+    the truth, or None (the task draws none).
+
+    A whole-split evaluator that has a `showcase` attribute (() -> Examples of its last
+    evaluation) gives them; otherwise the objective's `logits(params, batch)` over those
+    examples (in the evaluation view) go to `describe_predictions`."""
+    if evaluator is not None:
+      last = getattr(evaluator, 'showcase', None)
+      return None if last is None else (lambda params, mesh: last())
+    if not hasattr(objective, 'logits'):
+      return None
+    from beit3_jax.tasks import evaluation   # (evaluation imports the data modules only)
+    transform = self.transform(config, evaluation.eval_inputs(config), fields, tokenizer)
+    arrays = first_examples(eval_source, transform, SHOWCASE_EXAMPLES)
+    logits_fn = jax.jit(objective.logits)
+
+    def run(params, mesh):
+      data_ways = int(np.prod([mesh.shape[a] for a in ('data', 'fsdp') if a in mesh.shape]))
+      n = next(iter(arrays.values())).shape[0]
+      logits = evaluation.batched(lambda batch: logits_fn(params, batch), arrays,
+                                  -(-n // data_ways) * data_ways, mesh)
+      return self.describe_predictions(config, arrays, np.asarray(logits, np.float32),
+                                       tokenizer)
+    return run
+
+  def describe_predictions(self, config, examples: Mapping[str, np.ndarray],
+                           logits: np.ndarray, tokenizer) -> list:
+    """`tasks.showcase.Example`s of N examples (`batch_fields` arrays, (N, ...)) and the
+    model's logits (N, ...) float32: each image with the truth and the prediction."""
+    raise NotImplementedError
+
   def flops(self, config) -> tuple[float, int]:
     """(analytic forward FLOPs, backbone tokens) of one example."""
     m = config.model
@@ -248,10 +402,48 @@ def _abstract_params(task: Task, config_json: str, sizes: tuple):
   return nn.meta.unbox(variables['params'])
 
 
+SHOWCASE_EXAMPLES = 8   # examples drawn in the TensorBoard images of each validation
+
+
+def first_examples(source, transform: pipeline.Transform, count: int
+                   ) -> dict[str, np.ndarray]:
+  """The first `count` examples of `source` that `transform` (with a fixed rng) does not
+  reject, stacked: {field: (n, ...)}, n <= count."""
+  rows = []
+  for i in range(len(source)):
+    example = transform(source[i], np.random.default_rng(0))
+    if not isinstance(example, pipeline.Skip):
+      rows.append(example)
+    if len(rows) == count:
+      break
+  if not rows:
+    raise ValueError('No example of the evaluation split can be used.')
+  return {k: np.stack([np.asarray(r[k]) for r in rows]) for k in rows[0]}
+
+
+def top_k_text(scores: np.ndarray, names: Sequence[str], k: int) -> str:
+  """'name (p), name (p), ...' of the k best of (C,) scores (softmax probabilities)."""
+  p = np.exp(scores - scores.max())
+  p /= p.sum()
+  best = np.argsort(-scores, kind='stable')[:k]
+  return ', '.join(f'{names[i]} ({p[i]:.2f})' for i in best)
+
+
 def field_map(task: Task, config) -> dict[str, str]:
   """Where the task's inputs live in an example: its defaults, overridden by
   `config.data.fields`."""
   return inputs_lib.field_overrides(config.data.fields, task.default_fields)
+
+
+def random_erasing(task: Task, config):
+  """`data.finetuning.random_erasing(config)` for a task whose objective erases (unilm erases
+  only in its ImageNet recipe); ValueError naming the field for a task that does not."""
+  erasing = inputs_lib.random_erasing(config)
+  if erasing is not None and not task.random_erasing:
+    raise ValueError(f'data.random_erasing={config.data.random_erasing}: task {task.name!r} '
+                     'does not erase (unilm erases only in ImageNet classification); set it '
+                     'to 0.')
+  return erasing
 
 
 def objective_inputs(config) -> dict:

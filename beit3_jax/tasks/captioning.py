@@ -35,6 +35,7 @@ import numpy as np
 from beit3_jax import losses
 from beit3_jax.data import image_ops, pipeline, schema
 from beit3_jax.data.finetuning import FinetuneInputs, caption_example, caption_list, view
+from beit3_jax.data.pretraining import get_field, load_image
 from beit3_jax.data.text import TextTokenizer
 from beit3_jax.defaults import finetune_config
 from beit3_jax.losses import masked_slots
@@ -43,7 +44,7 @@ from beit3_jax.models.beit3 import BEiT3
 from beit3_jax.models.config import num_patches
 from beit3_jax.models.embeddings import POSITION_OFFSET
 from beit3_jax.models.heads import head_linear
-from beit3_jax.tasks import base, decoding, evaluation, metrics, registry
+from beit3_jax.tasks import base, decoding, evaluation, metrics, registry, showcase
 
 
 def captioning_attn_mask(num_image_tokens: int, text_len: int) -> np.ndarray:
@@ -152,18 +153,27 @@ def caption_step_fn(model, params, mask_id):
 
 
 def generate_captions(params, config, images, bos_id, eos_id, pad_id, mask_id, max_len: int,
-                      beam_size: int = 1, length_penalty=0.6, *, return_scores: bool = False):
+                      beam_size: int = 1, length_penalty=0.6, *, return_scores: bool = False,
+                      search: str = 'unilm', min_len: int = 0, ban_pad: bool = False,
+                      early_stopping: bool = False):
   """Captions for `images` (B, S, S, C) with a CaptioningModel's params.
 
-  beam_size=1: greedy search; else beam search (score = log-prob / length ** length_penalty).
+  search='unilm': unilm's beam search with `beam_size` beams (also for beam_size=1);
+  search='k_finished': the K-finished beam search, greedy search for beam_size=1
+  (`decoding.beam_search` describes both, `min_len`, `ban_pad` and `early_stopping`).
+  max_len: the most generated tokens, eos included (unilm's --num_max_bpe_tokens - 2).
   Returns tokens (B, max_len) int32 (the best hypothesis, without the bos, pad after the eos),
-  and with `return_scores=True` also scores (B,) float32: log-prob / length ** length_penalty
-  (beam search's score; for greedy computed by `decoding.sequence_log_prob`).
+  and with `return_scores=True` also scores (B,) float32: the search's score (for greedy,
+  log-prob / length ** length_penalty from `decoding.sequence_log_prob`).
   """
   if not isinstance(beam_size, int) or beam_size < 1:
     raise ValueError(f'beam_size must be an int >= 1, got {beam_size!r}')
+  if search not in decoding.STYLES:
+    raise ValueError(f'search must be one of {decoding.STYLES}, got {search!r}')
   _check(config, max_len)
-  run = _generator(config, max_len, beam_size, return_scores)
+  options = {'style': search, 'min_len': int(min_len), 'ban_pad': bool(ban_pad),
+             'early_stopping': bool(early_stopping)}
+  run = _generator(config, max_len, beam_size, return_scores, **options)
   ids = jnp.asarray([bos_id, eos_id, pad_id, mask_id], jnp.int32)
   tokens, scores = run(params, jnp.asarray(images), ids,
                        jnp.asarray(length_penalty, jnp.float32))
@@ -173,10 +183,15 @@ def generate_captions(params, config, images, bos_id, eos_id, pad_id, mask_id, m
 _GENERATORS: dict = {}
 
 
-def _generator(config, max_len: int, beam_size: int, return_scores: bool):
-  """The jitted decoding function of one (config, max_len, beam size), built once per process
-  (so repeated calls, e.g. batch after batch in evaluation, compile once per input shape)."""
-  key = (config.to_json(), max_len, beam_size, return_scores)
+def _generator(config, max_len: int, beam_size: int, return_scores: bool, *,
+               style: str = 'unilm', min_len: int = 0, ban_pad: bool = False,
+               early_stopping: bool = False):
+  """The jitted decoding function of one (config, max_len, beam size, search options), built
+  once per process (so repeated calls, e.g. batch after batch in evaluation, compile once per
+  input shape)."""
+  options = {'style': style, 'min_len': min_len, 'ban_pad': ban_pad,
+             'early_stopping': early_stopping}
+  key = (config.to_json(), max_len, beam_size, return_scores, tuple(sorted(options.items())))
   if key in _GENERATORS:
     return _GENERATORS[key]
   dec = CaptionDecoder(config)
@@ -186,14 +201,15 @@ def _generator(config, max_len: int, beam_size: int, return_scores: bool):
     bos, eos, pad, mask = ids[0], ids[1], ids[2], ids[3]
     state = init_caption_state(dec, params, images, max_len)
     step = caption_step_fn(dec, params, mask)
-    if beam_size == 1:
-      tokens = decoding.greedy_decode(step, state, bos, eos, pad, max_len)
+    if beam_size == 1 and style == 'k_finished':  # the same as its beam search of one
+      tokens = decoding.greedy_decode(step, state, bos, eos, pad, max_len, min_len=min_len,
+                                      ban_pad=ban_pad)
       if not return_scores:
         return tokens, jnp.zeros(tokens.shape[:1], jnp.float32)
       scores = decoding.sequence_log_prob(step, state, tokens, bos, eos, length_penalty)
       return tokens, scores
     tokens, scores = decoding.beam_search(step, state, bos, eos, pad, max_len, beam_size,
-                                          length_penalty)
+                                          length_penalty, num_best=1, **options)
     return tokens[:, 0], scores[:, 0]
 
   _GENERATORS[key] = run
@@ -237,8 +253,9 @@ def mask_caption(ids: np.ndarray, padding: np.ndarray, rng: np.random.Generator,
 def transform(cfg: FinetuneInputs, tokenizer: TextTokenizer, mask_prob: float,
               image_field: str = 'image', caption_field: str = 'captions'
               ) -> pipeline.Transform:
-  """(example with an image and caption(s), rng) -> the batch layout: one caption, masked
-  (`text_ids`), with `text_targets` (the caption) and `text_mask`."""
+  """(example with an image and caption(s), rng) -> the batch layout: one caption (an example
+  of `CaptionPairs` holds only one, otherwise `rng` draws it), masked (`text_ids`), with
+  `text_targets` (the caption) and `text_mask`."""
   def apply(example, rng):
     out = caption_example(cfg, tokenizer, example, rng, image_field, caption_field)
     if isinstance(out, pipeline.Skip):
@@ -324,12 +341,16 @@ def evaluator(config, source, count: int, batch_size: int, inputs: FinetuneInput
               caption_field: str = 'captions') -> Callable[[Any, Any], dict]:
   """(params, mesh) -> {'captioning/cider', 'captioning/bleu4', 'captioning/baseline_cider',
   'captioning/baseline_bleu4', 'captioning/images'} over the first `count` examples of
-  `source`, generating with config.captioning.{beam_size, length_penalty, max_len}."""
+  `source`, generating with config.captioning.{beam_size, length_penalty, max_len, search,
+  min_len, ban_pad, early_stopping}."""
   images, references = evaluation.read_captioned(source, count, inputs, image_field,
                                                  caption_field)
   c = config.captioning
+  unilm = finetune_config(TASK.name).captioning   # fields a config may lack: unilm's values
+  options = {n: c.get(n, unilm[n]) for n in ('search', 'min_len', 'ban_pad', 'early_stopping')}
   ids = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.mask_id)
-  last_examples: list[tuple[str, list[str]]] = []
+  last_examples: list[tuple[str, list[str]]] = []   # (generated, references) of the first
+  shown = base.SHOWCASE_EXAMPLES
   name = TASK.name
 
   def evaluate(params, mesh) -> dict[str, float]:
@@ -337,17 +358,23 @@ def evaluator(config, source, count: int, batch_size: int, inputs: FinetuneInput
       return generate_captions(params, config.model,
                                image_ops.normalize(batch['image'], image_mean, image_std),
                                *ids, max_len=int(c.max_len), beam_size=int(c.beam_size),
-                               length_penalty=float(c.length_penalty))
+                               length_penalty=float(c.length_penalty), **options)
     tokens = evaluation.batched(generate, {'image': images}, batch_size, mesh)
     hypotheses = [tokenizer.decode(row) for row in tokens]
-    last_examples[:] = list(zip(hypotheses[:8], references[:8]))
-    baseline = [baseline_caption] * len(hypotheses)
-    return {f'{name}/cider': metrics.cider_d(hypotheses, references),
-            f'{name}/bleu4': metrics.bleu4(hypotheses, references),
-            f'{name}/baseline_cider': metrics.cider_d(baseline, references),
-            f'{name}/baseline_bleu4': metrics.bleu4(baseline, references),
+    last_examples[:] = list(zip(hypotheses[:shown], references[:shown]))
+    # As coco-caption scores them: every text PTB-tokenised first (`metrics.ptb_tokenize`).
+    scores = metrics.coco_caption_scores(hypotheses, references)
+    baseline = metrics.coco_caption_scores([baseline_caption] * len(hypotheses), references)
+    return {f'{name}/cider': scores['cider_d'], f'{name}/bleu4': scores['bleu4'],
+            f'{name}/baseline_cider': baseline['cider_d'],
+            f'{name}/baseline_bleu4': baseline['bleu4'],
             f'{name}/images': float(len(hypotheses))}
   evaluate.examples = last_examples   # the last evaluation's first captions, for a look
+
+  def showcase_examples() -> list:
+    return showcase.compare(images[:len(last_examples)], [r for _, r in last_examples],
+                            [h for h, _ in last_examples])
+  evaluate.showcase = showcase_examples
   return evaluate
 
 
@@ -402,7 +429,7 @@ def _add_arguments(p) -> None:
   p.add_argument('--beam-size', type=int, help="default: the run's captioning.beam_size, else 3")
   p.add_argument('--length-penalty', type=float,
                  help="default: the run's captioning.length_penalty, else 0.6")
-  p.add_argument('--max-len', type=int, help="default: the run's captioning.max_len, else 32")
+  p.add_argument('--max-len', type=int, help="default: the run's captioning.max_len, else 30")
 
 
 def _caption(args, session) -> dict:
@@ -417,13 +444,82 @@ def _caption(args, session) -> dict:
   captions = [decode_tokens(tokenizer, row) for row in tokens]
   for p, c in zip(paths, captions):
     print(f'{p}: {c}')
+  if args.report:
+    session.report(args, [showcase.Example(session.name(p), picture, [f'caption: {c}'])
+                          for p, picture, c in zip(paths, session.thumbnails(paths), captions)],
+                   [f'Decoding: {"greedy" if beam == 1 else f"beam search of {beam}"}, length '
+                    f'penalty {penalty}, at most {max_len} tokens.'])
   return {'image_files': paths, 'captions': captions, 'tokens': tokens}
+
+
+# ---------------------------------------------------------- the evaluation server's file
+
+
+def submission_prefix(source_name: str) -> str:
+  """unilm's task name in the file name: 'nocaps' or 'coco_captioning' when the data source's
+  name says so, else 'captioning'."""
+  name = source_name.lower()
+  return 'nocaps' if 'nocaps' in name else 'coco_captioning' if 'coco' in name else 'captioning'
+
+
+def submission(config, objective: CaptioningFinetune, source, tokenizer: TextTokenizer,
+               fields, split: str) -> base.Submission:
+  """COCO / NoCaps captions as unilm's CaptioningHandler writes them
+  (`submit_<coco_captioning|nocaps>_<split>.json`): [{"image_id": id, "caption": str}, ...],
+  one entry per example of `source` in order, generated by `generate_captions` with
+  config.captioning.{beam_size, length_penalty, max_len, search, min_len, ban_pad,
+  early_stopping} (as the evaluator) and decoded by `decode_tokens`. The examples' captions are
+  not read (a test split may have none).
+
+  `fields['image_id']` (default 'image_id') holds each example's id: an int (COCO's cocoid) or
+  text.
+
+  Raises (when predicting): ValueError naming the example (its index) without an id or a
+  readable image.
+  """
+  c = config.captioning
+  unilm = finetune_config(TASK.name).captioning   # fields a config may lack: unilm's values
+  options = {n: c.get(n, unilm[n]) for n in ('search', 'min_len', 'ban_pad', 'early_stopping')}
+  ids = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.mask_id)
+  inputs = FinetuneInputs.from_config(config, train=False)
+  image_field = fields['image']
+  id_field = fields.get('image_id') or 'image_id'
+
+  def prepare(i, example):
+    try:
+      image_id = get_field(example, id_field)
+    except KeyError as e:
+      raise ValueError(f'Example {i} of {split!r}: {e.args[0]} A submission needs the image '
+                       'ids: data.fields.image_id names their field.') from None
+    image = load_image(example, image_field)
+    if isinstance(image, pipeline.Skip):
+      raise ValueError(f'Example {i} of {split!r}: {image.reason} in {image_field!r}; every '
+                       'image of a submission needs a caption.')
+    return [({'image': view(inputs, image, np.random.default_rng(0))},
+             base.json_id(image_id, id_field, i))]
+
+  def predict(params, mesh) -> list[dict]:
+    def generate(batch):
+      return generate_captions(params, config.model, objective.images(batch['image']), *ids,
+                               max_len=int(c.max_len), beam_size=int(c.beam_size),
+                               length_penalty=float(c.length_penalty), **options)
+    tokens, image_ids = base.predict_split(source, prepare, generate, int(config.batch_size),
+                                           mesh, threads=int(config.data.read_threads),
+                                           what='images')
+    return [{'image_id': image_id, 'caption': decode_tokens(tokenizer, row)}
+            for image_id, row in zip(image_ids, tokens)]
+
+  return base.Submission(
+      base.submission_file_name(submission_prefix(str(config.data.source)), split), 'image_id',
+      predict)
 
 
 class CaptioningTask(base.Task):
   name = 'captioning'
+  best_metric = 'cider'
   default_fields = {'image': 'image', 'captions': 'captions'}
   batch_fields = {'image': schema.IMAGE, **schema.TEXT, **schema.MASKED_TEXT}
+  pairs_field = 'captions'   # training reads (image, caption) pairs (`data.caption_pairs`)
   unilm_head_key = 'mlm_head.weight'
 
   def model(self, model_cfg):
@@ -453,6 +549,9 @@ class CaptioningTask(base.Task):
                      most_common_caption(train_source, fields['captions']),
                      image_mean=objective.image_mean, image_std=objective.image_std,
                      image_field=fields['image'], caption_field=fields['captions'])
+
+  def submission(self, config, objective, source, tokenizer, fields, split):
+    return submission(config, objective, source, tokenizer, fields, split)
 
   def predict_commands(self):
     return (base.PredictCommand('caption', 'image captioning', _add_arguments, _caption),)

@@ -19,11 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from beit3_jax.data import image_ops, pipeline, schema
+from beit3_jax.data import augment, image_ops, pipeline, schema
 from beit3_jax.data.finetuning import view
 from beit3_jax.data.pretraining import get_field, load_image
 from beit3_jax.models import heads
-from beit3_jax.tasks import base, registry
+from beit3_jax.tasks import base, registry, showcase
 
 
 def transform(cfg, num_classes: int, image_field: str = 'image',
@@ -58,8 +58,9 @@ class ClassificationFinetune(base.Finetune):
 
   def __init__(self, model_cfg, num_classes: int, label_smoothing: float = 0.0, *,
                mixup: float = 0.0, cutmix: float = 0.0, mixup_prob: float = 1.0,
-               switch_prob: float = 0.5, **kw):
+               switch_prob: float = 0.5, erasing: augment.RandomErasing | None = None, **kw):
     super().__init__(TASK, model_cfg, head_sizes={'num_classes': num_classes}, **kw)
+    self.erasing = erasing   # timm's RandomErasing of the normalised training images
     self.num_classes = int(num_classes)
     self.label_smoothing = float(label_smoothing)
     self.mixup, self.cutmix = float(mixup), float(cutmix)
@@ -95,12 +96,18 @@ class ClassificationFinetune(base.Finetune):
     mixed = jnp.where(apply, mixed, images)
     return mixed, lam * one_hot + (1.0 - lam) * one_hot[::-1]
 
+  def logits(self, params, b) -> jax.Array:
+    """(B, num_classes) float logits of the task's fields `b`, in evaluation mode."""
+    return self.apply(params, None, False, images=self.images(b['image']))
+
   def loss(self, params, extra, frozen, batch, rng, normalizers, *, train: bool, step=None):
     del frozen
     b = batch[self.task]
     labels = b['label'].astype(jnp.int32)
     images = self.images(b['image'])
     k_mix, k_model = jax.random.split(rng)
+    if train and self.erasing is not None:   # as timm: erased per image, before the batch mix
+      images = augment.erase_on_device(images, jax.random.fold_in(rng, 1), self.erasing)
     if train:
       images, targets = self._mix(images, labels, k_mix)
     else:
@@ -111,11 +118,12 @@ class ClassificationFinetune(base.Finetune):
     nll = -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
     k = min(5, self.num_classes)
     top_k = jax.lax.top_k(logits, k)[1]
-    sums = {'ce': jnp.sum(ce), 'nll': jnp.sum(nll),
-            'correct': jnp.sum((top_k[:, 0] == labels).astype(jnp.float32)),
-            'correct5': jnp.sum(jnp.any(top_k == labels[:, None], axis=-1).astype(jnp.float32)),
-            'count': jnp.asarray(labels.shape[0], jnp.float32),
-            'histogram': base.histogram(labels, self.num_classes)}
+    w = base.example_weights(b, labels.shape[0])
+    sums = {'ce': jnp.sum(w * ce), 'nll': jnp.sum(w * nll),
+            'correct': jnp.sum(w * (top_k[:, 0] == labels)),
+            'correct5': jnp.sum(w * jnp.any(top_k == labels[:, None], axis=-1)),
+            'count': jnp.sum(w),
+            'histogram': base.histogram(labels, self.num_classes, w)}
     return sums['ce'] / normalizers[self.task], ({self.task: sums}, extra)
 
   def summarize(self, sums) -> dict[str, float]:
@@ -159,12 +167,19 @@ def _classify(args, session) -> dict:
   labels = [[names[j] if names else str(j) for j in row] for row in idx]
   for p, row, sc in zip(paths, labels, scores):
     print(f'{p}: ' + ', '.join(f'{c} {s:.3f}' for c, s in zip(row, sc)))
+  if args.report:
+    session.report(args, [
+        showcase.Example(session.name(p), picture, [f'prediction: {row[0]}'], list(zip(row, sc)))
+        for p, picture, row, sc in zip(paths, session.thumbnails(paths), labels, scores)],
+        [f'The top {len(labels[0])} classes of each image, with softmax probabilities.'])
   return {'image_files': paths, 'logits': out, 'top_k': idx, 'top_k_probs': scores,
           'top_k_classes': labels}
 
 
 class ClassificationTask(base.Task):
   name = 'classification'
+  best_metric = 'accuracy'
+  random_erasing = True
   head_size_names = ('num_classes',)
   normalize_output = False
   needs_text = False
@@ -191,6 +206,7 @@ class ClassificationTask(base.Task):
                                   mixup=config.mixup, cutmix=config.cutmix,
                                   mixup_prob=config.mixup_prob,
                                   switch_prob=config.mixup_switch_prob,
+                                  erasing=base.random_erasing(self, config),
                                   **base.objective_inputs(config))
 
   def transform(self, config, inputs, fields, tokenizer):
@@ -199,6 +215,13 @@ class ClassificationTask(base.Task):
 
   def describe(self, config) -> str:
     return f'{config.num_classes} classes'
+
+  def describe_predictions(self, config, examples, logits, tokenizer):
+    names = list(config.class_names) or [str(i) for i in range(int(config.num_classes))]
+    return [showcase.Example(f'#{i}', examples['image'][i],
+                             [f"truth: {names[int(examples['label'][i])]}",
+                              'top-5: ' + base.top_k_text(logits[i], names, 5)])
+            for i in range(len(logits))]
 
   def predict_commands(self):
     return (base.PredictCommand('classify', 'image classification', _add_arguments, _classify),)

@@ -14,8 +14,9 @@ What each function follows:
   held-out val split (`utils.VQAScore`).
 - COCO / Flickr30k retrieval: `retrieval_recall` (R@k; an image query is right if any of its
   captions is in its top k).
-- COCO captioning: `tokenize_caption` (approximates coco-caption's PTBTokenizer), `corpus_bleu`,
-  `bleu4`, `cider_d_scores`, `cider_d`: coco-caption (`pycocoevalcap`) `Bleu(4)` and `Cider()`.
+- COCO captioning: `ptb_tokenize` (coco-caption's PTBTokenizer, in Python or through its Java
+  jar), `corpus_bleu`, `bleu4`, `cider_d_scores`, `cider_d`: coco-caption (`pycocoevalcap`)
+  `Bleu(4)` and `Cider()` (which is CIDEr-D); `coco_caption_scores`: tokenise, then both.
 
 The functions are re-implemented from the metrics' definitions and the behaviour of the named
 scripts, including their documented quirks (listed in each docstring), so that the numbers agree
@@ -24,7 +25,11 @@ with those scripts; tests/test_task_metrics.py checks BLEU and CIDEr-D against p
 
 import collections
 import math
+import os
 import re
+import shutil
+import subprocess
+import tempfile
 from typing import Dict, List, Sequence
 
 import numpy as np
@@ -34,7 +39,7 @@ __all__ = [
     'normalize_vqa_answer', 'vqa_question_accuracy', 'vqa_accuracy', 'vqa_soft_score',
     'answer_scores', 'build_answer_vocabulary', 'vqa_soft_target_score',
     'retrieval_recall',
-    'tokenize_caption', 'corpus_bleu', 'bleu4', 'cider_d_scores', 'cider_d',
+    'ptb_tokenize', 'coco_caption_scores', 'corpus_bleu', 'bleu4', 'cider_d_scores', 'cider_d',
 ]
 
 
@@ -198,44 +203,354 @@ def retrieval_recall(similarity, text_to_image, ks: Sequence[int] = (1, 5, 10),
 # Captioning: tokenisation, BLEU, CIDEr-D.
 # ------------------------------------------------------------------------------------------------
 
-# Tokens that coco-caption's PTBTokenizer wrapper deletes after tokenising (lower-cased; -lrb- etc.
-# are PTB's names for brackets), plus the raw characters our regex emits for them.
-_CAPTION_DROP = frozenset({
-    "''", "'", '``', '`', '-lrb-', '-rrb-', '-lcb-', '-rcb-', '.', '?', '!', ',', ':', '-', '--',
-    '...', ';', '(', ')', '{', '}', '[', ']', '"', '\u201c', '\u201d', '\u2018', '\u2013',
-    '\u2014', '\u2026'})
-_CAPTION_CLITIC_NT = re.compile(r"(?<=\w)n't\b")
-_CAPTION_CLITIC = re.compile(r"(?<=\w)'(s|re|ve|ll|d|m)\b")
-_CAPTION_TOKEN = re.compile(
-    r"n't|'(?:s|re|ve|ll|d|m)\b"      # clitics split off above: "do n't", "dog 's"
-    r"|\d+(?:,\d{3})+(?:\.\d+)?"       # 1,000 and 1,000.5 stay one token
-    r"|\w+(?:[-.'&/]\w+)*"             # words, with inner hyphens, periods, apostrophes: t-shirt
-    r"|\S")                            # any other single character
-_CAPTION_SPACES = re.compile(r'\s+')
+# The PTB lexer, re-implemented from the behaviour of Stanford CoreNLP 3.4.1's PTBTokenizer
+# (the jar pycocoevalcap runs): ordered token rules; at each position the longest match wins
+# (a rule's trailing context counts towards its length) and ties go to the earlier rule, as in
+# its JFlex scanner. An action returns the token, None (delete) or False (rule does not apply).
+_LET = '[^\\W\\d_\u00b2\u00b3\u00b9\u00bc-\u00be\u2070-\u209f\u2150-\u218f\u2460-\u24ff]'
+_ALNUM = f'(?:{_LET}|\\d)'
+_WORD = f"(?:{_LET}|&[aeiouAEIOU](?i:acute|grave|uml);|[\u00ad\u0300-\u036f])+"
+_APOS = "(?:['\u0092\u2019]|&(?i:apos);)"
+_APOSX = "(?:['\u0091\u0092\u2018\u2019\u201b]|&(?i:apos);)"
+_REDAUX = _APOS + '(?i:[msd]|re|ve|ll)'
+_SWORD = '[A-Za-z\u00ad]*[A-MO-Za-mo-z]\u00ad*'
+_SREDAUX = '(?i:n)' + _APOSX + '(?i:t)'
+_HYPHEN = '[-_\u058a\u2010\u2011]'
+_ACRO = ('(?:[A-Za-z](?:\\.[A-Za-z])+|(?i:canada|sino|korean|eu|japan|non)-(?i:u\\.s)'
+         '|(?i:u\\.s\\.-(?:u\\.k|u\\.s\\.s\\.r)))')
+_SPACE = '[ \t\u00a0\u2000-\u200a\u3000]'
+_NL = '[\r\n\u2028\u2029\u000b\u000c\u0085]'
+_THING_PART = f'(?:[dDoOlL]{_APOSX}{_ALNUM})?{_ALNUM}+'
+_QUOTE_CHARS = ('`\u2018\u2019\u201a\u201b\u201c\u201d\u0091-\u0094\u201e\u201f\u2039\u203a'
+                '\u00ab\u00bb')
+_MISC = ('\u00a6\u00a7\u00a8\u00a9\u00ac\u00ae\u00af\u00b0-\u00b3\u00b4-\u00ba\u00d7\u00f7'
+         '\u2020-\u2023\u2032-\u2038\u2044\u207a-\u207f\u208a-\u208e\u2100-\u214f'
+         '\u2190-\u21ff\u2200-\u22ff\u2300-\u23ff\u2600-\u27bf\u3012\u30fb\uff01-\uff0f'
+         '\uff1a-\uff20\uff3b-\uff40\uff5b-\uff65')
+
+_ABBREV_ANY = frozenset((
+    'jan feb mar apr jun jul aug sep sept oct nov dec mon tue tues wed thu thurs fri '
+    'ala ariz calif colo conn ct dak fla ga ind kan kans ky md mich minn mo mont neb nev okla '
+    'penn tenn va vt wis wisc wyo inc co cos corp ltd plc rt bancorp dept bhd assn univ intl sys '
+    'invt elec natl ph tel est ext sq ft jr sr bros blvd rd esq etc al seq mr mrs ms dr drs prof '
+    'profs sen sens rep reps atty attys lt col gen messrs gov govs adm rev maj sgt cpl pvt mt capt '
+    'st ste ave pres lieut hon brig cmdr comdr pfc spc supt supts det vs alex wm jos cie cf treas'
+).split())
+_ABBREV_UPPER_FIRST = frozenset('az ark del ill la mass miss ore pa tex wash'.split())
+_ABBREV_LOWER_REST = re.compile('[Pp]p?t[ye]s?|[Mm][ft]g')
 
 
-def tokenize_caption(text: str) -> str:
-  """Lower-case and tokenise a caption roughly as coco-caption's PTBTokenizer does; returns the
+def _latex_quotes(s, left):
+  if left:
+    s = re.sub("(?i:&apos;)|'", '`', s)
+    s = re.sub('"|(?i:&quot;)', '``', s)
+  else:
+    s = re.sub("(?i:&apos;)|'", "'", s)
+    s = re.sub('"|(?i:&quot;)', "''", s)
+  s = re.sub('[\u0091\u2018\u201b\u2039]', '`', s)
+  s = re.sub('[\u0092\u2019\u203a]', "'", s)
+  s = re.sub('[\u0093\u201c\u00ab]', '``', s)
+  return re.sub('[\u0094\u201d\u00bb]', "''", s)
+
+
+def _abbrev(m):
+  word = m.group(1)
+  low = word.lower()
+  if (len(word) == 1 or low in _ABBREV_ANY
+      or (low in _ABBREV_UPPER_FIRST and word[0].isupper())
+      or _ABBREV_LOWER_REST.fullmatch(word)):
+    return m.group(0)
+  return False  # not this rule
+
+
+def _hyphens(m):
+  t = m.group(0)
+  return '--' if 3 <= len(t) <= 4 else t
+
+
+def _currency(m):
+  t = m.group(0)
+  return {'\u00a2': 'cents', '\u00a3': '#', '\u0080': '$', '\u00a4': '$', '\u20a0': '$',
+          '\u20ac': '$'}.get(t, t)
+
+
+_FRACTIONS = {'\u00bc': '1/4', '\u00bd': '1/2', '\u00be': '3/4', '\u2153': '1/3',
+              '\u2154': '2/3'}
+
+_KEEP = lambda m: m.group(0)
+_DROP = lambda m: None
+
+# (main regex, lookahead regex or None, action). Longest match (main + lookahead) wins; ties go
+# to the earlier rule.
+_RULES = [
+    ('(?i:can)', '(?i:not)', _KEEP),
+    ('(?i:gon|wan)', '(?i:na)', _KEEP),
+    ('(?i:got)', '(?i:ta)', _KEEP),
+    ('(?i:lem|gim)', '(?i:me)', _KEEP),
+    ('<\\/?[A-Za-z!][^>\n]*>', None, _KEEP),
+    ('&(?i:md|mdash|ndash);|[\u0096\u0097\u2013\u2014\u2015]', None, lambda m: '--'),
+    ('&(?i:amp);', None, lambda m: '&'),
+    ('&(?i:ht|tl|ur|lr|qc|ql|qr|odq|cdq|#[0-9]+);', None, _KEEP),
+    (_WORD, _REDAUX, lambda m: m.group(0).replace('\u00ad', '')),
+    (_SWORD, _SREDAUX, lambda m: m.group(0).replace('\u00ad', '')),
+    (_WORD, None, lambda m: m.group(0).replace('\u00ad', '')),
+    # words with apostrophes inside that stay whole
+    (f'{_APOS}(?i:n){_APOS}?', None, _KEEP),
+    (f'[lLdDjJ]{_APOS}', None, _KEEP),
+    (f"(?i:dunkin|somethin|ol){_APOS}", None, _KEEP),
+    (f'{_APOS}(?i:em)', None, _KEEP),
+    (f'[A-HJ-XZn]{_APOSX}{_LET}{{2,}}', None, _KEEP),
+    (f'{_APOS}[2-9]0(?i:s)', None, _KEEP),
+    (f'{_APOS}(?i:till?)', None, _KEEP),
+    (f'{_LET}{_LET}+(?<=[aeiouyAEIOUY]){_APOSX}[aeiouA-Z]{_LET}*', None, _KEEP),
+    (f'{_APOS}(?i:cause)', None, _KEEP),
+    ("(?i:cont'd\\.?|nor'easter|c'mon|e'er|s'mores|ev'ry|li'l|nat'l)", None, _KEEP),
+    (f'{_APOS}(?i:t)', '(?i:is|was)', _KEEP),
+    (f'[yY]{_APOS}', _LET, _KEEP),
+    ('(?i:https?)://[^ \t\n\f\r"<>|(){}]+[^ \t\n\f\r"<>|.!?(){},-]', None, _KEEP),
+    ('(?:(?:(?i:www)\\.(?:[^ \t\n\f\r"<>|.!?(){},]+\\.)+[a-zA-Z]{2,4})'
+     '|(?:(?:[^ \t\n\f\r"`\'<>|.!?(){},-_$]+\\.)+(?i:com|net|org|edu)))'
+     '(?:/[^ \t\n\f\r"<>|()]+[^ \t\n\f\r"<>|.!?(){},-])?', None, _KEEP),
+    ('[a-zA-Z0-9][^ \t\n\f\r"<>|()\u00a0]*@(?:[^ \t\n\f\r"<>|().\u00a0]+\\.)+[a-zA-Z]{2,4}',
+     None, _KEEP),
+    (_REDAUX, '[^A-Za-z]', lambda m: _latex_quotes(m.group(0), False)),
+    (_SREDAUX, None, lambda m: _latex_quotes(m.group(0), False)),
+    ('\\d{1,2}[-/]\\d{1,2}[-/]\\d{2,4}', None, _KEEP),
+    ('[-+]?(?:\\d*(?:[.:,\u00ad\u066b\u066c]\\d+)+|\\d+)', None,
+     lambda m: m.group(0).replace('\u00ad', '')),
+    ('[\u207a\u207b\u208a\u208b]?(?:[\u2070\u00b9\u00b2\u00b3\u2074-\u2079]+|[\u2080-\u2089]+)',
+     None, _KEEP),
+    ('(?:\\d{1,4}[- \u00a0])?\\d{1,4}(?:\\\\?/|\u2044)\\d{1,4}', None,
+     lambda m: m.group(0).replace(' ', '\u00a0')),
+    ('[\u00bc\u00bd\u00be\u2153-\u215e]', None, lambda m: _FRACTIONS.get(m.group(0), m.group(0))),
+    ('-(?i:rrb|lrb|rcb|lcb|rsb|lsb)-|(?i:c\\.d\\.s|pro-|anti-|s(?:&|&amp;)p-500|s(?:&|&amp;)ls)'
+     f'|(?i:cap){_APOS}(?i:n)|(?i:c){_APOS}(?i:est)', None,
+     lambda m: re.sub('(?i:&amp;)', '&', m.group(0))),
+    ('[A-Za-z0-9]+(?:-[A-Za-z]+){0,2}(?:\\\\?/[A-Za-z0-9]+(?:-[A-Za-z]+){0,2}){1,2}', None, _KEEP),
+    ('[A-Z]*\\$|#', None, _KEEP),
+    ('[\u00a2\u00a3\u00a4\u00a5\u0080\u20a0\u20ac\u060b\u0e3f\u20a4\uffe0\uffe1\uffe5\uffe6]',
+     None, _currency),
+    ('([A-Za-z]+)\\.', None, _abbrev),
+    ('(?i:ed|ph)\\.(?i:d)\\.?', None, _KEEP),
+    (f'{_ACRO}\\.?', None, _KEEP),
+    (f"{_APOS}[0-9][0-9]", f'(?:{_SPACE}|{_NL})', _KEEP),
+    (_WORD + '\\.', '[,;:]', lambda m: m.group(0).replace('\u00ad', '')),
+    ('(?:\\([0-9]{3}\\)[ \u00a0]?|[0-9]{3}[- \u00a0.])[0-9]{3}[- \u00a0.][0-9]{4}', None,
+     lambda m: m.group(0).replace(' ', '\u00a0').replace('(', '-LRB-').replace(')', '-RRB-')),
+    ('"|&(?i:quot);', '[A-Za-z0-9$]', lambda m: _latex_quotes(m.group(0), True)),
+    ('"|&(?i:quot);', None, lambda m: _latex_quotes(m.group(0), False)),
+    ('\\+|[%&\u2030\u2031]|~|\\^|\\||\\\\', None, _KEEP),
+    ('\\[', None, lambda m: '-LSB-'),
+    ('\\]', None, lambda m: '-RSB-'),
+    ('[<>]', None, _KEEP),
+    ('\\{', None, lambda m: '-LCB-'),
+    ('\\}', None, lambda m: '-RCB-'),
+    ('\\(', None, lambda m: '-LRB-'),
+    ('\\)', None, lambda m: '-RRB-'),
+    ('-+', None, _hyphens),
+    ('\\.{3,5}|(?:\\.[ \u00a0]){2,4}\\.|[\u0085\u2026]', None, lambda m: '...'),
+    ('@+|#+|_+', None, _KEEP),
+    ('\\*+|(?:\\\\\\*){1,3}', None, _KEEP),
+    ('[,;:]', None, _KEEP),
+    ('[?!]+', None, _KEEP),
+    ('[.\u00a1\u00bf\u037e\u0589\u061f\u06d4\u0700-\u0702\u07fa]', None, _KEEP),
+    ('=', None, _KEEP),
+    ('/', None, _KEEP),
+    ('[A-Za-z0-9][A-Za-z0-9.,\u00ad]*(?:-(?:' + _ACRO + '\\.|[A-Za-z0-9\u00ad]+))+', None,
+     lambda m: m.group(0).replace('\u00ad', '')),
+    (f'{_THING_PART}(?:{_HYPHEN}{_THING_PART})*', None, _KEEP),
+    ('[A-Z]+(?:(?:[+&]|&(?i:amp);)[A-Z]+)+', None,
+     lambda m: re.sub('(?i:&amp;)', '&', m.group(0))),
+    ('(?i:c)(?:\\+\\+|#)', None, _KEEP),
+    ("'", '[A-Za-z][^ \t\n\r\u00a0]', lambda m: _latex_quotes(m.group(0), True)),
+    (_REDAUX, None, lambda m: _latex_quotes(m.group(0), False)),
+    (f"[{_QUOTE_CHARS}]{{1,2}}|''|{_APOS}", None, lambda m: _latex_quotes(m.group(0), False)),
+    (f'[{_MISC}]', None, _KEEP),
+]
+_COMPILED = [(re.compile(a), re.compile(b) if b else None, f) for a, b, f in _RULES]
+_SKIP = re.compile(f'(?:{_SPACE}|{_NL}|[\u200b\u200e\u200f\ufeff\x00])+')
+_FAST = re.compile('[a-z]+(?=[ \\n])')
+_SLOW_WORDS = frozenset(['cannot', 'gonna', 'wanna', 'gotta', 'lemme', 'gimme'])
+_PTB_DROP = frozenset(["''", "'", '``', '`', '-LRB-', '-RRB-', '-LCB-', '-RCB-', '.', '?', '!', ',',
+                   ':', '-', '--', '...', ';'])
+
+_PTB_NEWLINES = re.compile('[\r\n\u2028\u2029\u000b\u000c\u0085]')
+
+
+def _ptb_tokenize_python(text: str) -> List[str]:
+  text = text + '\n'  # in the toolkit's input file every caption is followed by a line break
+  out = []
+  pos, n = 0, len(text)
+  while pos < n:
+    m = _SKIP.match(text, pos)
+    if m:
+      pos = m.end()
+      continue
+    m = _FAST.match(text, pos)  # a plain lower-case word before a space: no other rule applies
+    if m and m.group(0) not in _SLOW_WORDS:
+      out.append(m.group(0))
+      pos = m.end()
+      continue
+    best = None
+    for rx, lookahead, action in _COMPILED:
+      m = rx.match(text, pos)
+      if not m or m.end() == pos:
+        continue
+      total = m.end()
+      if lookahead is not None:
+        m2 = lookahead.match(text, m.end())
+        if not m2:
+          continue
+        total = m2.end()
+      if best is not None and total <= best[0]:
+        continue
+      token = action(m)
+      if token is False:
+        continue
+      best = (total, m.end(), token)
+    if best is None:
+      pos += 1  # a character no rule knows: the toolkit deletes it (with a warning)
+      continue
+    pos = best[1]
+    if best[2] is not None:
+      out.append(best[2].lower())
+  return out
+
+
+def _ptb_jar() -> str:
+  import pycocoevalcap.tokenizer.ptbtokenizer as ptb  # pylint: disable=import-outside-toplevel
+  jar = os.path.join(os.path.dirname(os.path.abspath(ptb.__file__)),
+                     ptb.STANFORD_CORENLP_3_4_1_JAR)
+  if not os.path.isfile(jar):
+    raise FileNotFoundError(f'the CoreNLP jar that pycocoevalcap ships is missing: {jar}')
+  return jar
+
+
+def _java_backend_available() -> bool:
+  if shutil.which('java') is None:
+    return False
+  try:
+    _ptb_jar()
+  except (ImportError, FileNotFoundError):
+    return False
+  return True
+
+
+def _ptb_tokenize_java(texts: List[str]) -> List[str]:
+  java = shutil.which('java')
+  if java is None:
+    raise RuntimeError("backend='java' needs `java` on PATH (or use backend='python')")
+  try:
+    jar = _ptb_jar()
+  except ImportError as e:
+    raise RuntimeError("backend='java' needs pycocoevalcap installed (pip install "
+                       "pycocoevalcap), or use backend='python'") from e
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, 'captions.txt')
+    with open(path, 'w', encoding='utf-8') as f:
+      f.write(''.join(t + '\n' for t in texts))
+    proc = subprocess.run(
+        [java, '-Dfile.encoding=UTF-8', '-Dsun.stdout.encoding=UTF-8', '-cp', jar,
+         'edu.stanford.nlp.process.PTBTokenizer', '-preserveLines', '-lowerCase', path],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False)
+  if proc.returncode != 0:
+    raise RuntimeError(f'PTBTokenizer failed (exit {proc.returncode}): '
+                       f'{proc.stderr.decode("utf-8", "replace")[-2000:]}')
+  lines = proc.stdout.decode('utf-8').split('\n')
+  if len(lines) < len(texts):
+    raise RuntimeError(f'PTBTokenizer returned {len(lines)} lines for {len(texts)} captions')
+  return [' '.join(w for w in line.rstrip().split(' ') if w not in _PTB_DROP)
+          for line in lines[:len(texts)]]
+
+
+def ptb_tokenize(texts: Sequence[str], backend: str = 'auto') -> List[str]:
+  """Tokenise captions exactly as coco-caption's `PTBTokenizer` does; returns, per text, its
   tokens joined by single spaces (the input format of `corpus_bleu` and `cider_d`).
 
-  Like coco-caption (Stanford PTBTokenizer with -lowerCase, then deleting punctuation tokens):
-  lower-cases, splits off "n't" and 's 're 've 'll 'd 'm ("don't" -> "do n't", "dog's" ->
-  "dog 's"), keeps hyphenated words and numbers with commas/decimals whole, deletes punctuation
-  tokens (. , ? ! : ; - -- ... quotes, brackets), keeps other symbols (& $ % # ...) as tokens.
+  coco-caption (pycocoevalcap 1.2) runs Stanford CoreNLP 3.4.1's PTBTokenizer with
+  `-preserveLines -lowerCase` and then deletes the tokens '' ' `` ` -LRB- -RRB- -LCB- -RCB- . ? !
+  , : - -- ... ; (a case-sensitive match after lower-casing, so brackets, which come out as
+  "-lrb-" etc., stay).
 
-  Differences from the Java tokenizer (no Java here), all rare in captions: no abbreviation list
-  (PTB keeps "mr." / "e.g." whole; here the trailing period is dropped: "mr", "e.g"); square
-  brackets are dropped (PTB turns them into "-lsb-"/"-rsb-", which coco-caption keeps); no PTB
-  normalisations beyond the quotes and dashes dropped (e.g. "&amp;", fractions, British
-  spellings are left as they are); inner "/", "&", "." and "'" keep a word whole ("and/or",
-  "at&t"), which approximates PTB's token rules.
+  Args:
+    texts: the captions (a str each).
+    backend: 'python' (the pure-Python lexer here), 'java' (runs the CoreNLP jar inside the
+      installed pycocoevalcap package with `java`, in a temporary directory, one process for all
+      texts: ~1 s start-up) or 'auto' ('java' when pycocoevalcap is importable and `java` is on
+      PATH, else 'python').
+
+  The Python lexer gives the toolkit's output on these cases (tests/fixtures/
+  ptb_tokenized_captions.json holds the toolkit's own output for each):
+  - lower-casing of everything, incl. non-ASCII letters (café, Zürich, Straße, Greek);
+  - clitics split off: n't ("don't" -> "do n't", "can't" -> "ca n't", "won't" -> "wo n't"),
+    's 're 've 'm 'd 'll, with ' or ’; "cannot" -> "can not"; "gonna" / "wanna" / "gotta" /
+    "lemme" / "gimme" -> "gon na" etc.; "'tis" / "'twas" -> "'t is"; words that keep their
+    apostrophe (o'clock, d'ye, O'Neil, 'n', 'em, '90s, ol', li'l, c'mon; y'all -> "y' all");
+    a plural possessive's apostrophe is dropped ("cats'" -> "cats");
+  - quotes: " ' ` ‘ ’ “ ” « » ‹ › become PTB quotes and are dropped; two stacked closing quotes
+    make one kept token ("’”" -> "'''"); ‚ and „ are kept;
+  - hyphens and dashes: hyphenated words stay whole (well-known, 3-4, x_y); a lone "-", "--",
+    "---", "----", en and em dashes are dropped; longer runs ("-----") are kept;
+  - periods: dropped at word ends, except after CoreNLP's abbreviations (mr. mrs. dr. st. ave.
+    mt. ft. etc. inc. co. corp. ltd. vs. jan. ... and US state abbreviations, some only when
+    capitalised: "Wash." "Mass." "Ark." "La."; "no." is not one), after a single letter ("b."),
+    in acronyms (u.s., p.m., e.g., ph.d., a.k.a.; "U.S," -> "u.s") and before , ; : ("hello.,");
+  - numbers: 1,000 / 3.14 / 10:30 / .5 / -5 / +3 stay whole; dates 12/25/2015 and fractions
+    1/2, 24/7 stay whole; "2 1/2" becomes one token with a no-break space (U+00A0) inside;
+    ½ ¼ ¾ ⅓ ⅔ -> 1/2 1/4 3/4 1/3 2/3; "10:30am" -> "10:30 am";
+  - ellipses ("...", "......", ". . .", "…") are dropped; runs of ? and ! ("!!", "?!") are kept
+    (a single "?" or "!" is dropped);
+  - brackets: ( ) { } [ ] -> -lrb- -rrb- -lcb- -rcb- -lsb- -rsb-, all kept (the toolkit's list
+    is upper-case); < and > are kept; SGML tags ("<b>") stay whole;
+  - symbols: $ (and "US$"), %, &, #, @, *, +, =, ~, ^, |, the backslash, °, ×, ©, ™, ², ✓ are
+    tokens; £ -> "#", € -> "$", ¢ -> "cents"; "&amp;" -> "&"; AT&T, Q&A, S&P-500, A+B
+    (upper-case input only), c++, C# and and/or stay whole;
+  - URLs (http://..., www.x.com, x.com) and e-mail addresses stay whole;
+  - spaces: runs of spaces, tabs, no-break and zero-width spaces separate tokens; leading and
+    trailing ones vanish; an empty caption gives "". Line breaks inside a text (LF, CR, U+2028,
+    ...) are read as spaces by both backends: the toolkit replaces LF itself, but a CR there
+    would split the caption into two lines and misalign every later caption;
+  - characters CoreNLP cannot tokenise (e.g. emoji) are deleted.
+  Text outside these cases follows the same rules but is not checked against the toolkit.
   """
-  text = text.lower().replace('\u2019', "'")
-  text = _CAPTION_CLITIC_NT.sub(" n't", text)
-  text = _CAPTION_CLITIC.sub(r" '\1", text)
-  tokens = [t for t in _CAPTION_TOKEN.findall(_CAPTION_SPACES.sub(' ', text))
-            if t not in _CAPTION_DROP]
-  return ' '.join(tokens)
+  if isinstance(texts, str):
+    raise TypeError('ptb_tokenize takes a sequence of strings, not one string')
+  texts = list(texts)
+  for i, t in enumerate(texts):
+    if not isinstance(t, str):
+      raise TypeError(f'texts[{i}] is {type(t).__name__}, not str')
+  if backend not in ('auto', 'python', 'java'):
+    raise ValueError(f"backend must be 'auto', 'python' or 'java', got {backend!r}")
+  if backend == 'auto':
+    backend = 'java' if _java_backend_available() else 'python'
+  clean = [_PTB_NEWLINES.sub(' ', t) for t in texts]
+  if backend == 'java':
+    return _ptb_tokenize_java(clean) if clean else []
+  return [' '.join(w for w in _ptb_tokenize_python(t) if w not in _PTB_DROP) for t in clean]
+
+
+def coco_caption_scores(hypotheses: Sequence[str], references: Sequence[Sequence[str]],
+                        backend: str = 'auto') -> Dict[str, float]:
+  """BLEU-4 and CIDEr-D of raw captions as coco-caption scores them (unilm's coco_caption_eval).
+
+  Args:
+    hypotheses: one raw (untokenised) generated caption per image.
+    references: per image, its raw reference captions (>= 1).
+    backend: the `ptb_tokenize` backend; all texts go through one tokenizer call.
+
+  Returns:
+    {'bleu4': corpus BLEU-4 in [0, 1] (`bleu4`), 'cider_d': corpus CIDEr-D on coco-caption's
+    scale, x10 included (`cider_d`)}, both on the PTB-tokenised texts.
+  """
+  _check_corpus(hypotheses, references)
+  tokens = ptb_tokenize(list(hypotheses) + [r for refs in references for r in refs],
+                        backend=backend)
+  hyps = tokens[:len(hypotheses)]
+  refs, start = [], len(hypotheses)
+  for refs_i in references:
+    refs.append(tokens[start:start + len(refs_i)])
+    start += len(refs_i)
+  return {'bleu4': bleu4(hyps, refs), 'cider_d': cider_d(hyps, refs)}
 
 
 def _ngram_counts(tokens: Sequence[str], max_n: int) -> collections.Counter:

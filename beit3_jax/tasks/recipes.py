@@ -15,8 +15,8 @@ What every recipe shares:
   `Task.normalize_output`); the NLVR2, retrieval and captioning models keep it.
 - Schedule (`schedule`): epochs -> steps as unilm's `cosine_scheduler`: steps per epoch =
   training examples // batch (`steps_per_epoch`; the example counts are `TRAIN_EXAMPLES`);
-  validation and a checkpoint every epoch. Validation batches are whole, so a recipe's
-  eval_batches covers the split or all but its last partial batch.
+  validation (of the whole split, eval_batches=0: every example once, the last batch padded
+  and masked) and a checkpoint every epoch.
 - Data (`vision_language_data` for the tasks with text): the project's TFDS builders
   (beit3_jax/data/builders), prepared once from the official files (nothing is downloaded;
   each task function names its command); 16 read threads. `data.spm_path` stays '': pass
@@ -127,7 +127,7 @@ CLASSIFICATION = _sizes(
 
 # get_started_for_vqav2.md. Both: --input_size 480, 8 GPUs x --batch_size 16, --epochs 10
 # --warmup_epochs 1, --layer_decay 1.0, --weight_decay 0.01, --opt_betas 0.9 0.98,
-# --task_head_lr_weight 20 (RandAugment is not taken over: see `vqa`).
+# --task_head_lr_weight 20, --randaug (data.rand_augment='unilm': see `vqa`).
 VQA = _sizes(
     dict(batch_size=128, epochs=10, warmup_epochs=1, layer_decay=1.0, weight_decay=0.01,
          betas=(0.9, 0.98), task_head_lr_weight=20.0),
@@ -165,7 +165,7 @@ RETRIEVAL_SOURCES = {'coco': 'beit3_coco_karpathy', 'flickr30k': 'beit3_flickr30
 # get_started_for_captioning.md. Both: --input_size 480, 8 GPUs x --batch_size 32, --epochs 10
 # --warmup_epochs 1, --layer_decay 1.0, --drop_path 0.1, --weight_decay 0.05,
 # --checkpoint_activations (and --num_max_bpe_tokens 32, --captioning_mask_prob 0.7,
-# RandAugment, drop-worst: see `captioning`).
+# --randaug, drop-worst: see `captioning`).
 CAPTIONING = _sizes(
     dict(batch_size=256, epochs=10, warmup_epochs=1, layer_decay=1.0, drop_path=0.1,
          weight_decay=0.05, remat=True),
@@ -229,9 +229,9 @@ def vision_language_data(config, source: str, fields: dict[str, str],
   d.image_std = (0.5, 0.5, 0.5)
 
 
-def schedule(config, command: Command, *, eval_batches: int, log_every: int) -> None:
+def schedule(config, command: Command, *, log_every: int) -> None:
   """Batch, AdamW and the warmup + cosine steps of `command` over config.data.source; a
-  validation and a checkpoint every epoch."""
+  validation of the whole split and a checkpoint every epoch."""
   epoch = steps_per_epoch(config.data.source, command.batch_size)
   config.batch_size = command.batch_size
   o = config.optimizer
@@ -246,7 +246,7 @@ def schedule(config, command: Command, *, eval_batches: int, log_every: int) -> 
   o.clip_norm = UNILM_DEFAULTS['clip_norm']
   config.total_steps = command.epochs * epoch
   config.eval_every = epoch
-  config.eval_batches = eval_batches
+  config.eval_batches = 0
   config.checkpoint_every = epoch
   config.log_every = log_every
 
@@ -269,7 +269,7 @@ def demo_config(task: str) -> ml_collections.ConfigDict:
   config.checkpoint_every = 300
   config.log_every = 25
   config.eval_every = 150
-  config.eval_batches = 7             # 224 validation examples
+  config.eval_batches = 0             # the whole split: 224 validation examples
   config.optimizer.lr = 1e-3
   config.optimizer.min_lr = 1e-5
   config.optimizer.warmup_steps = 20
@@ -301,9 +301,13 @@ def classification(size: str) -> ml_collections.ConfigDict:
   Validation view as unilm's `build_imagenet_transform`: the shorter side resized (bicubic) to
   int(224 / crop_pct), crop_pct 1.0, then the centre 224 x 224 (data.eval_crop_pct).
 
-  Deviations: the training view is RandomResizedCrop (scale 0.08-1, bicubic) + flip only: no
-  RandAugment (rand-m9-mstd0.5-inc1), colour jitter or random erasing (reprob 0.25), which
-  timm's `create_transform` adds there.
+  Training view as timm's `create_transform` (unilm's build_transform for ImageNet):
+  RandomResizedCrop (scale 0.08-1, bicubic), flip, RandAugment rand-m9-mstd0.5-inc1
+  (data.rand_augment; timm drops the colour jitter when it is set), and random erasing after
+  normalisation (data.random_erasing 0.25, mode pixel, 1 box; on the device:
+  `data.augment.erase_on_device`).
+
+  Deviations: only those of every recipe here.
   """
   command = CLASSIFICATION[size]
   config = start('classification', size, command, 224, normalize_output=False)
@@ -316,9 +320,11 @@ def classification(size: str) -> ml_collections.ConfigDict:
   data_source(config, 'beit3_imagenet2012', {'image': 'image', 'label': 'label'})
   config.data.crop_scale = (0.08, 1.0)  # timm create_transform's RandomResizedCrop
   config.data.eval_crop_pct = 1.0      # build_imagenet_transform: crop_pct None -> 1.0
+  config.data.rand_augment = 'rand-m9-mstd0.5-inc1'   # --aa (timm RandAugment)
+  config.data.random_erasing = 0.25     # --reprob, --remode pixel, --recount 1
   config.data.image_mean = image_ops.IMAGENET_MEAN   # IMAGENET_DEFAULT_MEAN / STD
   config.data.image_std = image_ops.IMAGENET_STD
-  schedule(config, command, eval_batches=48, log_every=100)
+  schedule(config, command, log_every=100)
   return config
 
 
@@ -381,8 +387,10 @@ def vqa(size: str, arg=None) -> ml_collections.ConfigDict:
   The task head (`head/...`, not the pooler) trains at 20x the backbone's lr, unilm's
   --task_head_lr_weight 20 (optimizer.task_head_lr_weight).
 
-  Deviations: no RandAugment (2 ops, magnitude 7); the 1000 held-out images are chosen by
-  hash, not unilm's random draw.
+  Training view as unilm's build_transform with --randaug: RandomResizedCrop (scale 0.5-1,
+  bicubic), flip, RandomAugment(2, 7) of unilm's randaug.py (data.rand_augment='unilm').
+
+  Deviations: the 1000 held-out images are chosen by hash, not unilm's random draw.
 
   Targets and metric as unilm: BCE against the soft scores of the 10 annotator answers
   (answer_ids / answer_scores: 0.3 / 0.6 / 0.9 / 1.0 by annotator count); the validation
@@ -398,7 +406,8 @@ def vqa(size: str, arg=None) -> ml_collections.ConfigDict:
   vision_language_data(config, 'beit3_vqav2/default', {
       'image': 'image_bytes', 'question': 'question', 'answer': 'multiple_choice_answer',
       'answer_ids': 'answer_ids', 'answer_scores': 'answer_scores'})
-  schedule(config, command, eval_batches=50, log_every=100)
+  config.data.rand_augment = 'unilm'    # --randaug: RandomAugment(2, 7) of randaug.py
+  schedule(config, command, log_every=100)
   return config
 
 
@@ -426,7 +435,7 @@ def nlvr2(size: str) -> ml_collections.ConfigDict:
   vision_language_data(config, 'beit3_nlvr2', {
       'image_a': 'image_a_bytes', 'image_b': 'image_b_bytes', 'statement': 'statement',
       'label': 'label'})
-  schedule(config, command, eval_batches=27, log_every=50)
+  schedule(config, command, log_every=50)
   return config
 
 
@@ -438,10 +447,10 @@ def retrieval(size: str, dataset: str | None = None) -> ml_collections.ConfigDic
   unilm's defaults besides the table: AdamW (0.9, 0.999) eps 1e-8, min lr 1e-6, no gradient
   clipping, 64 text tokens. unilm's training set has one item per image-caption pair, so the
   steps count pairs: COCO 566,747 // 3072 = 184 per epoch -> 2,760 steps, 552 warmup;
-  Flickr30k 145,000 // 3072 = 47 -> 940 steps, 235 warmup. (Here an example is an image with
-  one of its captions drawn at random, so the same number of steps sees as many pairs as
-  unilm's epochs.) Validation every epoch over the whole validation split (5,000 COCO / 1,014
-  Flickr30k images with all their captions: 2 batches).
+  Flickr30k 145,000 // 3072 = 47 -> 940 steps, 235 warmup. Here too an example
+  is one image-caption pair (data.caption_pairs), so an epoch is unilm's. Validation every
+  epoch over the whole validation split (5,000 COCO / 1,014 Flickr30k images with all their
+  captions).
 
   Data: the TFDS data sets `beit3_coco_karpathy` / `beit3_flickr30k_karpathy` (features
   image_bytes, captions, ...; splits train = train + restval / validation / test), from
@@ -455,8 +464,7 @@ def retrieval(size: str, dataset: str | None = None) -> ml_collections.ConfigDic
   (beit3_<size>_patch16_224.pth or a pretraining workdir) the heads start fresh, and unilm's
   ITC intermediate tuning is missing.
 
-  Deviations: a batch holds distinct images (unilm's pair items can put one image twice in a
-  batch). (unilm's retrieval recipe uses no RandAugment.)
+  Deviations: only those of every recipe here (unilm's retrieval recipe uses no RandAugment).
   """
   dataset = dataset or 'coco'
   if dataset not in RETRIEVAL:
@@ -466,7 +474,7 @@ def retrieval(size: str, dataset: str | None = None) -> ml_collections.ConfigDic
   config = start('retrieval', size, command, 384, normalize_output=True)
   vision_language_data(config, RETRIEVAL_SOURCES[dataset],
                        {'image': 'image_bytes', 'captions': 'captions'})
-  schedule(config, command, eval_batches=2, log_every=20)
+  schedule(config, command, log_every=20)
   return config
 
 
@@ -476,25 +484,28 @@ def captioning(size: str) -> ml_collections.ConfigDict:
 
   get_started besides the table: 32 text tokens (--num_max_bpe_tokens 32), mask prob 0.7
   (--captioning_mask_prob 0.7; the paper's Table 13 and the script default say 0.6),
-  RandAugment, drop-worst after 12,000 steps (captioning.drop_worst_after; the 20% highest-loss
-  masked tokens of a step leave its loss from step 12,001, as unilm's --drop_worst_ratio 0.2).
-  unilm's defaults: label smoothing 0.1 in unilm's form (1 - s on the label, s / (V - 1) on
-  each other class, the KL divergence summed: `losses.captioning_token_losses`), beam 3,
-  length penalty 0.6, AdamW (0.9, 0.999) eps 1e-8, min lr 1e-6, no gradient clipping. unilm's
-  training set has one item per image-caption pair, so the steps count pairs: 566,747 // 256 =
-  2213 per epoch -> 22,130 steps, 2,213 warmup. (Here an example is an image with one of its
-  captions drawn at random, so the same number of steps sees as many pairs.) Validation every
-  epoch: beam-search captions of all 5,000 Karpathy validation images, CIDEr-D and BLEU-4
-  against their references (captioning/* in metrics.jsonl). Our CIDEr-D is computed
-  in-process (beit3_jax.tasks.metrics, checked against pycocoevalcap) on our tokenisation of
-  the references, close to but not the COCO caption evaluation toolkit's PTB tokenisation.
+  RandAugment(2, 7) (--randaug: data.rand_augment='unilm'), drop-worst after 12,000 steps
+  (captioning.drop_worst_after; the 20% highest-loss masked tokens of a step leave its loss
+  from step 12,001, as unilm's --drop_worst_ratio 0.2). unilm's defaults: label smoothing 0.1
+  in unilm's form (1 - s on the label, s / (V - 1) on each other class, the KL divergence
+  summed: `losses.captioning_token_losses`), beam 3, length penalty 0.6 with unilm's beam
+  search (`decoding.beam_search`, style 'unilm'; at most 30 generated tokens:
+  --num_max_bpe_tokens 32 less the bos and the final mask), AdamW (0.9, 0.999) eps 1e-8, min
+  lr 1e-6, no gradient clipping. unilm's training set has one item per image-caption pair, so
+  the steps count pairs: 566,747 // 256 = 2213 per epoch -> 22,130 steps, 2,213 warmup. Here too an example is one image-caption pair
+  (data.caption_pairs). Validation every epoch: beam-search captions of all 5,000 Karpathy
+  validation images, CIDEr-D and BLEU-4 against their references (captioning/* in
+  metrics.jsonl), computed in-process (beit3_jax.tasks.metrics, checked against pycocoevalcap)
+  on the COCO caption toolkit's PTB tokens of captions and references
+  (`metrics.ptb_tokenize`: the toolkit's Java tokenizer when java is installed, else an equal
+  Python one).
 
   Data: the TFDS data set `beit3_coco_karpathy` as for `retrieval` (COCO). Weights: unilm's
   beit3_<size>_patch16_224.pth converted as ckpt/beit3_<size>, the same as for `vqa`; its
   position table is resized to 480 px on load.
 
-  Deviations: no RandAugment (2 ops, magnitude 7). Drop-worst sorts each loss call's masked
-  tokens (the whole batch, or one micro-batch); unilm sorts each GPU's.
+  Deviations: drop-worst sorts each loss call's masked tokens (the whole batch, or one
+  micro-batch); unilm sorts each GPU's.
   """
   command = CAPTIONING[size]
   config = start('captioning', size, command, 480, normalize_output=True)
@@ -505,9 +516,10 @@ def captioning(size: str) -> ml_collections.ConfigDict:
   c.drop_worst_ratio = 0.2              # --drop_worst_ratio (the script's default)
   c.beam_size = UNILM_DEFAULTS['beam_size']
   c.length_penalty = UNILM_DEFAULTS['length_penalty']
-  c.max_len = 32                        # get_started: --num_max_bpe_tokens 32
+  c.max_len = 30                        # get_started: --num_max_bpe_tokens 32, less bos, mask
   c.eval_examples = 5000                # the whole Karpathy validation split
   vision_language_data(config, 'beit3_coco_karpathy',
-                       {'image': 'image_bytes', 'captions': 'captions'}, text_len=c.max_len)
-  schedule(config, command, eval_batches=20, log_every=100)
+                       {'image': 'image_bytes', 'captions': 'captions'}, text_len=32)
+  config.data.rand_augment = 'unilm'    # --randaug: RandomAugment(2, 7) of randaug.py
+  schedule(config, command, log_every=100)
   return config

@@ -30,13 +30,14 @@ from beit3_jax.data import pipeline, schema
 from beit3_jax.data.finetuning import FinetuneInputs, caption_example, view
 from beit3_jax.data.text import TextTokenizer
 from beit3_jax.models import heads, num_patches
-from beit3_jax.tasks import base, evaluation, metrics, registry
+from beit3_jax.tasks import base, evaluation, metrics, registry, showcase
 from beit3_jax.models.flops import beit3_forward_flops
 
 
 def transform(cfg, tokenizer: TextTokenizer, image_field: str = 'image',
               caption_field: str = 'captions') -> pipeline.Transform:
-  """(example with an image and caption(s), rng) -> the batch layout (one caption)."""
+  """(example with an image and caption(s), rng) -> the batch layout (one caption: an example
+  of `CaptionPairs` holds only one, otherwise `rng` draws it)."""
   def apply(example, rng):
     out = caption_example(cfg, tokenizer, example, rng, image_field, caption_field)
     if isinstance(out, pipeline.Skip):
@@ -106,6 +107,7 @@ def evaluator(objective: base.Finetune, source, count: int, batch_size: int,
                                        {'text_ids': ids, 'text_padding_mask': pad},
                                        batch_size, mesh)
     similarity = image_features.astype(np.float64) @ text_features.astype(np.float64).T
+    last_similarity[:] = [similarity]
     out = {f'{TASK.name}/{k}': v for k, v in
            metrics.retrieval_recall(similarity, text_to_image).items()}
     per_image = np.mean([len(g) for g in captions])
@@ -113,6 +115,25 @@ def evaluator(objective: base.Finetune, source, count: int, batch_size: int,
     out[f'{TASK.name}/images'] = float(len(captions))
     out[f'{TASK.name}/texts'] = float(len(texts))
     return out
+
+  last_similarity: list[np.ndarray] = []
+
+  def showcase_examples() -> list:
+    """The first texts of the last evaluation as queries, each with its top 5 images (the
+    true image marked)."""
+    if not last_similarity:
+      return []
+    sim = last_similarity[0]
+    out = []
+    for t in range(min(base.SHOWCASE_EXAMPLES, len(texts))):
+      best = np.argsort(-sim[:, t], kind='stable')[:5]
+      truth = int(text_to_image[t])
+      rank = int(np.sum(sim[:, t] > sim[truth, t])) + 1
+      out.append(showcase.Example(
+          f'text #{t}', (), [f'query: {texts[t]}', f'true image: #{truth} (rank {rank})'],
+          [(images[i], float(sim[i, t])) for i in best]))
+    return out
+  evaluate.showcase = showcase_examples
   return evaluate
 
 
@@ -145,6 +166,15 @@ def _retrieve(args, session) -> dict:
     print(f'  {os.path.basename(p)}')
     for rank, (j, s) in enumerate(zip(idx, sc), 1):
       print(f'    {rank}. {session.short(texts[j])!r}  {s:+.4f}')
+  if args.report:
+    pictures = session.thumbnails(paths)
+    session.report(args, {
+        'Text -> images': [showcase.Example(t, ranked=[(pictures[j], s) for j, s in zip(idx, sc)])
+                           for t, idx, sc in zip(texts, t2i, t2i_scores)],
+        'Image -> texts': [showcase.Example(session.name(p), pictures[i],
+                                   ranked=[(texts[j], s) for j, s in zip(idx, sc)])
+                           for i, (p, idx, sc) in enumerate(zip(paths, i2t, i2t_scores))]},
+        [f'The top {t2i.shape[1]} of each query by cosine similarity.'])
   return {'image_files': paths, 'texts': texts, 'similarity': sim,
           'text_to_image': t2i, 'text_to_image_scores': t2i_scores,
           'image_to_text': i2t, 'image_to_text_scores': i2t_scores,
@@ -153,8 +183,10 @@ def _retrieve(args, session) -> dict:
 
 class RetrievalTask(base.Task):
   name = 'retrieval'
+  best_metric = 'r_mean'
   default_fields = {'image': 'image', 'captions': 'captions'}
   batch_fields = {'image': schema.IMAGE, **schema.TEXT}
+  pairs_field = 'captions'   # training reads (image, caption) pairs (`data.caption_pairs`)
   unilm_head_key = 'vision_head.weight'
 
   def model(self, model_cfg):

@@ -20,16 +20,17 @@ from __future__ import annotations
 import json
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from beit3_jax import losses
 from beit3_jax.data import pipeline, schema, synthetic_world
-from beit3_jax.data.finetuning import as_list, as_str, view
+from beit3_jax.data.finetuning import FinetuneInputs, as_list, as_str, view
 from beit3_jax.data.pretraining import get_field, load_image
 from beit3_jax.data.text import TextTokenizer
 from beit3_jax.models import heads
-from beit3_jax.tasks import base, registry
+from beit3_jax.tasks import base, registry, showcase
 
 
 def answer_vocabulary(config) -> tuple[str, ...]:
@@ -126,22 +127,27 @@ class VQAFinetune(base.Finetune):
                      text_len=text_len, **kw)
     self.num_answers = int(num_answers)
 
+  def logits(self, params, b) -> jax.Array:
+    """(B, num_answers) float logits of the task's fields `b`, in evaluation mode."""
+    return self.apply(params, None, False, images=self.images(b['image']),
+                      text_ids=b['text_ids'], text_padding_mask=b['text_padding_mask'])
+
   def loss(self, params, extra, frozen, batch, rng, normalizers, *, train: bool, step=None):
     del frozen
     b = batch[self.task]
     logits = self.apply(params, rng, train, images=self.images(b['image']),
                         text_ids=b['text_ids'], text_padding_mask=b['text_padding_mask'])
     scores = b['answer_scores'].astype(jnp.float32)
-    n = scores.shape[0]
-    # Per-example sum over answers = unilm's mean over all entries x A, summed over examples.
-    bce = losses.vqa_loss(logits, scores) * n
+    w = base.example_weights(b, scores.shape[0])
+    # Per-example sums over answers: their mean is unilm's mean over all entries x A.
+    bce = jnp.sum(w * losses.vqa_example_losses(logits, scores))
     predicted = jnp.argmax(logits, axis=-1)
     score = jnp.take_along_axis(scores, predicted[:, None], axis=-1)[:, 0]
-    sums = {'bce': bce, 'score': jnp.sum(score),
-            'count': jnp.asarray(n, jnp.float32),
+    sums = {'bce': bce, 'score': jnp.sum(w * score),
+            'count': jnp.sum(w),
             # Summed target scores: its max / count is the accuracy of always giving the
             # most frequent answer, for one-hot and soft (VQAv2) targets alike.
-            'histogram': jnp.sum(scores, axis=0)}
+            'histogram': jnp.sum(w[:, None] * scores, axis=0)}
     return bce / normalizers[self.task], ({self.task: sums}, extra)
 
   def summarize(self, sums) -> dict[str, float]:
@@ -153,8 +159,11 @@ class VQAFinetune(base.Finetune):
 
 
 def _add_arguments(p) -> None:
-  p.add_argument('--image', action='append', required=True, metavar='PATH')
-  p.add_argument('--question', action='append', required=True)
+  p.add_argument('--image', action='append', metavar='PATH', help='an image file (repeatable); '
+                 "with --questions, the folder of the file's images")
+  p.add_argument('--question', action='append', help='a question (repeatable)')
+  p.add_argument('--questions', metavar='FILE', help='one "image<TAB>question" per line; image '
+                 'names are relative to the --image folder, else to the file\'s folder')
   p.add_argument('--answers', metavar='FILE', help='the answer vocabulary (one per line, or '
                  "unilm's answer2label.txt); default: the run config's")
   p.add_argument('--top-k', type=int, default=3)
@@ -196,7 +205,31 @@ def _answers(args, session) -> list[str]:
   return answers
 
 
-def _answer(args, session) -> dict:
+def read_questions(path: str, folder: str | None, session) -> tuple[list[str], list[str]]:
+  """(image files, questions) of a questions file: one "image<TAB>question" per line (blank
+  lines skipped). A relative image name is taken in `folder`, else in the file's folder.
+
+  Raises:
+    PredictError: the file cannot be read, or a line has no tab, no image name, no question or
+      names no image file (with the file's name and the line number).
+  """
+  rows = session.read_table(path, 'questions', ('image', 'question'), 1, folder)
+  return [r[0] for r in rows], [r[1] for r in rows]
+
+
+def _pairs(args, session) -> tuple[list[str], list[str]]:
+  """(image files, questions), paired in order, of --image/--question or --questions."""
+  if args.questions:
+    if args.question:
+      raise base.PredictError('Give the questions with --questions FILE or with --question, '
+                              'not both.')
+    if args.image and (len(args.image) != 1 or not session.is_dir(args.image[0])):
+      raise base.PredictError('With --questions, --image names one folder (where the file\'s '
+                              'image names are), or is left out (the file\'s folder).')
+    return read_questions(args.questions, args.image[0] if args.image else None, session)
+  if not args.image or not args.question:
+    raise base.PredictError('answer needs --image and --question (each repeatable), or '
+                            '--questions FILE (one "image<TAB>question" per line).')
   paths, questions = session.image_paths(args.image), list(args.question)
   if len(paths) == 1 and len(questions) > 1:
     paths = paths * len(questions)
@@ -206,6 +239,11 @@ def _answer(args, session) -> dict:
     raise base.PredictError(f'{len(paths)} images and {len(questions)} questions: give one '
                             'image and several questions, one question and several images, or '
                             'as many of each (paired in order).')
+  return paths, questions
+
+
+def _answer(args, session) -> dict:
+  paths, questions = _pairs(args, session)
   answers = _answers(args, session)
   _, ids, pad = session.texts(args, questions)
   images = session.images(args, paths)
@@ -215,12 +253,88 @@ def _answer(args, session) -> dict:
   for p, q, row, sc in zip(paths, questions, names, scores):
     alts = ', '.join(f'{a} {s:.3f}' for a, s in zip(row[1:], sc[1:]))
     print(f'{p} | {q!r} -> {row[0]} ({sc[0]:.3f})' + (f'   [then: {alts}]' if alts else ''))
+  if args.report:
+    unique = list(dict.fromkeys(paths))
+    pictures = dict(zip(unique, session.thumbnails(unique)))
+    session.report(args, [
+        showcase.Example(session.name(p), pictures[p], [f'question: {q}', f'answer: {row[0]}'],
+                list(zip(row, sc)))
+        for p, q, row, sc in zip(paths, questions, names, scores)],
+        [f'The top {len(names[0])} answers of each question, with sigmoid scores.'])
   return {'image_files': paths, 'questions': questions, 'answers': [r[0] for r in names],
           'logits': out, 'top_k': idx, 'top_k_scores': scores, 'top_k_answers': names}
 
 
+# ------------------------------------------------------------------------------------------
+# the evaluation server's file (mode=submit)
+
+
+def submission(config, objective: VQAFinetune, source, tokenizer: TextTokenizer,
+               fields, split: str) -> base.Submission:
+  """VQAv2's EvalAI file, as unilm's VQAHandler writes it (`submit_vqav2_<split>.json`):
+  [{"question_id": int, "answer": str}, ...], one entry per question of `source` in order, the
+  answer being the arg-max over the answer vocabulary (`answer_vocabulary(config)`, unilm's
+  label2ans). Answers in the data are not read (test-dev / test have none).
+
+  Every question of an example gets an entry; `fields['question_id']` (default 'question_id')
+  holds its id, or a list of one id per question. Inputs are the validation view: the eval
+  image view, `<s>` question `</s>` in `data.text_len` tokens.
+
+  Raises (when predicting): ValueError naming the example (its index) whose image cannot be
+  read, that has no question, or whose ids do not pair with its questions.
+  """
+  answers = answer_vocabulary(config)
+  if objective.num_answers != len(answers):
+    raise ValueError(f'The VQA head has {objective.num_answers} outputs but config.answers '
+                     f'has {len(answers)} answers.')
+  inputs = FinetuneInputs.from_config(config, train=False)
+  image_field, question_field = fields['image'], fields['question']
+  id_field = fields.get('question_id') or 'question_id'
+
+  def prepare(i, example):
+    questions = [as_str(q).strip() for q in as_list(get_field(example, question_field))]
+    try:
+      ids = as_list(get_field(example, id_field))
+    except KeyError as e:
+      raise ValueError(f'Example {i} of {split!r}: {e.args[0]} A submission needs the question '
+                       'ids: data.fields.question_id names their field.') from None
+    if not questions:
+      raise ValueError(f'Example {i} of {split!r} has no question in {question_field!r}.')
+    if len(ids) != len(questions):
+      raise ValueError(f'Example {i} of {split!r} has {len(questions)} questions in '
+                       f'{question_field!r} but {len(ids)} ids in {id_field!r}; expected one '
+                       'id per question (data.fields.question_id names the id field).')
+    image = load_image(example, image_field)
+    if isinstance(image, pipeline.Skip):
+      raise ValueError(f'Example {i} of {split!r}: {image.reason} in {image_field!r}; every '
+                       'question of a submission needs an answer.')
+    picture = view(inputs, image, np.random.default_rng(0))
+    rows = []
+    for question, qid in zip(questions, ids):
+      text, pad = tokenizer.encode_sequence(question, inputs.text_len)
+      rows.append(({'image': picture, 'text_ids': text.astype(np.int32),
+                    'text_padding_mask': pad}, base.json_id(qid, id_field, i)))
+    return rows
+
+  @jax.jit
+  def best(params, batch):
+    logits = objective.apply(params, None, False, images=objective.images(batch['image']),
+                             text_ids=batch['text_ids'],
+                             text_padding_mask=batch['text_padding_mask'])
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  def predict(params, mesh) -> list[dict]:
+    labels, qids = base.predict_split(
+        source, prepare, lambda b: best(params, b), int(config.batch_size), mesh,
+        threads=int(config.data.read_threads), what='questions')
+    return [{'question_id': qid, 'answer': answers[int(j)]} for qid, j in zip(qids, labels)]
+
+  return base.Submission(base.submission_file_name('vqav2', split), 'question_id', predict)
+
+
 class VQATask(base.Task):
   name = 'vqa'
+  best_metric = 'accuracy'
   head_size_names = ('num_answers',)
   normalize_output = False
   default_fields = {'image': 'image', 'question': 'qa/question', 'answer': 'qa/answer',
@@ -252,6 +366,21 @@ class VQATask(base.Task):
 
   def describe(self, config) -> str:
     return f'{len(answer_vocabulary(config))} answers'
+
+  def submission(self, config, objective, source, tokenizer, fields, split):
+    return submission(config, objective, source, tokenizer, fields, split)
+
+  def describe_predictions(self, config, examples, logits, tokenizer):
+    answers = answer_vocabulary(config)
+    out = []
+    for i in range(len(logits)):
+      scores = examples['answer_scores'][i]
+      truth = answers[int(np.argmax(scores))] if scores.max() > 0 else '(none)'
+      out.append(showcase.Example(
+          f'#{i}', examples['image'][i],
+          [f"question: {tokenizer.decode(examples['text_ids'][i])}", f'truth: {truth}',
+           'top answers: ' + base.top_k_text(logits[i], answers, 3)]))
+    return out
 
   def predict_commands(self):
     return (base.PredictCommand('answer', 'visual question answering', _add_arguments,

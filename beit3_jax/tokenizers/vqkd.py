@@ -25,10 +25,14 @@ model whose patch grid differs (the paper's giant: patch 14 at 224 px -> 16 x 16
 token per patch by feeding the tokenizer a resized view whose grid equals the model's:
 `input_size = tokenizer_view_size(model_grid, tokenizer_patch)` (16 * 16 = 256 px). The
 encoder's `pos_embed`, trained on the `img_size // patch_size` grid, is then resized to the
-view's grid at every call by the bicubic rule of
-`beit3_jax.models.positions.resize_grid_bicubic` (torch `interpolate(bicubic,
-align_corners=False)`, CLS row kept); the parameters keep the checkpoint's shape, so export
-still writes the released layout. The decoder's table is resized the same way to the code grid.
+view's grid at every call (CLS row kept) by the rule of the config's `pos_resize`:
+'beit2' (default), BEiT v2's own `interpolate_pos_encoding` (torch bicubic `interpolate` with
+scale_factor (g' + 0.1) / g, `beit3_jax.models.positions.resize_grid_beit2`), so that a
+released tokenizer gives the codes it gives in unilm; or 'exact', the exact-size bicubic resize
+of `beit3_jax.models.positions.resize_grid_bicubic` (torch `interpolate(size=...)`). The two
+sample the table at slightly different points, enough to change some code ids. The parameters
+keep the checkpoint's shape, so export still writes the released layout. The decoder's table is
+resized the same way to the code grid.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ import numpy as np
 from beit3_jax.models import initializers
 from beit3_jax.models.embeddings import PatchProjection
 from beit3_jax.models.layers import LayerNorm, Linear, compute_dtype, constrain, l2_normalize
-from beit3_jax.models.positions import resize_grid_bicubic
+from beit3_jax.models.positions import resize_grid_beit2, resize_grid_bicubic
 
 VQKDConfig = ml_collections.ConfigDict
 
@@ -72,6 +76,9 @@ _DEFAULTS = dict(
     decoder_mlp_dim=3072,
     decoder_out_dim=512,   # teacher feature size: CLIP ViT-B/16 512, DINO ViT-B/16 768.
     dtype='float32',       # compute dtype of the ViTs; task layers and lookup run in float32.
+    pos_resize='beit2',    # how pos_embed meets another grid (input_size != img_size):
+                           # 'beit2' as BEiT v2's code, 'exact' an exact-size bicubic resize
+                           # (see `resize_pos_embed`).
 )
 
 VARIANTS: dict[str, dict] = {
@@ -86,6 +93,7 @@ VARIANTS: dict[str, dict] = {
 }
 
 DTYPES = ('float32', 'bfloat16')
+POS_RESIZE_MODES = ('beit2', 'exact')  # see `resize_pos_embed`.
 ACT = ('batch', 'length', 'embed')  # logical names of the residual stream (B, S, D).
 _INIT_STD = 0.02  # timm trunc_normal_(std=.02): bounds +-2 (absolute) never cut at this std.
 
@@ -133,6 +141,8 @@ def validate_vqkd_config(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f'{field}={config[field]} must be >= 1.')
   if config.dtype not in DTYPES:
     raise ValueError(f'dtype={config.dtype!r}; expected one of {DTYPES}.')
+  if config.pos_resize not in POS_RESIZE_MODES:
+    raise ValueError(f'pos_resize={config.pos_resize!r}; expected one of {POS_RESIZE_MODES}.')
 
 
 def token_grid(config) -> tuple[int, int]:
@@ -174,28 +184,46 @@ def to_tokenizer_range(images: jax.Array) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=16)
-def _bicubic_resize_matrix(grid: int, new_hw: tuple[int, int]) -> np.ndarray:
-  """(new_h * new_w, grid**2) float32 matrix M with M @ rows = resize_grid_bicubic(rows)."""
+def _bicubic_resize_matrix(grid: int, new_hw: tuple[int, int], mode: str) -> np.ndarray:
+  """(new_h * new_w, grid**2) float32 matrix M with M @ rows = the `mode` resize of rows."""
+  resize = resize_grid_beit2 if mode == 'beit2' else resize_grid_bicubic
   basis = np.eye(grid * grid, dtype=np.float64).reshape(grid, grid, grid * grid)
-  return resize_grid_bicubic(basis, new_hw).reshape(new_hw[0] * new_hw[1], -1).astype(np.float32)
+  return resize(basis, new_hw).reshape(new_hw[0] * new_hw[1], -1).astype(np.float32)
 
 
-def resize_pos_embed(pos_embed: jax.Array, grid_hw: tuple[int, int]) -> jax.Array:
+def resize_pos_embed(pos_embed: jax.Array, grid_hw: tuple[int, int],
+                     mode: str = 'beit2') -> jax.Array:
   """A (1, 1 + g*g, D) position table resized to a (h, w) patch grid: (1, 1 + h*w, D).
 
-  The CLS row is kept; the patch rows, a row-major (g, g, D) grid, are resized by
-  `resize_grid_bicubic`'s rule (torch bicubic, align_corners=False), written as one constant
-  matrix so that it runs under jit (equal to it up to float32 rounding). The same grid returns
-  the table unchanged.
+  The CLS row is kept; the patch rows, a row-major (g, g, D) grid, are resized bicubically
+  (torch, A = -0.75, align_corners=False), written as one constant matrix so that it runs under
+  jit (equal to the NumPy rule up to float32 rounding). The same grid returns the table
+  unchanged in either mode (BEiT v2 too adds its table as is there).
+
+  Args:
+    pos_embed: (1, 1 + g*g, D) table, floating dtype.
+    grid_hw: (h, w), the patch grid of the input in cells.
+    mode: 'beit2', BEiT v2's `interpolate_pos_encoding`: torch `interpolate` with
+      scale_factor (h + 0.1) / g, (w + 0.1) / g, i.e. output cell i samples source coordinate
+      (i + 0.5) * g / (h + 0.1) - 0.5 (`positions.resize_grid_beit2`); or 'exact', torch
+      `interpolate(size=(h, w))`, coordinate (i + 0.5) * g / h - 0.5
+      (`positions.resize_grid_bicubic`).
+
+  Returns:
+    (1, 1 + h*w, D) in `pos_embed`'s dtype.
   """
+  if mode not in POS_RESIZE_MODES:
+    raise ValueError(f'mode={mode!r}; expected one of {POS_RESIZE_MODES}.')
   n = pos_embed.shape[1] - 1 if pos_embed.ndim == 3 else -1
   g = math.isqrt(max(n, 0))
   if n < 1 or pos_embed.shape[0] != 1 or g * g != n:
     raise ValueError(f'Expected a (1, 1 + g*g, D) position table, got {pos_embed.shape}.')
   h, w = (int(s) for s in grid_hw)
+  if min(h, w) < 1:
+    raise ValueError(f'Cannot resize a position table to a {h}x{w} grid.')
   if (h, w) == (g, g):
     return pos_embed
-  matrix = jnp.asarray(_bicubic_resize_matrix(g, (h, w)))
+  matrix = jnp.asarray(_bicubic_resize_matrix(g, (h, w), mode))
   patches = jnp.einsum('nm,md->nd', matrix, pos_embed[0, 1:].astype(jnp.float32),
                        precision=jax.lax.Precision.HIGHEST)
   return jnp.concatenate([pos_embed[:, :1], patches[None].astype(pos_embed.dtype)], axis=1)
@@ -386,7 +414,8 @@ class VisionTransformer(nn.Module):
 
   Parameters: `patch_embed/proj/{kernel,bias}`, `cls_token` (1, 1, D) and `pos_embed`
   (1, 1 + g*g, D) with g = img_size // patch_size (both N(0, 0.02)), `blocks_{i}`, `fc_norm`.
-  Inputs whose patch grid is not g x g get the table resized (`resize_pos_embed`).
+  Inputs whose patch grid is not g x g get the table resized (`resize_pos_embed` by the rule
+  `pos_resize`, 'beit2' or 'exact').
 
   Returns (B, N, D) in `dtype`, N = (H / P) (W / P) patches in row-major order, the
   `fc_norm` LayerNorm applied to every patch token (no pooling; the CLS output is dropped).
@@ -400,6 +429,7 @@ class VisionTransformer(nn.Module):
   mlp_dim: int
   eps: float
   dtype: Any = jnp.float32
+  pos_resize: str = 'beit2'
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -418,7 +448,8 @@ class VisionTransformer(nn.Module):
     pos_embed = self.param('pos_embed', nn.with_logical_partitioning(
         init, (None, 'posemb', 'embed')), (1, g * g + 1, d), jnp.float32)
     cls = jnp.broadcast_to(cls_token.astype(self.dtype), (x.shape[0], 1, d))
-    x = jnp.concatenate([cls, x], axis=1) + resize_pos_embed(pos_embed, grid).astype(self.dtype)
+    pos = resize_pos_embed(pos_embed, grid, self.pos_resize).astype(self.dtype)
+    x = jnp.concatenate([cls, x], axis=1) + pos
     x = constrain(x, ACT)
     for i in range(self.depth):
       x = Block(d, self.num_heads, self.mlp_dim, self.eps, i, self.dtype, name=f'blocks_{i}')(x)
@@ -473,11 +504,14 @@ class VQKD(nn.Module):
     cfg = self.config
     dtype = compute_dtype(cfg.dtype)
     eps = cfg.layernorm_eps
+    pos_resize = cfg.pos_resize
     self.encoder = VisionTransformer(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim,
-                                     cfg.depth, cfg.num_heads, cfg.mlp_dim, eps, dtype)
+                                     cfg.depth, cfg.num_heads, cfg.mlp_dim, eps, dtype,
+                                     pos_resize)
     self.decoder = VisionTransformer(cfg.img_size // cfg.patch_size, 1, cfg.code_dim,
                                      cfg.decoder_embed_dim, cfg.decoder_depth,
-                                     cfg.decoder_num_heads, cfg.decoder_mlp_dim, eps, dtype)
+                                     cfg.decoder_num_heads, cfg.decoder_mlp_dim, eps, dtype,
+                                     pos_resize)
     self.encode_task_layer = TaskLayer(cfg.embed_dim, cfg.code_dim, 'code', jnp.float32)
     self.decode_task_layer = TaskLayer(cfg.decoder_embed_dim, cfg.decoder_out_dim, 'teacher',
                                        dtype)

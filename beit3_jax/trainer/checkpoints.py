@@ -4,6 +4,8 @@ Layout of a workdir (local or gs://):
 
     <workdir>/checkpoints/<step>/state/   params, opt_state, extra, step, rng (Orbax PyTree)
     <workdir>/checkpoints/<step>/data/    position.json: each stream's global input position
+    <workdir>/best/<step>/state/          fine-tuning: the params of the best validation so far
+    <workdir>/best/best.json              (`BestCheckpoint`): its metric, value and step
 
 Saves are asynchronous (`every` steps, and `force=True` at the end), the newest `keep` are
 kept, and a run restarted in the same workdir resumes from the newest one that can be read
@@ -45,6 +47,7 @@ from beit3_jax.trainer import fault_points
 
 CHECKPOINT_DIR = 'checkpoints'
 UNREADABLE_DIR = 'checkpoints_unreadable'
+BEST_DIR = 'best'
 
 
 class DataPositionHandler(ocp.CheckpointHandler):
@@ -180,6 +183,58 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+class BestCheckpoint:
+  """The params of the validation with the highest `metric` so far, beside the latest
+  checkpoints (unilm's checkpoint-best): `<workdir>/best/<step>/state/` holds {'params'}, so
+  `<workdir>/best` is a step's checkpoint for predict, convert/export and init_from, and
+  `<workdir>/best/best.json` says {metric, value, step}. A resumed run keeps the best so far.
+
+  A new best is written (by every process, synchronously) before the one it replaces is
+  removed, so a crash at any moment leaves a best checkpoint.
+  """
+
+  FILE = 'best.json'
+
+  def __init__(self, workdir, metric: str):
+    self.directory = epath.Path(workdir) / BEST_DIR
+    self.metric = metric
+    self.value, self.step = None, None
+    record = self.directory / self.FILE
+    if record.exists():
+      saved = json.loads(record.read_text())
+      if saved.get('metric') == metric:
+        self.value, self.step = float(saved['value']), int(saved['step'])
+
+  def offer(self, step: int, metrics: dict, params) -> bool:
+    """Saves `params` as the best when `metrics[metric]` beats the best so far (strictly);
+    returns whether it did. A summary without the metric is an error naming what it has."""
+    if self.metric not in metrics:
+      raise RunError(f'best_metric={self.metric!r} is not among the validation metrics '
+                     f'{sorted(metrics)}; set --config.best_metric to one of them (or none).')
+    value = float(metrics[self.metric])
+    if not np.isfinite(value) or (self.value is not None and value <= self.value):
+      return False
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      checkpointer.save(self.directory / str(step) / 'state', {'params': params}, force=True)
+    previous = self.step
+    self.value, self.step = value, int(step)
+    if jax.process_index() == 0:
+      (self.directory / self.FILE).write_text(json.dumps(
+          {'metric': self.metric, 'value': value, 'step': int(step)}, indent=1))
+      if previous is not None and previous != step and (self.directory / str(previous)).exists():
+        (self.directory / str(previous)).rmtree()
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'best checkpoint {step}')
+    return True
+
+  def describe(self) -> str:
+    """'<dir>/<step> (<metric> <value> at step <step>)', or '' before the first."""
+    if self.step is None:
+      return ''
+    return (f'{self.directory / str(self.step)} ({self.metric} {self.value:.4f} at step '
+            f'{self.step})')
 
 
 def _first_line(error: Exception, limit: int = 300) -> str:

@@ -13,7 +13,9 @@
         every log_every steps: metrics.jsonl + TensorBoard + the progress line
         every checkpoint_every steps, at the end, at stop_at_step and on SIGTERM: async Orbax
             save (never of non-finite parameters); SIGTERM and stop_at_step then end the run
-        every eval_every steps: validation sums over eval_batches fixed batches (after the save)
+        every eval_every steps: validation sums over eval_batches fixed batches, or the whole
+            split (eval_batches=0, fine-tuning's default), after the save; fine-tuning
+            also draws examples to TensorBoard and keeps the best params (<workdir>/best)
 
 A step whose loss or gradient is not finite skips its update (`skipped_updates` in
 metrics.jsonl, `skipped` on the progress line); max_nonfinite_steps of them in a row stop the
@@ -31,9 +33,10 @@ workdir_lock_lease_seconds; `evaluate_only` also reads eval_step (a finetune fie
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import sys
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 import numpy as np
@@ -73,6 +76,12 @@ class Job:
       replaces the eval step over `eval_data` when given.
     abstract_batch: ShapeDtypeStructs of one global batch, for a job built without data to
       compile its step ahead of time (`beit3_jax.plan`); None when it has data.
+    showcase: (params, mesh) -> {tag: uint8 (H, W, 3) image}, pictures of validation examples
+      with their predictions, written to TensorBoard as 'val/<tag>' after each validation
+      (every process calls it; process 0 writes).
+    best_metric: a validation metric (e.g. 'vqa/accuracy'; higher is better): the params of
+      the best validation so far are kept in <workdir>/best (`checkpoints.BestCheckpoint`);
+      '' keeps none.
   """
   objective: Any
   tx: Any
@@ -88,6 +97,8 @@ class Job:
   on_finish: Callable | None = None
   evaluator: Callable[[Any, Any], dict] | None = None
   abstract_batch: Any = None
+  showcase: Callable[[Any, Any], dict] | None = None
+  best_metric: str = ''
 
 
 def _merge_init(fresh, loaded):
@@ -151,9 +162,10 @@ class NonFiniteSteps:
 
 def evaluate(eval_step, state, eval_data: Callable[[], Iterator], mesh, batches: int,
              objective) -> dict[str, float]:
-  """Sums of `batches` validation batches -> the objective's summary."""
+  """Sums of the first `batches` validation batches (<= 0: all of them, the whole split) ->
+  the objective's summary."""
   totals = None
-  for i, host_batch in zip(range(batches), eval_data()):
+  for host_batch in itertools.islice(eval_data(), batches if batches > 0 else None):
     sums = _host(eval_step(state.params, state.extra, state.frozen,
                            pipeline.to_global(host_batch, mesh)))
     totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
@@ -191,11 +203,27 @@ def _validate(job: Job, eval_step, state, mesh, batches: int) -> dict[str, float
   return evaluate(eval_step, state, job.eval_data, mesh, batches, job.objective)
 
 
-def evaluate_only(config, workdir, job: Job) -> dict:
-  """`mode=eval`: validation metrics of one checkpoint of `workdir` (config.eval_step, -1 =
-  the newest; with no checkpoint, the `init_from` params at step 0), written to the workdir's
-  metrics files with the 'val' prefix at that step, as a training run's evaluations are."""
+class Restored(NamedTuple):
+  """The params `restore_for_eval` found: the train state, its shardings, the mesh they live on,
+  its step and where it came from (e.g. 'of <workdir>/checkpoints/100')."""
+  state: Any
+  shardings: Any
+  mesh: Any
+  step: int
+  origin: str
+
+
+def restore_for_eval(config, workdir, job: Job) -> Restored:
+  """The state to evaluate (or predict with): the checkpoint of `workdir` at config.eval_step
+  (-1 = the newest readable one), else, with no checkpoint, fresh params with `init_from` put in
+  (step 0). `job.train_data` may be None (the data position is then not restored).
+
+  Raises:
+    ValueError: eval_step names a step without a checkpoint (the message lists them).
+    FileNotFoundError: no checkpoint and no init_from.
+  """
   workdir = epath.Path(workdir)
+  mode = config.get('mode', 'eval')
   mesh = sharding_lib.make_mesh(config.mesh_shape)
   checkpointer = checkpoints.Checkpointer(workdir, every=0, keep=None)
   wanted = int(config.eval_step)
@@ -206,27 +234,36 @@ def evaluate_only(config, workdir, job: Job) -> dict:
                      f'{sorted(steps) or "no step"}.')
   if not steps and not config.init_from:
     checkpointer.close()
-    raise FileNotFoundError(f'mode=eval: {workdir} has no checkpoint and init_from is empty; '
+    raise FileNotFoundError(f'mode={mode}: {workdir} has no checkpoint and init_from is empty; '
                             'give the run to evaluate (--workdir) or weights (--config.init_from).')
   state, shardings, origin = _initial_state(config, job, mesh, checkpointer,
                                             (wanted if wanted >= 0 else None) if steps else None)
   checkpointer.close()
-  step = int(jax.device_get(state.step))
+  return Restored(state, shardings, mesh, int(jax.device_get(state.step)),
+                  origin.replace('resumed from', 'of'))
+
+
+def evaluate_only(config, workdir, job: Job) -> dict:
+  """`mode=eval`: validation metrics of one checkpoint of `workdir` (config.eval_step, -1 =
+  the newest; with no checkpoint, the `init_from` params at step 0; `restore_for_eval`), written
+  to the workdir's metrics files with the 'val' prefix at that step, as a training run's
+  evaluations are."""
+  workdir = epath.Path(workdir)
+  state, shardings, mesh, step, origin = restore_for_eval(config, workdir, job)
   for line in job.describe:
     print(line)
-  print(f"Evaluating the params {origin.replace('resumed from', 'of')} at step {step}")
+  print(f'Evaluating the params {origin} at step {step}')
   eval_step = None
   if job.evaluator is None:
-    batch = pipeline.to_global(next(job.eval_data()), mesh)
     with sharding_lib.use_mesh(mesh):
       eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(job.objective), mesh,
-                                         shardings, batch)
+                                         shardings)
   with sharding_lib.use_mesh(mesh):
     summary = _validate(job, eval_step, state, mesh, config.eval_batches)
   writer = MetricWriter(str(workdir), enabled=jax.process_index() == 0)
   writer.write(step, summary, prefix='val')
   writer.close()
-  return {'train': {}, 'val': summary, 'checkpoints': str(checkpointer.directory),
+  return {'train': {}, 'val': summary, 'checkpoints': str(workdir / checkpoints.CHECKPOINT_DIR),
           'metrics': str(workdir / 'metrics.jsonl'), 'tensorboard': str(workdir / 'tensorboard'),
           'state': state}
 
@@ -358,8 +395,8 @@ def _train_loop(config, workdir: epath.Path, job: Job, mesh, checkpointer, state
       cache = config.get('compilation_cache_dir', '')
       print(f'Compiled the train step in {time.perf_counter() - t_compile:.1f} s'
             + (f' (compilation cache: {cache})' if cache else ''), flush=True)
-    eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(objective), mesh, shardings,
-                                       batch) if job.eval_data and not job.evaluator else None
+    eval_step = (step_lib.jit_eval_step(step_lib.make_eval_step(objective), mesh, shardings)
+                 if job.eval_data and not job.evaluator else None)
     if first_step == 0 and hasattr(objective, 'first_batch_init'):
       params, extra = jax.jit(objective.first_batch_init)(state.params, state.extra,
                                                           state.frozen, batch)
@@ -374,6 +411,7 @@ def _train_loop(config, workdir: epath.Path, job: Job, mesh, checkpointer, state
   t_log = time.perf_counter()
   steps_since_log = 0
   nonfinite = NonFiniteSteps(config.get('max_nonfinite_steps', 0))
+  best = checkpoints.BestCheckpoint(workdir, job.best_metric) if job.best_metric else None
   previous = None   # (step, metrics) of the step before: read one step late, so that the
                     # host never waits for the step it has just dispatched
   stopped = ''
@@ -424,7 +462,12 @@ def _train_loop(config, workdir: epath.Path, job: Job, mesh, checkpointer, state
           and (done % eval_every == 0 or done == config.total_steps)):
         with sharding_lib.use_mesh(mesh):
           summary = _validate(job, eval_step, state, mesh, config.eval_batches)
+          pictures = job.showcase(state.params, mesh) if job.showcase else {}
         writer.write(done, summary, prefix='val')
+        for tag, image in pictures.items():
+          writer.write_image(done, f'val/{tag}', image)
+        if best is not None:
+          best.offer(done, summary, state.params)
       progress.update(done, loss=last.get('loss', float('nan')),
                       **({'skipped': nonfinite.total} if nonfinite.total else {}),
                       **_data_wait_note(last))
@@ -450,4 +493,4 @@ def _train_loop(config, workdir: epath.Path, job: Job, mesh, checkpointer, state
     job.on_finish(state, workdir)
   return {'train': last, 'val': summary, 'checkpoints': str(checkpointer.directory),
           'metrics': str(workdir / 'metrics.jsonl'), 'tensorboard': str(workdir / 'tensorboard'),
-          'state': state, 'stopped': stopped}
+          'state': state, 'stopped': stopped, 'best': best.describe() if best else ''}

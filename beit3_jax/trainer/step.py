@@ -199,9 +199,12 @@ def jit_train_step(train_step, mesh: Mesh, shardings: TrainState, batch_example)
                  out_shardings=(shardings, replicated), donate_argnums=(0,))
 
 
-def jit_eval_step(eval_step, mesh: Mesh, shardings: TrainState, batch_example):
+def jit_eval_step(eval_step, mesh: Mesh, shardings: TrainState):
+  """jax.jit of an eval step; every leaf of the batch laid out by `sharding.batch_sharding`
+  (one sharding for the whole tree, so validation batches may carry fields, such as `valid`,
+  that training batches lack)."""
   batch_sharding = sharding_lib.batch_sharding(mesh)
   replicated = sharding_lib.replicated(mesh)
   return jax.jit(eval_step, in_shardings=(shardings.params, shardings.extra, shardings.frozen,
-                                          jax.tree.map(lambda _: batch_sharding, batch_example)),
+                                          batch_sharding),
                  out_shardings=replicated)

@@ -21,10 +21,15 @@ Typical use::
     with MetricWriter(workdir, enabled=jax.process_index() == 0) as writer:
       writer.write_text(0, 'config', config.to_json_best_effort(indent=2))
       writer.write(step, {'loss': loss, 'lr': lr}, prefix='train')
+      writer.write_image(step, 'captioning/examples', showcase.grid_image(examples))
+
+(`write_image` takes uint8 pixels; `beit3_jax.tasks.showcase` draws examples with their
+predictions into one.)
 """
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import math
@@ -107,6 +112,23 @@ def _text_value(tag: str, text: str) -> summary_pb2.Summary.Value:
                                   tensor_shape=tensor_shape_pb2.TensorShapeProto(),
                                   string_val=[text.encode('utf-8')])
   return summary_pb2.Summary.Value(tag=tag, metadata=metadata, tensor=tensor)
+
+
+def _image_value(tag: str, image) -> summary_pb2.Summary.Value:
+  """A TensorBoard image summary of uint8 (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) pixels."""
+  from PIL import Image
+  x = np.asarray(image)
+  if x.ndim == 2:
+    x = x[:, :, None]
+  if x.dtype != np.uint8 or x.ndim != 3 or x.shape[-1] not in (1, 3, 4) or 0 in x.shape:
+    raise ValueError(f'Image {tag!r} must be uint8 (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), '
+                     f'got {x.dtype} with shape {x.shape}')
+  buffer = io.BytesIO()
+  Image.fromarray(x[:, :, 0] if x.shape[-1] == 1 else x).save(buffer, format='PNG')
+  encoded = summary_pb2.Summary.Image(height=x.shape[0], width=x.shape[1],
+                                      colorspace=x.shape[-1],
+                                      encoded_image_string=buffer.getvalue())
+  return summary_pb2.Summary.Value(tag=tag, image=encoded)
 
 
 class _EventFile:
@@ -237,6 +259,27 @@ class MetricWriter:
     if self._events:
       self._events.add_summary(int(step), [_text_value(tag, text)])
       self._events.flush()
+
+  def write_image(self, step: int, tag: str, image) -> None:
+    """Writes an image to TensorBoard's Images tab under `tag` (a PNG `Summary.Image`).
+
+    Args:
+      step: the training step.
+      tag: e.g. 'captioning/examples'.
+      image: uint8 pixels (H, W, 3) (RGB), (H, W, 4) (RGBA), or (H, W) / (H, W, 1) (grey);
+        e.g. `beit3_jax.tasks.showcase.grid_image(...)`.
+
+    Raises:
+      ValueError: another dtype or shape (naming `tag`), or a closed writer.
+    """
+    if not self.enabled:
+      return
+    self._check_open()
+    value = _image_value(tag, image)
+    if self._events:
+      self._events.add_summary(int(step), [value])
+      self._events.flush()
+      self._sync()
 
   def flush(self) -> None:
     """Flushes both files to the operating system (every write already does)."""

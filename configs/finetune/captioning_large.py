@@ -27,8 +27,8 @@ Karpathy test CIDEr 143.2 (no CIDEr optimisation; our in-process CIDEr-D tokenis
 references close to but not as the COCO toolkit's PTB tokeniser, see `captioning`). This
 repository has not run it.
 
-Deviations from unilm: no RandAugment; the warmup peaks one step later; bfloat16 compute
-(`captioning` has the details).
+Deviations from unilm: the warmup peaks one step later; bfloat16 compute; drop-worst sorts
+each micro-batch's tokens, not each GPU's (`captioning` has the details).
 """
 
 from beit3_jax.tasks import recipes

@@ -13,8 +13,8 @@ pretrained weights (downloaded by you):
 Command (init_from may also be a pretraining workdir of ours, configs/pretrain/base.py):
     python -m beit3_jax.main --config=configs/finetune/classification_base.py \
         --workdir=workdirs/imagenet_base --config.init_from=ckpt/beit3_base
-To score the whole validation set afterwards:
-    ... --config.mode=eval --config.batch_size=1000 --config.eval_batches=50
+To score the whole validation set again afterwards (every validation scores all of it):
+    ... --config.mode=eval
 
 Made for a v5p-8 slice (4 chips): data parallel, scanned layers, no remat. Plan it (no TPU
 needed):
@@ -27,8 +27,9 @@ github.com/microsoft/unilm): top-1 85.4 (unilm's fine-tuned base: Acc@1 85.400, 
 the validation set. This repository has not run it.
 
 Validation view as unilm's: the shorter side to 224, then the centre crop (data.eval_crop_pct).
-Deviations from unilm: no RandAugment, colour jitter or random erasing; the warmup peaks one step
-later; bfloat16 compute (`classification` has the details).
+Deviations from unilm: the warmup peaks one step later; bfloat16 compute (`classification` has
+the details: its training view is unilm's, RandAugment rand-m9-mstd0.5-inc1 and random erasing
+included).
 """
 
 from beit3_jax.tasks import recipes

@@ -13,8 +13,8 @@ pretrained weights (downloaded by you):
 Command (init_from may also be a pretraining workdir of ours, configs/pretrain/large.py):
     python -m beit3_jax.main --config=configs/finetune/classification_large.py \
         --workdir=workdirs/imagenet_large --config.init_from=ckpt/beit3_large
-To score the whole validation set afterwards:
-    ... --config.mode=eval --config.batch_size=1000 --config.eval_batches=50
+To score the whole validation set again afterwards (every validation scores all of it):
+    ... --config.mode=eval
 
 Made for a v5p-8 slice (4 chips): data parallel, scanned layers, full remat. Plan it (no TPU
 needed):
@@ -27,8 +27,9 @@ github.com/microsoft/unilm): top-1 87.6 (unilm's fine-tuned large: Acc@1 87.580,
 on the validation set. This repository has not run it.
 
 Validation view as unilm's: the shorter side to 224, then the centre crop (data.eval_crop_pct).
-Deviations from unilm: no RandAugment, colour jitter or random erasing; the warmup peaks one step
-later; bfloat16 compute (`classification` has the details).
+Deviations from unilm: the warmup peaks one step later; bfloat16 compute (`classification` has
+the details: its training view is unilm's, RandAugment rand-m9-mstd0.5-inc1 and random erasing
+included).
 """
 
 from beit3_jax.tasks import recipes

@@ -15,7 +15,7 @@ Command (init_from may also be a pretraining workdir of ours, configs/pretrain/l
         --workdir=workdirs/nlvr2_large --config.init_from=ckpt/beit3_large \
         --config.data.spm_path=/path/to/beit3.spm
 Score test-P afterwards with
-    ... --config.mode=eval --config.data.eval_split=test --config.eval_batches=27
+    ... --config.mode=eval --config.data.eval_split=test
 
 Made for a v5p-8 slice (4 chips): data parallel, scanned layers, full remat. Plan it (no TPU
 needed):

@@ -31,8 +31,8 @@ Expect (unilm's beit3/README.md, github.com/microsoft/unilm, retrieval @384 from
 5k test IR@1 63.4 / TR@1 82.1 (retrieval/t2i_r1 / retrieval/i2t_r1); Flickr30k 1k test
 IR@1 88.1 / TR@1 97.2. This repository has not run it.
 
-Deviations from unilm: a batch holds distinct images; the warmup peaks one step later; bfloat16
-compute (see `retrieval`).
+Deviations from unilm: only those of every recipe here (the warmup peaks one step later,
+bfloat16 compute; see `retrieval`).
 """
 
 from beit3_jax.tasks import recipes

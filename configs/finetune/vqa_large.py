@@ -31,8 +31,9 @@ evaluation server scores test-dev, this job reports the held-out validation spli
 not comparable). This repository has not run it.
 
 The head trains at 20x the backbone's lr (unilm's --task_head_lr_weight 20).
-Deviations from unilm (all of them in `vqa`): no RandAugment; the warmup peaks one step
-later; bfloat16 compute. The targets are unilm's soft scores of the 10 answers.
+Deviations from unilm (all of them in `vqa`): the warmup peaks one step later; bfloat16
+compute; the held-out validation images are chosen by hash. The targets are unilm's soft scores
+of the 10 answers.
 """
 
 from beit3_jax.tasks import recipes

@@ -15,12 +15,14 @@ checkpoints and metrics went. Rerunning the same command resumes from the newest
 A sweep over the learning rate (see launch/README.md):
     .venv/bin/python launch/sweep.py --config=configs/pretrain/demo.py --workdir_root=workdirs/demo_lr --run
 
-Expect on a 2-core CPU (measured 2026-12-07 on an AMD EPYC KVM guest, empty data dir): 6 min
-26 s in all (data 40 s, tokenizer about 2 min, 350 pretraining steps at 1.6 steps/s); total loss
-15.29 at step 1 -> 7.55 at step 350 (-51%); validation masked-token accuracy against the
-most-frequent-target baseline: image 15.0% vs 1.7%, text 47.8% vs 12.5%, pair 45.8% vs 15.8%.
-(With torchscale's
-N(0, 1) position tables instead of `position_init_std=0.02`: 8.46; 5.8%, 39.2%, 38.4%.)
+Expect on a 2-core CPU (measured 2026-12-07 on an AMD EPYC KVM guest, empty data dir): 4.5 to
+6.5 minutes in all (data 40 s, tokenizer about 2 min, 350 pretraining steps at 1.6-2.7
+steps/s); total loss 15.31 at step 1 -> 6.94 at step 350 (-55%); validation masked-token
+accuracy against the most-frequent-target baseline: image 15.0% vs 1.7%, text 52.7% vs 12.5%,
+pair 54.0% vs 15.8%. The model starts from the paper's BEiT init (model.init='beit'); with the
+truncated normal alone ('unilm'): 7.55; 15.0%, 47.8%, 45.8%. (With torchscale's N(0, 1)
+position tables instead of `position_init_std=0.02`, on the earlier init: 8.46; 5.8%, 39.2%,
+38.4%.)
 """
 
 from beit3_jax.defaults import demo_model, pretrain_config
@@ -34,7 +36,7 @@ def get_config(arg=None):
   config.log_every = 20
   config.eval_every = 350
   config.eval_batches = 15
-  config.model = demo_model()
+  config.model = demo_model(init='beit')
   config.tokenizer.train_config = 'configs/pretrain/tokenizer_demo.py'
   config.tokenizer.train_if_missing = True   # the README demo: first run trains it (~2 min)
   config.data.image = 'builtin:images'

@@ -21,7 +21,7 @@ from configs.pretrain import base
 def get_config(arg=None):
   config = base.get_config(arg)
   config.model = model_config('giant', drop_path_rate=0.1, dtype='bfloat16', remat=True,
-                              scan_layers=True)
+                              scan_layers=True, init='beit')
   config.tpu_slice = 'v5p-512'
   # FSDP over 128 chips of a slice (1408 = 11 x 128 divides), data parallel over the rest.
   config.mesh_shape = (-1, 128, 1)

@@ -16,7 +16,7 @@ from configs.pretrain import base
 def get_config(arg=None):
   config = base.get_config(arg)
   config.model = model_config('large', drop_path_rate=0.1, dtype='bfloat16', remat=True,
-                              scan_layers=True)
+                              scan_layers=True, init='beit')
   config.tpu_slice = 'v5p-256'
   config.mesh_shape = (-1, 8, 1)
   return config

@@ -1,7 +1,8 @@
 """A VQ-KD base tokenizer (8192 x 32 codes, ViT-B/16 encoder) distilled from a frozen teacher on
 ImageNet, BEiT v2's recipe (beit2/TOKENIZER.md) with the teacher swapped: BEiT v2 used CLIP
-ViT-B/16, which this project does not ship; here the teacher is a frozen BEiT-3 (e.g. the
-released base, converted with the convert CLI) or a ViT encoder of a converted VQ-KD.
+ViT-B/16 (that recipe is configs/pretrain/tokenizer_clip_base.py); here the teacher is a frozen
+BEiT-3 (e.g. the released base, converted with the convert CLI) or a ViT encoder of a converted
+VQ-KD.
 
     tfds build imagenet2012 --data_dir=gs://BUCKET/data/tfds --file_format=array_record \
         --manual_dir=...
