@@ -20,7 +20,7 @@ Made for a v5p-8 slice (4 chips): data parallel, scanned layers, no remat. Plan 
 needed):
     python -m beit3_jax.plan --config=configs/finetune/classification_base.py
 Expect from the plan (docs/performance.md): fits, 84.3 of 95 GiB per chip at the peak, compile
-about 25 s on a 2-core host, roofline bound 94 ms per step (MFU <= 62%).
+25-45 s on a 2-core host, roofline bound 95 ms per step (MFU <= 62%).
 
 Expect (unilm's beit3/README.md and get_started/get_started_for_image_classification.md,
 github.com/microsoft/unilm): top-1 85.4 (unilm's fine-tuned base: Acc@1 85.400, Acc@5 97.630) on

@@ -19,8 +19,8 @@ To score the whole validation set again afterwards (every validation scores all 
 Made for a v5p-8 slice (4 chips): data parallel, scanned layers, full remat. Plan it (no TPU
 needed):
     python -m beit3_jax.plan --config=configs/finetune/classification_large.py
-Expect from the plan (docs/performance.md): fits, 19.8 of 95 GiB per chip at the peak, compile
-about 40 s on a 2-core host, roofline bound 320 ms per step (MFU <= 64%).
+Expect from the plan (docs/performance.md): fits, 19.7 of 95 GiB per chip at the peak, compile
+40-52 s on a 2-core host, roofline bound 319 ms per step (MFU <= 65%).
 
 Expect (unilm's beit3/README.md and get_started/get_started_for_image_classification.md,
 github.com/microsoft/unilm): top-1 87.6 (unilm's fine-tuned large: Acc@1 87.580, Acc@5 98.326)
