@@ -189,7 +189,7 @@ def run(config, workdir: str | None) -> dict:
   elif workdir:
     print(f'Saved the config to {save_run_config(config, workdir)}')
   result = job.run(config, workdir)
-  if entry.trains and not (_evaluates(config) and config.mode == 'submit'):
+  if entry.trains and config.get('mode') != 'submit':
     _report(config, result)   # (submit printed where its file went)
   return result
 

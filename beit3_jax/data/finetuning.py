@@ -260,11 +260,11 @@ def _fixed_caption_count(source, caption_field: str) -> int | None:
 def _tfds_reader(source):
   """A copy of a TFDS array_record data source that leaves images encoded (nothing else of
   an example is decoded at a cost), or None for another source."""
-  import tensorflow_datasets as tfds
   features = _tfds_features(source)
   if (features is None or getattr(source, 'decoders', None)
       or not dataclasses.is_dataclass(source) or not hasattr(source, '__getitems__')):
     return None
+  import tensorflow_datasets as tfds
 
   def skip_images(feature):
     if isinstance(feature, tfds.features.Image):

@@ -147,7 +147,9 @@ def build_job(config) -> loop.Job:
   tokenizer = text_tokenizer(config, task, spm_path)
   d = config.data
   train_source = open_split(name, d.train_split, 'data.train_split', tfds_dir)
-  train_data = make_data(config, task, train_source, True, config.seed, tokenizer)
+  # mode=eval reads no training batch (the train split still gives captioning its baseline)
+  train_data = (make_data(config, task, train_source, True, config.seed, tokenizer)
+                if config.mode == 'train' else None)
   eval_data, evaluator, pictures = None, None, None
   if config.eval_every or config.mode == 'eval':
     eval_source = open_split(name, d.eval_split, 'data.eval_split', tfds_dir)

@@ -41,12 +41,17 @@ def _bicubic_matrix(size_in: int, size_out: int) -> np.ndarray:
   """(size_out, size_in) float64 matrix of torch's 1-D bicubic resize, align_corners=False."""
   dst = np.arange(size_out, dtype=np.float64)
   # area_pixel_compute_source_index; for cubic torch does not clamp src at 0.
-  src = (dst + 0.5) * (size_in / size_out) - 0.5
+  return _bicubic_matrix_at((dst + 0.5) * (size_in / size_out) - 0.5, size_in)
+
+
+def _bicubic_matrix_at(src: np.ndarray, size_in: int) -> np.ndarray:
+  """(len(src), size_in) float64 matrix sampling a line of `size_in` cells at the source
+  coordinates `src` with torch's cubic kernel (A = -0.75) and border-clamped taps."""
   base = np.floor(src)
   weights = _cubic_weights(src - base)                                  # (out, 4)
   taps = np.clip(base[:, None].astype(np.int64) + np.arange(-1, 3), 0, size_in - 1)
-  matrix = np.zeros((size_out, size_in), np.float64)
-  rows = np.broadcast_to(np.arange(size_out)[:, None], taps.shape)
+  matrix = np.zeros((src.shape[0], size_in), np.float64)
+  rows = np.broadcast_to(np.arange(src.shape[0])[:, None], taps.shape)
   np.add.at(matrix, (rows, taps), weights)  # border taps clamp onto the same pixel and add up
   return matrix
 
@@ -191,14 +196,8 @@ def bicubic_scale_matrix(size_in: int, scale: float) -> np.ndarray:
   if size_in < 1 or not math.isfinite(scale) or size_out < 1:
     raise ValueError(f'Cannot resize {size_in} cells by scale_factor={scale}: the output must '
                      'have at least one cell.')
-  src = (np.arange(size_out, dtype=np.float64) + 0.5) / scale - 0.5
-  base = np.floor(src)
-  weights = _cubic_weights(src - base)                                  # (out, 4)
-  taps = np.clip(base[:, None].astype(np.int64) + np.arange(-1, 3), 0, size_in - 1)
-  matrix = np.zeros((size_out, size_in), np.float64)
-  rows = np.broadcast_to(np.arange(size_out)[:, None], taps.shape)
-  np.add.at(matrix, (rows, taps), weights)
-  return matrix
+  return _bicubic_matrix_at((np.arange(size_out, dtype=np.float64) + 0.5) / scale - 0.5,
+                            size_in)
 
 
 def beit2_scale_factor(size_in: int, size_out: int) -> float:

@@ -348,7 +348,6 @@ class Task:
       return None if last is None else (lambda params, mesh: last())
     if not hasattr(objective, 'logits'):
       return None
-    from beit3_jax.tasks import evaluation   # (evaluation imports the data modules only)
     transform = self.transform(config, evaluation.eval_inputs(config), fields, tokenizer)
     arrays = first_examples(eval_source, transform, SHOWCASE_EXAMPLES)
     logits_fn = jax.jit(objective.logits)

@@ -353,6 +353,8 @@ def evaluator(config, source, count: int, batch_size: int, inputs: FinetuneInput
   shown = base.SHOWCASE_EXAMPLES
   name = TASK.name
 
+  baseline: dict[str, float] = {}
+
   def evaluate(params, mesh) -> dict[str, float]:
     def generate(batch):
       return generate_captions(params, config.model,
@@ -364,7 +366,9 @@ def evaluator(config, source, count: int, batch_size: int, inputs: FinetuneInput
     last_examples[:] = list(zip(hypotheses[:shown], references[:shown]))
     # As coco-caption scores them: every text PTB-tokenised first (`metrics.ptb_tokenize`).
     scores = metrics.coco_caption_scores(hypotheses, references)
-    baseline = metrics.coco_caption_scores([baseline_caption] * len(hypotheses), references)
+    if not baseline:   # the same at every evaluation: scored (and tokenised) once
+      baseline.update(metrics.coco_caption_scores([baseline_caption] * len(references),
+                                                  references))
     return {f'{name}/cider': scores['cider_d'], f'{name}/bleu4': scores['bleu4'],
             f'{name}/baseline_cider': baseline['cider_d'],
             f'{name}/baseline_bleu4': baseline['bleu4'],

@@ -107,7 +107,7 @@ def evaluator(objective: base.Finetune, source, count: int, batch_size: int,
                                        {'text_ids': ids, 'text_padding_mask': pad},
                                        batch_size, mesh)
     similarity = image_features.astype(np.float64) @ text_features.astype(np.float64).T
-    last_similarity[:] = [similarity]
+    last_similarity[:] = [similarity[:, :base.SHOWCASE_EXAMPLES].copy()]   # what is drawn
     out = {f'{TASK.name}/{k}': v for k, v in
            metrics.retrieval_recall(similarity, text_to_image).items()}
     per_image = np.mean([len(g) for g in captions])

@@ -318,10 +318,7 @@ def submission(config, objective: VQAFinetune, source, tokenizer: TextTokenizer,
 
   @jax.jit
   def best(params, batch):
-    logits = objective.apply(params, None, False, images=objective.images(batch['image']),
-                             text_ids=batch['text_ids'],
-                             text_padding_mask=batch['text_padding_mask'])
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jnp.argmax(objective.logits(params, batch), axis=-1).astype(jnp.int32)
 
   def predict(params, mesh) -> list[dict]:
     labels, qids = base.predict_split(

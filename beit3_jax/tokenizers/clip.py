@@ -46,6 +46,7 @@ import ml_collections
 
 from beit3_jax.models import flops as flops_lib
 from beit3_jax.models import initializers
+from beit3_jax.models.attention import dot_product_attention
 from beit3_jax.models.layers import LayerNorm, Linear, compute_dtype, constrain
 
 ClipVisionConfig = ml_collections.ConfigDict
@@ -190,9 +191,7 @@ class Attention(nn.Module):
                  name='qkv')(x)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q = constrain(q * jnp.asarray(hd ** -0.5, self.dtype), ('batch', 'length', 'heads', 'kv'))
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+    out = dot_product_attention(q, k, v)
     return Linear((h, hd), (d,), ('heads', 'kv', 'embed'), init, zeros, self.dtype,
                   name='out_proj')(out)
 

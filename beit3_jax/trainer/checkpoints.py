@@ -216,6 +216,8 @@ class BestCheckpoint:
     value = float(metrics[self.metric])
     if not np.isfinite(value) or (self.value is not None and value <= self.value):
       return False
+    if step == self.step:   # (a resumed run validating its best step again) never in place
+      return False
     with ocp.PyTreeCheckpointer() as checkpointer:
       checkpointer.save(self.directory / str(step) / 'state', {'params': params}, force=True)
     previous = self.step
